@@ -1,0 +1,78 @@
+"""Spread per-patch scores into voxel maps the way nnU-Net accumulates logits, and reduce maps to case scores.
+
+González et al.'s reference code forgets to divide by the accumulated weights and hard-codes the
+patch size; both are fixed here (METHODS.md §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+
+@dataclass(frozen=True)
+class SlidingWindowLayout:
+    """Where nnU-Net's sliding window put its patches for one case (in the preprocessed, padded image).
+
+    ``slicers`` are nnU-Net's own slicers (leading channel slice included); ``revert_padding`` crops
+    the padded spatial shape back to the preprocessed image.
+    """
+
+    padded_shape: tuple[int, ...]
+    slicers: tuple[tuple, ...]
+    revert_padding: tuple[slice, ...]
+    patch_size: tuple[int, ...]
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.slicers)
+
+
+def revert_padding_slicer(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, ...]:
+    """The spatial slicer that undoes nnU-Net's ``pad_nd_image`` padding to the patch size.
+
+    Computed by padding a zero-channel array with the same function, so it cannot drift from nnU-Net.
+    """
+    _, slicer = pad_nd_image(np.empty((0, *spatial_shape), dtype=np.uint8), patch_size, "constant", None, True, None)
+    return tuple(slice(int(s.start), int(s.stop)) for s in slicer[1:])
+
+
+def importance_weights(patch_size: Sequence[int], use_gaussian: bool, device: torch.device) -> torch.Tensor:
+    """nnU-Net's Gaussian importance map for a patch (float32), or ones when Gaussian weighting is off."""
+    if not use_gaussian:
+        return torch.ones(tuple(patch_size), dtype=torch.float32, device=device)
+    # same call as nnUNetPredictor; the scaling factor cancels in the weighted average
+    return compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=10,
+                            device=device).float()
+
+
+def patch_scores_to_maps(scores: torch.Tensor, layout: SlidingWindowLayout, weights: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted average of per-patch scores at every voxel.
+
+    ``scores`` is ``(P, M)`` for P patches and M methods; the result is ``(M, *spatial)`` float32,
+    already cropped back to the unpadded preprocessed shape. Each patch adds ``score * weights`` to the
+    voxels it covers; the sum is divided by the summed weights, exactly like nnU-Net's logits.
+    """
+    scores = scores.to(device=weights.device, dtype=torch.float32)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    n_methods = scores.shape[1]
+    numerator = torch.zeros((n_methods, *layout.padded_shape), dtype=torch.float32, device=weights.device)
+    denominator = torch.zeros(layout.padded_shape, dtype=torch.float32, device=weights.device)
+    expand = (n_methods,) + (1,) * weights.ndim
+    for patch_scores, slicer in zip(scores, layout.slicers):  # loop over patches, not voxels
+        region = slicer[1:]
+        numerator[(slice(None), *region)] += patch_scores.view(expand) * weights
+        denominator[region] += weights
+    maps = numerator / denominator
+    return maps[(slice(None), *layout.revert_padding)]
+
+
+def case_scores_from_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Case score per method: the mean of its voxel map (NaN if any patch could not be scored)."""
+    return maps.flatten(1).double().mean(dim=1)

@@ -1,0 +1,1 @@
+"""Synthetic multi-domain demo dataset and the end-to-end demo."""

@@ -1,0 +1,1 @@
+"""Detectors that score pooled per-patch features (scikit-learn style: fit, then score)."""

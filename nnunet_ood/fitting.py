@@ -1,0 +1,146 @@
+"""Fit the OOD detectors of one trained fold from its own training cases (shared by trainer and CLI).
+
+1. Every training case of the fold (nnU-Net's preprocessed data) goes through the same sliding window
+   as at inference, encoder only; pooled bottleneck features stream into the detectors.
+2. Training and validation cases are scored exactly like at inference: their minimum and maximum
+   give the normalisation, the 95th percentile of the validation scores the ID threshold.
+3. The state is written atomically to ``fold_X/ood``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from tqdm import tqdm
+
+from nnunet_ood import __version__
+from nnunet_ood.detectors.base import FeatureDetector
+from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.inference.predictor import nnUNetOODPredictor
+from nnunet_ood.state import FoldOODState, MethodCalibration, save_fold_state
+
+#: methods that nnUNetv2_fit_ood can fit (more come with later detectors)
+FITTABLE_METHODS = ("mahalanobis",)
+THRESHOLD_PERCENTILE = 95.0
+
+
+def make_detector(method: str, device: torch.device) -> FeatureDetector:
+    """A fresh, unfitted detector for a method identifier."""
+    if method == "mahalanobis":
+        return MahalanobisDetector(device=device)
+    raise OODInputError(f"unknown OOD method {method!r}; choose from {', '.join(FITTABLE_METHODS)}")
+
+
+def fold_split(preprocessed_dataset_folder_base: str, identifiers: Sequence[str],
+               fold: int | str) -> tuple[list[str], list[str]]:
+    """Training and validation case identifiers of a fold, as nnU-Net's trainer chooses them.
+
+    ``splits_final.json`` when present (else nnU-Net's seeded 5-fold split); folds beyond the file get
+    nnU-Net's seeded random 80:20 split; fold ``all`` uses every case for both.
+    """
+    keys = sorted(identifiers)
+    if fold == "all":
+        return keys, keys
+    splits_file = join(preprocessed_dataset_folder_base, "splits_final.json")
+    splits = load_json(splits_file) if isfile(splits_file) else generate_crossval_split(keys, seed=12345, n_splits=5)
+    if int(fold) < len(splits):
+        return list(splits[int(fold)]["train"]), list(splits[int(fold)]["val"])
+    rnd = np.random.RandomState(seed=12345 + int(fold))  # same seed as nnU-Net's fallback split
+    idx_tr = rnd.choice(len(keys), int(len(keys) * 0.8), replace=False)
+    chosen = set(idx_tr.tolist())
+    return [keys[i] for i in idx_tr], [keys[i] for i in range(len(keys)) if i not in chosen]
+
+
+def _preprocessed_folders(predictor: nnUNetOODPredictor) -> tuple[str, str]:
+    if not nnUNet_preprocessed.is_set():
+        raise OODInputError("nnUNet_preprocessed is not set; fitting needs the fold's preprocessed training data "
+                            "(export nnUNet_preprocessed=... as for nnUNetv2_train)")
+    base = join(nnUNet_preprocessed.get(), predictor.plans_manager.dataset_name)
+    data_folder = join(base, predictor.configuration_manager.data_identifier)
+    if not isdir(data_folder) or not os.listdir(data_folder):
+        raise OODInputError(f"no preprocessed data in {data_folder}; run nnUNetv2_plan_and_preprocess (or "
+                            f"nnUNetv2_preprocess) for this dataset and configuration first")
+    return base, data_folder
+
+
+def _load_case(dataset, key: str) -> torch.Tensor:
+    data, _, _, _ = dataset.load_case(key)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
+
+
+def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
+             methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
+             progress: bool = True, batch_size: int = 4) -> FoldOODState:
+    """Fit, calibrate and store (``fold_X/ood``) the OOD detectors of one fold of a trained model."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    fold = fold if fold == "all" else int(fold)
+    if not isfile(join(model_folder, f"fold_{fold}", checkpoint_name)):
+        raise OODInputError(f"no checkpoint {checkpoint_name} in {join(model_folder, f'fold_{fold}')}; "
+                            "train this fold first or pick another with -chk")
+    started = time.time()
+    predictor = nnUNetOODPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                   perform_everything_on_device=True, device=device, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint_name, load_ood_state=False)
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise OODInputError("cascaded configurations (3d_cascade_fullres) are not supported yet; fit 3d_fullres, "
+                            "3d_lowres or 2d instead")
+    base, data_folder = _preprocessed_folders(predictor)
+    dataset_class = infer_dataset_class(data_folder)
+    train_keys, val_keys = fold_split(base, dataset_class.get_identifiers(data_folder), fold)
+    if fold == "all":
+        warnings.warn("fold 'all' has no held-out cases: the OOD threshold is the 95th percentile of training "
+                      "case scores, which underestimates the ID false-positive rate", stacklevel=2)
+    dataset = dataset_class(data_folder, sorted(set(train_keys) | set(val_keys)))
+    detectors = {m: make_detector(m, device) for m in methods}
+
+    n_patches = 0
+    for key in tqdm(train_keys, desc=f"fold {fold}: fitting {', '.join(methods)}", disable=not progress):
+        features, _ = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
+        n_patches += features.shape[0]
+        for detector in detectors.values():
+            detector.partial_fit(features)
+
+    case_scores: dict[str, list[float]] = {}
+    order = list(methods)
+    for key in tqdm(train_keys + val_keys, desc=f"fold {fold}: calibrating", disable=not progress):
+        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
+        patch_scores = torch.stack([detectors[m].score(features) for m in order], dim=1)
+        _, scores = predictor.maps_and_case_scores(patch_scores, layout)
+        case_scores[key] = scores.tolist()
+    calibration = {
+        m: MethodCalibration.from_scores([case_scores[k][i] for k in train_keys],
+                                         [case_scores[k][i] for k in val_keys], THRESHOLD_PERCENTILE)
+        for i, m in enumerate(order)
+    }
+    state = FoldOODState(
+        fingerprint=predictor.fingerprint_for(0),
+        detectors=detectors,
+        calibration=calibration,
+        provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(device),
+                    "host": platform.node(), "seed": seed, "n_train_cases": len(train_keys),
+                    "n_val_cases": len(val_keys), "n_train_patches": n_patches,
+                    "feature_dim": next(iter(detectors.values())).n_features_in_,
+                    "threshold_percentile": THRESHOLD_PERCENTILE, "fit_seconds": round(time.time() - started, 2),
+                    "train_case_scores": {k: case_scores[k] for k in train_keys},
+                    "val_case_scores": {k: case_scores[k] for k in val_keys}},
+    )
+    where = save_fold_state(join(model_folder, f"fold_{fold}"), state)
+    for m in order:
+        c = calibration[m]
+        print(f"fold {fold} {m}: {n_patches} training patches from {len(train_keys)} cases, "
+              f"threshold {c.threshold:.4g} (95th percentile of {len(val_keys)} validation cases), "
+              f"normalisation [{c.low:.4g}, {c.high:.4g}] -> {where}")
+    return state

@@ -1,0 +1,106 @@
+"""Evaluation metrics with one definition each (METHODS.md section 4).
+
+Convention throughout: a score is an uncertainty, higher = more likely OOD / less trustworthy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def dice_per_case(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean Dice over the given foreground labels of one case.
+
+    A label absent from both ``pred`` and ``ref`` counts as Dice 1 (nothing to find, nothing
+    wrongly found).
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    labels = list(labels)
+    if not labels:
+        raise ValueError("dice_per_case needs at least one foreground label")
+    dices = np.empty(len(labels))
+    for i, lab in enumerate(labels):  # loop over labels only; pixels are counted vectorised
+        p, r = pred == lab, ref == lab
+        denom = np.count_nonzero(p) + np.count_nonzero(r)
+        dices[i] = 1.0 if denom == 0 else 2.0 * np.count_nonzero(p & r) / denom
+    return float(dices.mean())
+
+
+def average_ranks(x: ArrayLike) -> np.ndarray:
+    """1-based ranks of a 1D array, ties sharing the mean of their ranks. ``inf`` is allowed;
+    NaN is not (its order is undefined)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if np.isnan(x).any():
+        raise ValueError("average_ranks is undefined for NaN")
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    # Tied group g occupies ranks start_g .. start_g + count_g - 1; all get the mean.
+    start = np.cumsum(counts) - counts + 1
+    return (start + (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def auroc(negative_scores: ArrayLike, positive_scores: ArrayLike) -> float:
+    """Area under the ROC curve for separating positives (OOD) from negatives (ID).
+
+    Higher scores mean more OOD. Computed as the Mann-Whitney U statistic from average ranks,
+    so a positive-negative tie counts 1/2. A NaN score means the case could not be scored; it
+    must be flagged, so it is treated as maximally uncertain (+inf). Returns NaN when either
+    side is empty.
+    """
+    neg = np.asarray(negative_scores, dtype=np.float64).ravel()
+    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
+    if neg.size == 0 or pos.size == 0:
+        return float("nan")
+    both = np.concatenate([neg, pos])
+    both[np.isnan(both)] = np.inf
+    ranks = average_ranks(both)
+    n_neg, n_pos = neg.size, pos.size
+    u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_neg * n_pos))
+
+
+def normalize_scores(scores: ArrayLike, low: float, high: float) -> np.ndarray:
+    """Clip scores to [low, high] and rescale to [0, 1]; NaN stays NaN.
+
+    The plugin uses low = min and high = 2 * max of the ID training scores, so that scores up
+    to twice the worst training case keep a resolution. If ``high == low`` (all training scores
+    equal) the map degenerates to a step: 0 at or below ``low``, 1 above. Returns an array of
+    the input's shape (0-d for a scalar).
+    """
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(f"normalisation bounds must be finite, got low={low}, high={high}")
+    if high < low:
+        raise ValueError(f"normalisation needs high >= low, got low={low}, high={high}")
+    s = np.asarray(scores, dtype=np.float64)
+    if high == low:
+        out = (s > low).astype(np.float64)
+    else:
+        out = (np.clip(s, low, high) - low) / (high - low)
+    return np.where(np.isnan(s), np.nan, out)
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks).
+
+    Pairs where either value is NaN are dropped (like ``scipy.stats.spearmanr`` with
+    ``nan_policy="omit"``). Returns NaN when fewer than two pairs remain or either side is
+    constant.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs equal lengths, got {x.size} and {y.size}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if x.size < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    if denom == 0:
+        return float("nan")
+    return float((rx * ry).sum() / denom)

@@ -1,0 +1,90 @@
+"""``nnUNetTrainerOOD``: trains exactly like ``nnUNetTrainer``, then fits the fold's OOD detectors."""
+
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ood.errors import OODError
+
+__all__ = ["nnUNetTrainerOOD", "nnUNetTrainerOOD_1epoch", "nnUNetTrainerOOD_5epochs", "nnUNetTrainerOOD_10epochs",
+           "nnUNetTrainerOOD_20epochs", "nnUNetTrainerOOD_50epochs", "nnUNetTrainerOOD_100epochs",
+           "nnUNetTrainerOOD_250epochs", "nnUNetTrainerOOD_500epochs", "nnUNetTrainerOOD_demo",
+           "nnUNetTrainerOOD_smoke"]
+
+
+class nnUNetTrainerOOD(nnUNetTrainer):
+    """nnU-Net's default trainer plus, after ``checkpoint_final.pth`` is written, ``nnUNetv2_fit_ood``'s fit.
+
+    Training itself is untouched. The fit uses the same code as ``nnUNetv2_fit_ood`` and stores its
+    state in ``fold_X/ood``. If it fails on bad input, training still counts as done and the log says
+    how to fit afterwards.
+    """
+
+    ood_methods: tuple[str, ...] = ("mahalanobis",)
+    ood_seed: int = 0
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("OOD: checkpointing is disabled, so no checkpoint_final.pth to fit on; "
+                                   "run nnUNetv2_fit_ood after saving a checkpoint")
+            return
+        from nnunet_ood.fitting import fit_fold  # late import: the fit pulls in the predictor
+
+        self.print_to_log_file(f"OOD: fitting {', '.join(self.ood_methods)} for fold {self.fold}")
+        try:
+            fit_fold(self.output_folder_base, self.fold, "checkpoint_final.pth", self.ood_methods,
+                     device=self.device, seed=self.ood_seed, progress=True)
+        except OODError as e:
+            self.print_to_log_file(f"OOD: fitting failed: {e}. Training is complete; fit later with "
+                                   f"nnUNetv2_fit_ood -d {self.plans_manager.dataset_name} -c "
+                                   f"{self.configuration_name} -f {self.fold} -tr {type(self).__name__}")
+            return
+        self.print_to_log_file("OOD: detectors stored in " + self.output_folder + "/ood")
+
+
+def _with_epochs(name: str, epochs: int) -> type[nnUNetTrainerOOD]:
+    """nnUNetTrainerOOD with nnU-Net's usual shorter-schedule naming (``nnUNetTrainer_Xepochs``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        nnUNetTrainerOOD.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+
+    return type(name, (nnUNetTrainerOOD,), {"__init__": __init__, "__module__": __name__,
+                                            "__doc__": f"nnUNetTrainerOOD with {epochs} epoch(s)."})
+
+
+nnUNetTrainerOOD_1epoch = _with_epochs("nnUNetTrainerOOD_1epoch", 1)
+nnUNetTrainerOOD_5epochs = _with_epochs("nnUNetTrainerOOD_5epochs", 5)
+nnUNetTrainerOOD_10epochs = _with_epochs("nnUNetTrainerOOD_10epochs", 10)
+nnUNetTrainerOOD_20epochs = _with_epochs("nnUNetTrainerOOD_20epochs", 20)
+nnUNetTrainerOOD_50epochs = _with_epochs("nnUNetTrainerOOD_50epochs", 50)
+nnUNetTrainerOOD_100epochs = _with_epochs("nnUNetTrainerOOD_100epochs", 100)
+nnUNetTrainerOOD_250epochs = _with_epochs("nnUNetTrainerOOD_250epochs", 250)
+nnUNetTrainerOOD_500epochs = _with_epochs("nnUNetTrainerOOD_500epochs", 500)
+
+
+class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
+    """Short schedule for the CPU demo: 30 epochs of 20 iterations (a few minutes on 2 cores)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 30
+        self.num_iterations_per_epoch = 20
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainerOOD_smoke(nnUNetTrainerOOD):
+    """Smoke-test schedule (2 epochs of 6 iterations): exercises the whole pipeline, learns little."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 6
+        self.num_val_iterations_per_epoch = 2

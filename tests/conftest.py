@@ -1,0 +1,84 @@
+"""A tiny real nnU-Net project shared by the integration tests: plan, preprocess, train (twice).
+
+Built once per test session in a temporary folder: the demo generator at 32x32 pixels, nnU-Net's own
+planning and preprocessing, ``nnUNetTrainerOOD_smoke`` (fits OOD state at the end of training) and
+nnU-Net's stock ``nnUNetTrainer_1epoch`` (for the post-hoc fit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DATASET_ID = 501
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class TinyProject:
+    root: Path
+    env: dict[str, str]
+    dataset: object  # nnunet_ood.demo.synthetic.DemoDataset
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results" / self.dataset.name
+
+    def model(self, trainer: str, configuration: str = "2d") -> Path:
+        return self.results / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run an nnU-Net / plugin command line; fail the test with its output if it fails."""
+    executable = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
+    proc = subprocess.run([executable, *cmd[1:]], env=env, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def nnunet_env(root: Path) -> dict[str, str]:
+    from nnunet_ood.trainers import EXT_TRAINER_DIR
+
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_compile="0", nnUNet_def_n_proc="1",
+               nnUNet_n_proc_DA="0", nnUNet_extTrainer=EXT_TRAINER_DIR, OMP_NUM_THREADS="2",
+               PYTHONWARNINGS="ignore")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> TinyProject:
+    from nnunet_ood.demo.synthetic import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    dataset = generate_demo_dataset(root / "raw", DATASET_ID, seed=0, n_train=10, n_test_per_domain=3, size=32)
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning sets threads from it
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], plan_env)
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerOOD_smoke", "-device", "cpu"], env)
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"], env)
+    old = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
+    yield TinyProject(root, env, dataset)
+    os.environ.clear()
+    os.environ.update(old)
+
+
+@pytest.fixture()
+def test_images(tiny_project, tmp_path) -> Path:
+    """All test domains' images in one input folder (a fresh copy per test)."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for domain in tiny_project.dataset.domains:
+        for f in Path(tiny_project.dataset.images_ts[domain]).iterdir():
+            shutil.copy(f, folder / f.name)
+    return folder

@@ -1,0 +1,150 @@
+"""End to end on a tiny real nnU-Net project: train with nnUNetTrainerOOD, fit post hoc, predict with OOD.
+
+The reference for segmentations is stock ``nnUNetv2_predict``; the reference for scores is the
+detector applied by hand to features pulled out of the network, or simple identities (fold averages,
+mirroring invariance) that an independent computation fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DATASET_ID, run
+
+from nnunet_ood.inference import predict_entry
+from nnunet_ood.scores_io import read_score_csv
+
+OOD_TRAINER = "nnUNetTrainerOOD_smoke"
+STOCK_TRAINER = "nnUNetTrainer_1epoch"
+
+
+def predict_ood(out: Path, inp: Path, *extra: str, trainer: str = OOD_TRAINER) -> None:
+    predict_entry.main(["-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+                        "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar",
+                        *extra])
+
+
+def scores_by_case(folder: Path) -> dict[str, float]:
+    return {r["case"]: r["score"] for r in read_score_csv(str(folder / "ood_scores.csv"))
+            if r["method"] == "mahalanobis"}
+
+
+def read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_trainer_fits_state_at_end_of_training(tiny_project):
+    ood_dir = tiny_project.model(OOD_TRAINER) / "fold_0" / "ood"
+    manifest = json.loads((ood_dir / "ood_state.json").read_text())
+    assert (ood_dir / "mahalanobis.safetensors").is_file()
+    assert manifest["fingerprint"]["fold"] == "0" and manifest["fingerprint"]["configuration"] == "2d"
+    calibration = manifest["methods"]["mahalanobis"]["calibration"]
+    train = list(manifest["provenance"]["train_case_scores"].values())
+    val = [v[0] for v in manifest["provenance"]["val_case_scores"].values()]
+    assert calibration["low"] == pytest.approx(min(v[0] for v in train))
+    assert calibration["high"] == pytest.approx(2 * max(v[0] for v in train))
+    assert calibration["threshold"] == pytest.approx(float(np.percentile(val, 95)))
+
+
+def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test_images, tmp_path):
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    predict_ood(ours, test_images, "--save_ood_maps")
+    run(["nnUNetv2_predict", "-i", str(test_images), "-o", str(stock), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+         "-tr", OOD_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], tiny_project.env)
+    cases = sorted(tiny_project.dataset.case_domain)
+    for case in cases:
+        np.testing.assert_array_equal(read_array(ours / f"{case}.nii.gz"), read_array(stock / f"{case}.nii.gz"))
+    rows = read_score_csv(str(ours / "ood_scores.csv"))
+    assert sorted(r["case"] for r in rows) == cases
+    assert all(r["method"] == "mahalanobis" and 0 <= r["normalized"] <= 1 for r in rows)
+    document = json.loads((ours / "ood_scores.json").read_text())
+    assert document["folds"] == ["0"] and document["checkpoint"] == "checkpoint_final.pth"
+    assert set(document["calibration"]["mahalanobis"]) >= {"low", "high", "threshold"}
+    assert document["plugin_version"] and document["model_folder"].endswith(f"{OOD_TRAINER}__nnUNetPlans__2d")
+    threshold = document["calibration"]["mahalanobis"]["threshold"]
+    assert all(r["ood"] == (r["score"] > threshold) for r in rows)
+    # maps: one per case, in the input's geometry, with the case score as (about) its mean
+    for case in cases:
+        image = sitk.ReadImage(str(test_images / f"{case}_0000.nii.gz"))
+        ood_map = sitk.ReadImage(str(ours / f"{case}_ood_mahalanobis.nii.gz"))
+        assert ood_map.GetSize() == image.GetSize()
+        assert ood_map.GetSpacing() == pytest.approx(image.GetSpacing())
+        assert ood_map.GetOrigin() == pytest.approx(image.GetOrigin())
+        assert ood_map.GetDirection() == pytest.approx(image.GetDirection())
+        assert ood_map.GetPixelID() == sitk.sitkFloat32
+        values = sitk.GetArrayFromImage(ood_map)
+        assert np.isfinite(values).all()
+
+
+def test_strong_shift_scores_above_every_id_case(tiny_project, tmp_path):
+    inp = tmp_path / "input"
+    inp.mkdir()
+    id_cases = tiny_project.dataset.cases("id")
+    for f in Path(tiny_project.dataset.images_ts["id"]).iterdir():
+        shutil.copy(f, inp / f.name)
+    # a strongly shifted copy of an ID case: heavy noise and a steep multiplicative bias field
+    image = sitk.ReadImage(str(inp / f"{id_cases[0]}_0000.nii.gz"))
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0.2, 3.0, arr.shape[-1])[None, :]
+    shifted = arr * ramp + rng.normal(0, 3 * arr.std(), arr.shape)
+    out_image = sitk.GetImageFromArray(shifted.astype(np.float32))
+    out_image.CopyInformation(image)
+    sitk.WriteImage(out_image, str(inp / "shifted_000_0000.nii.gz"))
+    predict_ood(tmp_path / "out", inp)
+    scores = scores_by_case(tmp_path / "out")
+    assert scores["shifted_000"] > max(scores[c] for c in id_cases)
+
+
+def test_scores_ignore_mirroring_and_sequential_mode_matches(tiny_project, test_images, tmp_path):
+    predict_ood(tmp_path / "tta", test_images)
+    predict_ood(tmp_path / "notta", test_images, "--disable_tta")
+    predict_ood(tmp_path / "seq", test_images, "--save_ood_maps", "-npp", "0", "-nps", "0")
+    tta, notta, seq = (scores_by_case(tmp_path / name) for name in ("tta", "notta", "seq"))
+    for case in tta:
+        assert tta[case] == pytest.approx(notta[case], rel=1e-5)
+        assert tta[case] == pytest.approx(seq[case], rel=1e-5)
+    assert len(list((tmp_path / "seq").glob("*_ood_mahalanobis.nii.gz"))) == len(tta)
+
+
+def test_parts_and_continue_prediction_complete_the_tables(tiny_project, test_images, tmp_path):
+    out = tmp_path / "out"
+    predict_ood(out, test_images, "-num_parts", "2", "-part_id", "0")
+    predict_ood(out, test_images, "-num_parts", "2", "-part_id", "1")
+    full = scores_by_case(out)
+    assert sorted(full) == sorted(tiny_project.dataset.case_domain)
+    # lose one case's OOD record: --continue_prediction redoes exactly that case
+    victim = sorted(full)[0]
+    (out / "ood_cases" / f"{victim}.json").unlink()
+    (out / "ood_scores.csv").unlink()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    predict_ood(out, test_images, "--continue_prediction")
+    again = scores_by_case(out)
+    assert again == pytest.approx(full, rel=1e-6)
+    changed = [n for n, t in mtimes.items() if (out / n).stat().st_mtime_ns != t]
+    assert changed == [f"{victim}.nii.gz"]
+
+
+def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_images, tmp_path):
+    model = tiny_project.model(STOCK_TRAINER)
+    # fold 1: same weights copied, fitted on fold 1's own training cases -> a different detector
+    shutil.copytree(model / "fold_0", model / "fold_1", ignore=shutil.ignore_patterns("ood"))
+    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "1", "-tr", STOCK_TRAINER,
+         "-device", "cpu", "--disable_progress_bar"], tiny_project.env)
+    assert (model / "fold_0" / "ood" / "ood_state.json").is_file()
+    run(["nnUNetv2_predict_ood", "-i", str(test_images), "-o", str(tmp_path / "f0"), "-d", str(DATASET_ID),
+         "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
+         "--disable_progress_bar"], tiny_project.env)
+    predict_ood(tmp_path / "f1", test_images, "-f", "1", trainer=STOCK_TRAINER)
+    predict_ood(tmp_path / "f01", test_images, "-f", "0", "1", trainer=STOCK_TRAINER)
+    f0, f1, f01 = (scores_by_case(tmp_path / n) for n in ("f0", "f1", "f01"))
+    # maps and case means are linear in the patch scores, so averaging per patch = averaging cases
+    for case in f01:
+        assert f01[case] == pytest.approx((f0[case] + f1[case]) / 2, rel=1e-5)
+    assert any(not math.isclose(f0[c], f1[c], rel_tol=1e-3) for c in f0)
