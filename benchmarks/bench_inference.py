@@ -30,6 +30,7 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 from machine import machine_description
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def from_files(predictor, out: Path):
         shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()  # nnU-Net's sequential mode expects the folder to exist
         predictor.predict_from_files_sequential(files, str(out), False, True, None)
 
     logits(stock), logits(ood)  # warm-up: allocator, thread pools, lazy imports
@@ -137,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
                 times["files"][name].append(timed(lambda p=predictor, n=name: from_files(p, work / f"out_{n}"),
                                                   sync))
+    # the OOD predictor must not change nnU-Net's output
+    ending = stock.dataset_json["file_ending"]
+    for f in files:
+        case = os.path.basename(f[0])[: -len(ending) - 5]
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"out_{n}" / f"{case}{ending}")))
+                for n in ("stock", "ood"))
+        if not (a == b).all():
+            raise SystemExit(f"segmentation of {case} differs between the predictors")
+    print(f"segmentations of all {len(files)} cases identical between the two predictors")
     print("\n| path | stock nnUNetPredictor (s) | nnUNetOODPredictor, mahalanobis (s) | ratio | target |")
     print("|---|---|---|---|---|")
     ok = True

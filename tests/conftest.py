@@ -44,6 +44,28 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> subproc
     return proc
 
 
+def shrink_plans(preprocessed: Path, dataset_name: str, configuration: str, patch_size: list[int],
+                 features: list[int], strides: list[list[int]]) -> None:
+    """Replace a planned configuration's network by a tiny one (few stages and features, small patch).
+
+    Preprocessed data does not depend on the network or patch size, so this is safe after preprocessing.
+    A patch smaller than the images gives several sliding-window patches per case: more training patches
+    than bottleneck features, as with real datasets.
+    """
+    import json
+
+    plans_file = preprocessed / dataset_name / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    config = plans["configurations"][configuration]
+    kwargs = config["architecture"]["arch_kwargs"]
+    n = len(features)
+    config["patch_size"] = patch_size
+    kwargs.update(n_stages=n, features_per_stage=features, strides=strides,
+                  kernel_sizes=[[3] * len(patch_size)] * n, n_conv_per_stage=[2] * n,
+                  n_conv_per_stage_decoder=[2] * (n - 1))
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
 def nnunet_env(root: Path) -> dict[str, str]:
     from nnunet_ood.trainers import EXT_TRAINER_DIR
 
@@ -61,9 +83,12 @@ def tiny_project(tmp_path_factory) -> TinyProject:
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root)
-    dataset = generate_demo_dataset(root / "raw", DATASET_ID, seed=0, n_train=10, n_test_per_domain=3, size=32)
+    dataset = generate_demo_dataset(root / "raw", DATASET_ID, seed=0, n_train=24, n_test_per_domain=3, size=32)
     plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning sets threads from it
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], plan_env)
+    # 16x16 patches on 32x32 images: 9 patches per case; bottleneck 32 x 2 x 2 = 128 features
+    shrink_plans(root / "preprocessed", dataset.name, "2d", [16, 16], [8, 16, 32, 32],
+                 [[1, 1], [2, 2], [2, 2], [2, 2]])
     run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerOOD_smoke", "-device", "cpu"], env)
     run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu"], env)
     old = dict(os.environ)
