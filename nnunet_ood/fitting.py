@@ -24,6 +24,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 from tqdm import tqdm
 
 from nnunet_ood import __version__
+from nnunet_ood.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.base import FeatureDetector
 from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
 from nnunet_ood.errors import OODInputError
@@ -33,6 +34,8 @@ from nnunet_ood.state import FoldOODState, MethodCalibration, save_fold_state
 #: methods that nnUNetv2_fit_ood can fit (more come with later detectors)
 FITTABLE_METHODS = ("mahalanobis",)
 THRESHOLD_PERCENTILE = 95.0
+#: parts of the training cases for cross-fitted (out-of-sample) training scores
+CALIBRATION_PARTS = 5
 
 
 def make_detector(method: str, device: torch.device) -> FeatureDetector:
@@ -81,8 +84,13 @@ def _load_case(dataset, key: str) -> torch.Tensor:
 
 def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
              methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
-             progress: bool = True, batch_size: int = 4) -> FoldOODState:
-    """Fit, calibrate and store (``fold_X/ood``) the OOD detectors of one fold of a trained model."""
+             progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS) -> FoldOODState:
+    """Fit, calibrate and store (``fold_X/ood``) the OOD detectors of one fold of a trained model.
+
+    Training case scores for the normalisation are cross-fitted over ``calibration_parts`` parts of the
+    training cases (see :mod:`nnunet_ood.cross_fitting`); 1 gives the paper's in-sample scores. Memory:
+    one detector per part during the fit (for Mahalanobis, K + 4 matrices of D x D float64).
+    """
     device = torch.device(device)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -104,22 +112,42 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         warnings.warn("fold 'all' has no held-out cases: the OOD threshold is the 95th percentile of training "
                       "case scores, which underestimates the ID false-positive rate", stacklevel=2)
     dataset = dataset_class(data_folder, sorted(set(train_keys) | set(val_keys)))
-    detectors = {m: make_detector(m, device) for m in methods}
-
+    order = list(methods)
+    # pass 1: one detector per part of the training cases; the fold's detector is their exact merge
+    parts = assign_parts(train_keys, calibration_parts if fold != "all" else 1, seed)
+    n_parts = max(parts.values()) + 1
+    part_detectors = {m: [make_detector(m, device) for _ in range(n_parts)] for m in order}
     n_patches = 0
     for key in tqdm(train_keys, desc=f"fold {fold}: fitting {', '.join(methods)}", disable=not progress):
         features, _ = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
         n_patches += features.shape[0]
-        for detector in detectors.values():
-            detector.partial_fit(features)
+        for m in order:
+            part_detectors[m][parts[key]].partial_fit(features)
+    detectors = {m: merge_parts(part_detectors[m], make_detector(m, device)) for m in order}
+    if next(iter(detectors.values())).n_features_in_ > n_patches:
+        print(f"fold {fold}: {n_patches} training patches for {detectors[order[0]].n_features_in_} features: the "
+              "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
+
+    # pass 2: validation cases by the fold's detector; each part's training cases by the other parts
+    def score_case(key: str, by: dict[str, FeatureDetector]) -> list[float]:
+        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
+        patch_scores = torch.stack([by[m].score(features) for m in order], dim=1)
+        return predictor.maps_and_case_scores(patch_scores, layout)[1].tolist()
 
     case_scores: dict[str, list[float]] = {}
-    order = list(methods)
-    for key in tqdm(train_keys + val_keys, desc=f"fold {fold}: calibrating", disable=not progress):
-        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
-        patch_scores = torch.stack([detectors[m].score(features) for m in order], dim=1)
-        _, scores = predictor.maps_and_case_scores(patch_scores, layout)
-        case_scores[key] = scores.tolist()
+    with tqdm(total=len(train_keys) + len(val_keys), desc=f"fold {fold}: calibrating", disable=not progress) as bar:
+        for key in val_keys:
+            case_scores[key] = score_case(key, detectors)
+            bar.update()
+        for k in range(n_parts):
+            held_out = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in order}
+            if n_parts == 1 or not all(d.is_fitted for d in held_out.values()):
+                held_out = detectors  # nothing left to fit on: in-sample scores
+            for key in (key for key in train_keys if parts[key] == k):
+                case_scores[key] = score_case(key, held_out)
+                bar.update()
+            del held_out
+    del part_detectors
     calibration = {
         m: MethodCalibration.from_scores([case_scores[k][i] for k in train_keys],
                                          [case_scores[k][i] for k in val_keys], THRESHOLD_PERCENTILE)
@@ -133,7 +161,8 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
                     "host": platform.node(), "seed": seed, "n_train_cases": len(train_keys),
                     "n_val_cases": len(val_keys), "n_train_patches": n_patches,
                     "feature_dim": next(iter(detectors.values())).n_features_in_,
-                    "threshold_percentile": THRESHOLD_PERCENTILE, "fit_seconds": round(time.time() - started, 2),
+                    "threshold_percentile": THRESHOLD_PERCENTILE, "calibration_parts": n_parts,
+                    "fit_seconds": round(time.time() - started, 2),
                     "train_case_scores": {k: case_scores[k] for k in train_keys},
                     "val_case_scores": {k: case_scores[k] for k in val_keys}},
     )

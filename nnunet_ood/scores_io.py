@@ -14,23 +14,12 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nnunet_ood.atomic import atomic_write_text
+
 RECORDS_DIRNAME = "ood_cases"
 CSV_NAME = "ood_scores.csv"
 JSON_NAME = "ood_scores.json"
 CSV_COLUMNS = ("case", "method", "score", "normalized", "ood")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file under a temporary name and rename it, so readers never see half a file."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _json_number(x: float) -> float | None:

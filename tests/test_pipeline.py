@@ -50,6 +50,7 @@ def test_trainer_fits_state_at_end_of_training(tiny_project):
     assert calibration["low"] == pytest.approx(min(v[0] for v in train))
     assert calibration["high"] == pytest.approx(2 * max(v[0] for v in train))
     assert calibration["threshold"] == pytest.approx(float(np.percentile(val, 95)))
+    assert manifest["provenance"]["calibration_parts"] == 5  # training scores are cross-fitted
 
 
 def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test_images, tmp_path):

@@ -43,6 +43,21 @@ def parse_folds(values: list) -> list[int | str]:
         raise OODInputError(f"-f takes fold numbers or 'all', got {' '.join(map(str, values))}") from None
 
 
+def locate_model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's ``Trainer__Plans__Configuration`` folder of a trained model, or a one-line error."""
+    from batchgenerators.utilities.file_and_folder_operations import isdir
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    try:
+        model_folder = get_output_folder(dataset, trainer, plans, configuration)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise OODInputError(f"cannot locate the trained model for dataset {dataset} ({e}); check -d and "
+                            "nnUNet_results") from None
+    if not isdir(model_folder):
+        raise OODInputError(f"no trained model in {model_folder}; check -d/-tr/-p/-c and nnUNet_results")
+    return model_folder
+
+
 def one_line_errors(main: F) -> F:
     """Run a CLI main so that bad input ends with ``error: <one line>`` on stderr and exit status 2."""
 

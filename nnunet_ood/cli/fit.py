@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nnunet_ood.cli.common import default_device, one_line_errors, parse_folds, resolve_device
+from nnunet_ood.cli.common import default_device, locate_model_folder, one_line_errors, parse_folds, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu, cuda or mps (default: cuda if available, else cpu)")
     parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
                         help="methods to fit (default: all available: mahalanobis)")
+    parser.add_argument("--calibration_parts", type=int, default=5,
+                        help="training scores for the normalisation are cross-fitted over this many parts of the "
+                             "training cases (default: 5; 1 = in-sample, as in the paper; memory grows with it)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bars (for HPC logs)")
     return parser
@@ -33,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnUNetv2_fit_ood``."""
     args = build_parser().parse_args(argv)
-    from batchgenerators.utilities.file_and_folder_operations import isdir
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from nnunet_ood.errors import OODInputError
     from nnunet_ood.fitting import FITTABLE_METHODS, fit_fold
@@ -44,17 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise OODInputError(f"cannot fit {', '.join(unknown)}: fittable methods are {', '.join(FITTABLE_METHODS)}")
     folds = parse_folds(args.f)
+    if args.calibration_parts < 1:
+        raise OODInputError(f"--calibration_parts must be at least 1, got {args.calibration_parts}")
     device = resolve_device(args.device)
-    try:
-        model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise OODInputError(f"cannot locate the trained model for dataset {args.d} ({e}); check -d and "
-                            "nnUNet_results") from None
-    if not isdir(model_folder):
-        raise OODInputError(f"no trained model in {model_folder}; check -d/-tr/-p/-c and nnUNet_results")
+    model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
     for fold in folds:
         fit_fold(model_folder, fold, args.chk, methods, device=device, seed=args.seed,
-                 progress=not args.disable_progress_bar)
+                 progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts)
 
 
 if __name__ == "__main__":

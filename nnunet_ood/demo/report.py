@@ -16,15 +16,14 @@ import csv
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nnunet_ood.atomic import atomic_write_bytes
 from nnunet_ood.metrics import auroc, spearman
 
 ID_DOMAIN = "id"
@@ -177,22 +176,6 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     return "\n".join([line(list(columns)), sep, *(line(r) for r in cells)])
 
 
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_case_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], dice: Mapping[str, float],
                    domains: Mapping[str, str]) -> None:
     """Write a tidy CSV, one line per (case, method), columns :data:`CASE_CSV_COLUMNS`.
@@ -210,7 +193,7 @@ def write_case_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], d
     for s in scores:
         w.writerow([s.case, domains[s.case], s.method, repr(float(dice.get(s.case, np.nan))),
                     repr(s.score), repr(s.normalized), str(s.ood)])
-    _atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _domain_color(domain: str, order: Sequence[str]) -> str:
@@ -261,4 +244,4 @@ def plot_dice_vs_uncertainty(path_png: str | os.PathLike, rows: Iterable[Mapping
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _atomic_write_bytes(path_png, buf.getvalue())
+    atomic_write_bytes(path_png, buf.getvalue())

@@ -7,7 +7,7 @@ import os
 import re
 from collections import Counter
 
-from nnunet_ood.cli.common import default_device, one_line_errors, parse_folds, resolve_device
+from nnunet_ood.cli.common import default_device, locate_model_folder, one_line_errors, parse_folds, resolve_device
 from nnunet_ood.errors import OODInputError
 
 
@@ -82,21 +82,14 @@ def check_input_folder(folder: str, file_ending: str, num_channels: int) -> list
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnUNetv2_predict_ood``."""
     args = build_parser().parse_args(argv)
-    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
 
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
 
     folds = parse_folds(args.f)
     if not 0 <= args.part_id < args.num_parts:
         raise OODInputError(f"-part_id must be in 0..{args.num_parts - 1} (num_parts={args.num_parts})")
-    try:
-        model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise OODInputError(f"cannot locate the trained model for dataset {args.d} ({e}); check -d and "
-                            "nnUNet_results") from None
-    if not isdir(model_folder):
-        raise OODInputError(f"no trained model in {model_folder}; check -d/-tr/-p/-c and nnUNet_results")
+    model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
     for fold in folds:
         if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
