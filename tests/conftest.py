@@ -66,6 +66,20 @@ def shrink_plans(preprocessed: Path, dataset_name: str, configuration: str, patc
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
+def read_map_in_input_geometry(image_file: Path, map_file: Path):
+    """Read an OOD map; assert it is float32 with the size, spacing, origin and direction of its input."""
+    import pytest
+    import SimpleITK as sitk
+
+    image, ood_map = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(map_file))
+    assert ood_map.GetSize() == image.GetSize()
+    assert ood_map.GetSpacing() == pytest.approx(image.GetSpacing())
+    assert ood_map.GetOrigin() == pytest.approx(image.GetOrigin())
+    assert ood_map.GetDirection() == pytest.approx(image.GetDirection())
+    assert ood_map.GetPixelID() == sitk.sitkFloat32
+    return sitk.GetArrayFromImage(ood_map)
+
+
 def nnunet_env(root: Path) -> dict[str, str]:
     from nnunet_ood.trainers import EXT_TRAINER_DIR
 

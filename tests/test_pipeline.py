@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DATASET_ID, run
+from conftest import DATASET_ID, read_map_in_input_geometry, run
 
 from nnunet_ood.inference import predict_entry
 from nnunet_ood.scores_io import read_score_csv
@@ -72,14 +72,8 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     assert all(r["ood"] == (r["score"] > threshold) for r in rows)
     # maps: one per case, in the input's geometry, with the case score as (about) its mean
     for case in cases:
-        image = sitk.ReadImage(str(test_images / f"{case}_0000.nii.gz"))
-        ood_map = sitk.ReadImage(str(ours / f"{case}_ood_mahalanobis.nii.gz"))
-        assert ood_map.GetSize() == image.GetSize()
-        assert ood_map.GetSpacing() == pytest.approx(image.GetSpacing())
-        assert ood_map.GetOrigin() == pytest.approx(image.GetOrigin())
-        assert ood_map.GetDirection() == pytest.approx(image.GetDirection())
-        assert ood_map.GetPixelID() == sitk.sitkFloat32
-        values = sitk.GetArrayFromImage(ood_map)
+        values = read_map_in_input_geometry(test_images / f"{case}_0000.nii.gz",
+                                            ours / f"{case}_ood_mahalanobis.nii.gz")
         assert np.isfinite(values).all()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import run, shrink_plans
+from conftest import read_map_in_input_geometry, run, shrink_plans
 
 from nnunet_ood.inference import predict_entry
 from nnunet_ood.scores_io import read_score_csv
@@ -87,13 +87,7 @@ def test_3d_fullres_matches_stock_and_maps_keep_input_geometry(tiny_project, pro
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(stock / f"{case}.nii.gz")))
         np.testing.assert_array_equal(a, b)
-        image = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))
-        ood_map = sitk.ReadImage(str(ours / f"{case}_ood_mahalanobis.nii.gz"))
-        assert ood_map.GetSize() == image.GetSize()
-        assert ood_map.GetSpacing() == pytest.approx(image.GetSpacing())
-        assert ood_map.GetOrigin() == pytest.approx(image.GetOrigin())
-        assert ood_map.GetDirection() == pytest.approx(image.GetDirection())
-        values = sitk.GetArrayFromImage(ood_map)
+        values = read_map_in_input_geometry(images / f"{case}_0000.nii.gz", ours / f"{case}_ood_mahalanobis.nii.gz")
         assert np.isfinite(values).all() and values.max() > 0
     scores = {r["case"]: r["score"] for r in read_score_csv(str(ours / "ood_scores.csv"))}
     assert sorted(scores) == cases and all(np.isfinite(v) and v > 0 for v in scores.values())
