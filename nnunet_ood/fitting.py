@@ -124,9 +124,10 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         for m in order:
             part_detectors[m][parts[key]].partial_fit(features)
     detectors = {m: merge_parts(part_detectors[m], make_detector(m, device)) for m in order}
-    if next(iter(detectors.values())).n_features_in_ > n_patches:
-        print(f"fold {fold}: {n_patches} training patches for {detectors[order[0]].n_features_in_} features: the "
-              "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
+    n_features = detectors[order[0]].n_features_in_
+    if n_features > n_patches:
+        print(f"fold {fold}: {n_patches} training patches for {n_features} features: the covariance rests on "
+              "its shrinkage; more training cases (or patches) make the detector sharper")
 
     # pass 2: validation cases by the fold's detector; each part's training cases by the other parts
     def score_case(key: str, by: dict[str, FeatureDetector]) -> list[float]:
@@ -140,13 +141,15 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
             case_scores[key] = score_case(key, detectors)
             bar.update()
         for k in range(n_parts):
-            held_out = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in order}
-            if n_parts == 1 or not all(d.is_fitted for d in held_out.values()):
-                held_out = detectors  # nothing left to fit on: in-sample scores
+            held_out, others = detectors, None  # one part, or nothing left without part k: in-sample scores
+            if n_parts > 1:
+                others = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in order}
+                if all(d.is_fitted for d in others.values()):
+                    held_out = others
             for key in (key for key in train_keys if parts[key] == k):
                 case_scores[key] = score_case(key, held_out)
                 bar.update()
-            del held_out
+            del held_out, others  # free part k's held-out detector before building the next
     del part_detectors
     calibration = {
         m: MethodCalibration.from_scores([case_scores[k][i] for k in train_keys],
@@ -160,7 +163,7 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(device),
                     "host": platform.node(), "seed": seed, "n_train_cases": len(train_keys),
                     "n_val_cases": len(val_keys), "n_train_patches": n_patches,
-                    "feature_dim": next(iter(detectors.values())).n_features_in_,
+                    "feature_dim": n_features,
                     "threshold_percentile": THRESHOLD_PERCENTILE, "calibration_parts": n_parts,
                     "fit_seconds": round(time.time() - started, 2),
                     "train_case_scores": {k: case_scores[k] for k in train_keys},

@@ -100,6 +100,8 @@ def test_unknown_fold_and_method(tiny_project, tmp_path, capsys):
                                   "-device", "cpu"], "-f")
     fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
                                   "-device", "cpu", "--ood", "nonsense"], "nonsense")
+    fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                                  "-device", "cpu", "--calibration_parts", "0"], "--calibration_parts")
     fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", "NoSuchTrainer",
                                   "-device", "cpu"], "no trained model")
 
