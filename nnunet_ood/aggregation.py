@@ -51,6 +51,32 @@ def importance_weights(patch_size: Sequence[int], use_gaussian: bool, device: to
                             device=device).float()
 
 
+class PatchMapAccumulator:
+    """Gaussian-weighted average of per-patch voxel maps over a padded image, as nnU-Net averages logits.
+
+    ``add`` takes one patch's maps ``(M, *patch)`` (or per-patch scalars ``(M,)``, spread over the
+    patch) at nnU-Net's slicer; ``result`` divides by the summed weights and crops the padding away.
+    """
+
+    def __init__(self, n_maps: int, padded_shape: Sequence[int], weights: torch.Tensor) -> None:
+        self.weights = weights
+        self.numerator = torch.zeros((n_maps, *padded_shape), dtype=torch.float32, device=weights.device)
+        self.denominator = torch.zeros(tuple(padded_shape), dtype=torch.float32, device=weights.device)
+
+    def add(self, values: torch.Tensor, slicer: Sequence[slice]) -> None:
+        """Add one patch: ``values`` is ``(M, *patch)`` or ``(M,)``; ``slicer`` nnU-Net's (channel slice first)."""
+        region = tuple(slicer[1:])
+        values = values.to(device=self.weights.device, dtype=torch.float32)
+        if values.ndim == 1:
+            values = values.view((-1,) + (1,) * self.weights.ndim)
+        self.numerator[(slice(None), *region)] += values * self.weights
+        self.denominator[region] += self.weights
+
+    def result(self, revert_padding: Sequence[slice]) -> torch.Tensor:
+        """The weighted average ``(M, *shape)``, cropped back to the unpadded preprocessed image."""
+        return (self.numerator / self.denominator)[(slice(None), *revert_padding)]
+
+
 def patch_scores_to_maps(scores: torch.Tensor, layout: SlidingWindowLayout, weights: torch.Tensor) -> torch.Tensor:
     """Gaussian-weighted average of per-patch scores at every voxel.
 
@@ -58,19 +84,12 @@ def patch_scores_to_maps(scores: torch.Tensor, layout: SlidingWindowLayout, weig
     already cropped back to the unpadded preprocessed shape. Each patch adds ``score * weights`` to the
     voxels it covers; the sum is divided by the summed weights, exactly like nnU-Net's logits.
     """
-    scores = scores.to(device=weights.device, dtype=torch.float32)
     if scores.ndim == 1:
         scores = scores[:, None]
-    n_methods = scores.shape[1]
-    numerator = torch.zeros((n_methods, *layout.padded_shape), dtype=torch.float32, device=weights.device)
-    denominator = torch.zeros(layout.padded_shape, dtype=torch.float32, device=weights.device)
-    expand = (n_methods,) + (1,) * weights.ndim
+    accumulator = PatchMapAccumulator(scores.shape[1], layout.padded_shape, weights)
     for patch_scores, slicer in zip(scores, layout.slicers):  # loop over patches, not voxels
-        region = slicer[1:]
-        numerator[(slice(None), *region)] += patch_scores.view(expand) * weights
-        denominator[region] += weights
-    maps = numerator / denominator
-    return maps[(slice(None), *layout.revert_padding)]
+        accumulator.add(patch_scores, slicer)
+    return accumulator.result(layout.revert_padding)
 
 
 def case_scores_from_maps(maps: torch.Tensor) -> torch.Tensor:

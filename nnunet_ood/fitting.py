@@ -1,10 +1,12 @@
 """Fit the OOD detectors of one trained fold from its own training cases (shared by trainer and CLI).
 
+0. With sd / latent_mahalanobis: the SD autoencoder is trained through the frozen U-Net
+   (:mod:`nnunet_ood.sd_training`) on patches of the fold's training cases.
 1. Every training case of the fold (nnU-Net's preprocessed data) goes through the same sliding window
-   as at inference, encoder only; pooled bottleneck features stream into the detectors.
+   as at inference, encoder only; pooled bottleneck features (and AE latents) stream into the detectors.
 2. Training and validation cases are scored exactly like at inference: their minimum and maximum
    give the normalisation, the 95th percentile of the validation scores the ID threshold.
-3. The state is written atomically to ``fold_X/ood``.
+3. The state is written atomically to ``fold_X/ood``; fitted methods not asked for this time are kept.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 from tqdm import tqdm
 
 from nnunet_ood import __version__
+from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.base import FeatureDetector
-from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
-from nnunet_ood.errors import OODInputError
+from nnunet_ood.detectors.mahalanobis import LatentMahalanobisDetector, MahalanobisDetector
+from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
-from nnunet_ood.state import FoldOODState, MethodCalibration, save_fold_state
+from nnunet_ood.methods import FEATURE_METHODS, FITTABLE_METHODS, needs_autoencoder, resolve_fit_methods
+from nnunet_ood.sd_training import SDTrainingConfig, patch_batches, train_autoencoder
+from nnunet_ood.state import FoldOODState, MethodCalibration, load_fold_state, save_fold_state
 
-#: methods that nnUNetv2_fit_ood can fit (more come with later detectors)
-FITTABLE_METHODS = ("mahalanobis",)
+__all__ = ["FITTABLE_METHODS", "fit_fold", "fold_split", "make_detector"]
+
 THRESHOLD_PERCENTILE = 95.0
 #: parts of the training cases for cross-fitted (out-of-sample) training scores
 CALIBRATION_PARTS = 5
@@ -42,6 +47,8 @@ def make_detector(method: str, device: torch.device) -> FeatureDetector:
     """A fresh, unfitted detector for a method identifier."""
     if method == "mahalanobis":
         return MahalanobisDetector(device=device)
+    if method == "latent_mahalanobis":
+        return LatentMahalanobisDetector(device=device)
     raise OODInputError(f"unknown OOD method {method!r}; choose from {', '.join(FITTABLE_METHODS)}")
 
 
@@ -82,21 +89,68 @@ def _load_case(dataset, key: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
 
 
+def _train_sd(predictor: nnUNetOODPredictor, dataset_class, data_folder: str, train_keys: Sequence[str],
+              val_keys: Sequence[str], config: SDTrainingConfig, device: torch.device, seed: int,
+              progress: bool, fold: int | str) -> tuple[BottleneckAutoencoder, dict]:
+    """Build the SD autoencoder for this network's bottleneck and train it through the frozen U-Net."""
+    channels, *spatial = predictor.bottleneck_shape()
+    torch.manual_seed(seed)
+    autoencoder = BottleneckAutoencoder(channels, spatial, config.latent_dim, config.hidden_channels)
+    generator = torch.Generator().manual_seed(seed)
+    np.random.seed(seed)  # nnU-Net's sampler draws from numpy's global generator
+    patch_size = predictor.configuration_manager.patch_size
+    batch_size = config.batch_size or predictor.configuration_manager.batch_size
+    mirror_axes = predictor.allowed_mirroring_axes or ()
+    train = patch_batches(dataset_class(data_folder, list(train_keys)), predictor.label_manager, patch_size,
+                          batch_size, mirror_axes, config.foreground_oversampling, generator)
+    val_source = patch_batches(dataset_class(data_folder, list(val_keys)), predictor.label_manager, patch_size,
+                               batch_size, (), config.foreground_oversampling, generator)
+    val = [next(val_source) for _ in range(config.val_batches)]  # fixed: comparable from epoch to epoch
+    started = time.time()
+    history = train_autoencoder(predictor.network, autoencoder, train, val, config, device,
+                                predictor.label_manager.has_regions, progress, f"fold {fold}: training SD autoencoder")
+    history["seconds"] = round(time.time() - started, 2)
+    print(f"fold {fold} sd: autoencoder trained for {history['epochs_run']} epochs ({history['seconds']:.0f} s), "
+          f"best validation loss {history['best_val_loss']:.4g} at epoch {history['best_epoch']}; Dice between "
+          f"validation patches segmented with and without it: {history['val_dice_with_without_ae'][history['best_epoch']]:.3f}")
+    return autoencoder, history
+
+
+def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[str]) -> FoldOODState | None:
+    """The fold's existing state without the methods being re-fitted (None if absent or for another model)."""
+    try:
+        old = load_fold_state(fold_dir, predictor.fingerprint_for(0), device="cpu")
+    except OODError:
+        return None
+    keep = [m for m in old.methods if m not in refit and not (needs_autoencoder([m]) and needs_autoencoder(refit))]
+    if not keep:
+        return None
+    return FoldOODState(fingerprint=old.fingerprint, detectors={m: d for m, d in old.detectors.items() if m in keep},
+                        calibration={m: old.calibration[m] for m in keep}, provenance=old.provenance,
+                        autoencoder=old.autoencoder if needs_autoencoder(keep) else None)
+
+
 def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
              methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
-             progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS) -> FoldOODState:
-    """Fit, calibrate and store (``fold_X/ood``) the OOD detectors of one fold of a trained model.
+             progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS,
+             sd_config: SDTrainingConfig | None = None) -> FoldOODState:
+    """Fit, calibrate and store (``fold_X/ood``) the OOD methods of one fold of a trained model.
 
-    Training case scores for the normalisation are cross-fitted over ``calibration_parts`` parts of the
-    training cases (see :mod:`nnunet_ood.cross_fitting`); 1 gives the paper's in-sample scores. Memory:
-    one detector per part during the fit (for Mahalanobis, K + 4 matrices of D x D float64).
+    Training case scores for the normalisation of the feature methods are cross-fitted over
+    ``calibration_parts`` parts of the training cases (see :mod:`nnunet_ood.cross_fitting`); 1 gives the
+    paper's in-sample scores. Memory: one detector per part during the fit (for Mahalanobis, K + 4
+    matrices of D x D float64). ``sd`` and ``latent_mahalanobis`` share one autoencoder, trained with
+    ``sd_config``; its training scores are in-sample (one AE per part would multiply the training time).
+    Methods already fitted for this model and not in ``methods`` are kept.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
     np.random.seed(seed)
+    order = resolve_fit_methods(methods)
     fold = fold if fold == "all" else int(fold)
-    if not isfile(join(model_folder, f"fold_{fold}", checkpoint_name)):
-        raise OODInputError(f"no checkpoint {checkpoint_name} in {join(model_folder, f'fold_{fold}')}; "
+    fold_dir = join(model_folder, f"fold_{fold}")
+    if not isfile(join(fold_dir, checkpoint_name)):
+        raise OODInputError(f"no checkpoint {checkpoint_name} in {fold_dir}; "
                             "train this fold first or pick another with -chk")
     started = time.time()
     predictor = nnUNetOODPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
@@ -111,65 +165,96 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
     if fold == "all":
         warnings.warn("fold 'all' has no held-out cases: the OOD threshold is the 95th percentile of training "
                       "case scores, which underestimates the ID false-positive rate", stacklevel=2)
+    kept = _kept_state(fold_dir, predictor, order)
     dataset = dataset_class(data_folder, sorted(set(train_keys) | set(val_keys)))
-    order = list(methods)
+    provenance: dict = {}
+    autoencoder = None
+    if needs_autoencoder(order):
+        autoencoder, provenance["sd_training"] = _train_sd(
+            predictor, dataset_class, data_folder, train_keys, val_keys, sd_config or SDTrainingConfig(), device,
+            seed, progress, fold)
+    features_of = {m: FEATURE_METHODS[m] for m in order if m in FEATURE_METHODS}
+
     # pass 1: one detector per part of the training cases; the fold's detector is their exact merge
     parts = assign_parts(train_keys, calibration_parts if fold != "all" else 1, seed)
     n_parts = max(parts.values()) + 1
-    part_detectors = {m: [make_detector(m, device) for _ in range(n_parts)] for m in order}
+    part_detectors = {m: [make_detector(m, device) for _ in range(n_parts)] for m in features_of}
     n_patches = 0
-    for key in tqdm(train_keys, desc=f"fold {fold}: fitting {', '.join(methods)}", disable=not progress):
-        features, _ = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
-        n_patches += features.shape[0]
-        for m in order:
-            part_detectors[m][parts[key]].partial_fit(features)
-    detectors = {m: merge_parts(part_detectors[m], make_detector(m, device)) for m in order}
-    n_features = detectors[order[0]].n_features_in_
-    if n_features > n_patches:
-        print(f"fold {fold}: {n_patches} training patches for {n_features} features: the covariance rests on "
-              "its shrinkage; more training cases (or patches) make the detector sharper")
+    for key in tqdm(train_keys, desc=f"fold {fold}: fitting {', '.join(features_of)}", disable=not progress):
+        features, _ = predictor.extract_patch_features(_load_case(dataset, key), batch_size, autoencoder)
+        n_patches += features["bottleneck"].shape[0]
+        for m, kind in features_of.items():
+            part_detectors[m][parts[key]].partial_fit(features[kind])
+    detectors = {m: merge_parts(part_detectors[m], make_detector(m, device)) for m in features_of}
+    for m, detector in detectors.items():
+        if detector.n_features_in_ > n_patches:
+            print(f"fold {fold} {m}: {n_patches} training patches for {detector.n_features_in_} features: the "
+                  "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
 
     # pass 2: validation cases by the fold's detector; each part's training cases by the other parts
-    def score_case(key: str, by: dict[str, FeatureDetector]) -> list[float]:
-        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size)
-        patch_scores = torch.stack([by[m].score(features) for m in order], dim=1)
-        return predictor.maps_and_case_scores(patch_scores, layout)[1].tolist()
+    def score_case(key: str, by: dict[str, FeatureDetector]) -> dict[str, float]:
+        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size, autoencoder)
+        patch_scores = torch.stack([by[m].score(features[kind]) for m, kind in features_of.items()], dim=1)
+        return dict(zip(features_of, predictor.maps_and_case_scores(patch_scores, layout)[1].tolist()))
 
-    case_scores: dict[str, list[float]] = {}
-    with tqdm(total=len(train_keys) + len(val_keys), desc=f"fold {fold}: calibrating", disable=not progress) as bar:
-        for key in val_keys:
-            case_scores[key] = score_case(key, detectors)
-            bar.update()
-        for k in range(n_parts):
-            held_out, others = detectors, None  # one part, or nothing left without part k: in-sample scores
-            if n_parts > 1:
-                others = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in order}
-                if all(d.is_fitted for d in others.values()):
-                    held_out = others
-            for key in (key for key in train_keys if parts[key] == k):
-                case_scores[key] = score_case(key, held_out)
+    case_scores: dict[str, dict[str, float]] = {k: {} for k in [*train_keys, *val_keys]}
+    if features_of:
+        with tqdm(total=len(train_keys) + len(val_keys), desc=f"fold {fold}: calibrating",
+                  disable=not progress) as bar:
+            for key in val_keys:
+                case_scores[key].update(score_case(key, detectors))
                 bar.update()
-            del held_out, others  # free part k's held-out detector before building the next
+            for k in range(n_parts):
+                held_out, others = detectors, None  # one part, or nothing left without part k: in-sample scores
+                if n_parts > 1:
+                    others = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in features_of}
+                    if all(d.is_fitted for d in others.values()):
+                        held_out = others
+                for key in (key for key in train_keys if parts[key] == k):
+                    case_scores[key].update(score_case(key, held_out))
+                    bar.update()
+                del held_out, others  # free part k's held-out detector before building the next
     del part_detectors
+
+    # pass 3 (sd): the full sliding window with and without the AE, as at inference
+    if "sd" in order:
+        agreement = {}
+        for key in tqdm([*val_keys, *train_keys], desc=f"fold {fold}: calibrating sd", disable=not progress):
+            case_scores[key]["sd"], agreement[key] = predictor.distortion_of_case(_load_case(dataset, key),
+                                                                                   autoencoder, batch_size)
+        val_dice = [agreement[k] for k in val_keys]
+        provenance["sd_val_dice_with_without_ae"] = {k: agreement[k] for k in val_keys}
+        print(f"fold {fold} sd: Dice between the segmentations of the {len(val_keys)} validation cases with and "
+              f"without the autoencoder: mean {np.mean(val_dice):.4f}, min {np.min(val_dice):.4f} "
+              "(the method assumes this is close to 1)")
+
     calibration = {
-        m: MethodCalibration.from_scores([case_scores[k][i] for k in train_keys],
-                                         [case_scores[k][i] for k in val_keys], THRESHOLD_PERCENTILE)
-        for i, m in enumerate(order)
+        m: MethodCalibration.from_scores([case_scores[k][m] for k in train_keys],
+                                         [case_scores[k][m] for k in val_keys], THRESHOLD_PERCENTILE)
+        for m in order
     }
+    if kept is not None:  # keep what was fitted before and not re-fitted now, in table order
+        detectors, calibration = {**kept.detectors, **detectors}, {**kept.calibration, **calibration}
+        autoencoder = autoencoder or kept.autoencoder
+        calibration = {m: calibration[m] for m in FITTABLE_METHODS if m in calibration}
+        provenance = {**{k: v for k, v in kept.provenance.items() if k.startswith("sd_") and "sd" not in order},
+                      **provenance}
     state = FoldOODState(
         fingerprint=predictor.fingerprint_for(0),
         detectors=detectors,
         calibration=calibration,
+        autoencoder=autoencoder,
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(device),
                     "host": platform.node(), "seed": seed, "n_train_cases": len(train_keys),
                     "n_val_cases": len(val_keys), "n_train_patches": n_patches,
-                    "feature_dim": n_features,
+                    "feature_dim": {m: d.n_features_in_ for m, d in detectors.items()},
                     "threshold_percentile": THRESHOLD_PERCENTILE, "calibration_parts": n_parts,
-                    "fit_seconds": round(time.time() - started, 2),
-                    "train_case_scores": {k: case_scores[k] for k in train_keys},
-                    "val_case_scores": {k: case_scores[k] for k in val_keys}},
+                    "methods_fitted_now": order, "fit_seconds": round(time.time() - started, 2),
+                    "train_case_scores": {k: [case_scores[k][m] for m in order] for k in train_keys},
+                    "val_case_scores": {k: [case_scores[k][m] for m in order] for k in val_keys},
+                    **provenance},
     )
-    where = save_fold_state(join(model_folder, f"fold_{fold}"), state)
+    where = save_fold_state(fold_dir, state)
     for m in order:
         c = calibration[m]
         print(f"fold {fold} {m}: {n_patches} training patches from {len(train_keys)} cases, "

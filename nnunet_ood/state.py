@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from nnunet_ood import __version__
+from nnunet_ood.autoencoder import AE_STATE_NAME, BottleneckAutoencoder
 from nnunet_ood.detectors.base import FeatureDetector
 from nnunet_ood.errors import OODStateError
+from nnunet_ood.methods import needs_autoencoder
 
 OOD_DIRNAME = "ood"
 MANIFEST_NAME = "ood_state.json"
@@ -114,16 +116,21 @@ class MethodCalibration:
 
 @dataclass
 class FoldOODState:
-    """Everything fitted for one fold: detectors, their calibration, the fingerprint and provenance."""
+    """Everything fitted for one fold: detectors, the SD autoencoder, calibration, fingerprint and provenance.
+
+    ``calibration`` has one entry per method, in table order; feature methods also have a detector,
+    and the autoencoder methods (sd, latent_mahalanobis) share ``autoencoder``.
+    """
 
     fingerprint: dict[str, Any]
     detectors: dict[str, FeatureDetector]
     calibration: dict[str, MethodCalibration]
     provenance: dict[str, Any] = field(default_factory=dict)
+    autoencoder: BottleneckAutoencoder | None = None
 
     @property
     def methods(self) -> list[str]:
-        return list(self.detectors)
+        return list(self.calibration)
 
 
 def fold_ood_dir(fold_dir: str) -> str:
@@ -142,11 +149,22 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
             "plugin_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fingerprint": state.fingerprint,
-            "methods": {name: {"file": os.path.basename(det.save(tmp)), "class": type(det).__name__,
-                               "config": det.get_config(), "calibration": vars(state.calibration[name])}
-                        for name, det in state.detectors.items()},
+            "methods": {},
             "provenance": state.provenance,
         }
+        ae_file = state.autoencoder.save(tmp, state.provenance.get("sd_training")) \
+            if state.autoencoder is not None else None
+        for name, calibration in state.calibration.items():
+            if name in state.detectors:
+                det = state.detectors[name]
+                entry = {"file": os.path.basename(det.save(tmp)), "class": type(det).__name__,
+                         "config": det.get_config()}
+            elif ae_file is not None:
+                entry = {"file": os.path.basename(ae_file), "class": BottleneckAutoencoder.__name__,
+                         "config": state.autoencoder.config}
+            else:
+                raise OODStateError(f"method {name} has neither a detector nor an autoencoder to save")
+            manifest["methods"][name] = {**entry, "calibration": vars(calibration)}
         with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
             json.dump(manifest, f, indent=2, default=str)
         old = f"{target}.old-{os.getpid()}"
@@ -161,9 +179,9 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
 
 
 def _detector_classes() -> dict[str, type[FeatureDetector]]:
-    from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
+    from nnunet_ood.detectors.mahalanobis import LatentMahalanobisDetector, MahalanobisDetector
 
-    return {cls.name: cls for cls in (MahalanobisDetector,)}
+    return {cls.name: cls for cls in (MahalanobisDetector, LatentMahalanobisDetector)}
 
 
 def read_manifest(fold_dir: str) -> dict[str, Any]:
@@ -199,14 +217,18 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
                             f"{', '.join(available) or 'none'}); fit them with {FIT_COMMAND} --ood {' '.join(missing)}")
     classes = _detector_classes()
     detectors, calibration = {}, {}
+    autoencoder = BottleneckAutoencoder.load(fold_ood_dir(fold_dir), device) if needs_autoencoder(wanted) else None
     for name in wanted:
-        if name not in classes:
+        if available[name].get("file") == f"{AE_STATE_NAME}.safetensors":
+            pass  # the method is the autoencoder itself (sd)
+        elif name in classes:
+            detectors[name] = classes[name].load(fold_ood_dir(fold_dir), device=device)
+        else:
             raise OODStateError(f"OOD state in {fold_dir} holds unknown method {name!r}; upgrade nnunet-ood or re-fit")
-        detectors[name] = classes[name].load(fold_ood_dir(fold_dir), device=device)
         try:
             calibration[name] = MethodCalibration(**available[name]["calibration"])
         except (KeyError, TypeError) as e:
             raise OODStateError(f"corrupted calibration for {name} in {fold_dir} ({e}); re-fit with {FIT_COMMAND}") \
                 from None
     return FoldOODState(fingerprint=manifest["fingerprint"], detectors=detectors, calibration=calibration,
-                        provenance=manifest.get("provenance", {}))
+                        provenance=manifest.get("provenance", {}), autoencoder=autoencoder)

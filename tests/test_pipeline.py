@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
 from conftest import DATASET_ID, read_map_in_input_geometry, run
 
 from nnunet_ood.inference import predict_entry
@@ -62,19 +64,20 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     for case in cases:
         np.testing.assert_array_equal(read_array(ours / f"{case}.nii.gz"), read_array(stock / f"{case}.nii.gz"))
     rows = read_score_csv(str(ours / "ood_scores.csv"))
-    assert sorted(r["case"] for r in rows) == cases
-    assert all(r["method"] == "mahalanobis" and 0 <= r["normalized"] <= 1 for r in rows)
+    methods = ["mahalanobis", "sd", "latent_mahalanobis"]  # every fitted method by default, in table order
+    assert [(r["case"], r["method"]) for r in rows] == [(c, m) for c in cases for m in methods]
+    assert all(0 <= r["normalized"] <= 1 for r in rows)
     document = json.loads((ours / "ood_scores.json").read_text())
     assert document["folds"] == ["0"] and document["checkpoint"] == "checkpoint_final.pth"
-    assert set(document["calibration"]["mahalanobis"]) >= {"low", "high", "threshold"}
+    assert all(set(document["calibration"][m]) >= {"low", "high", "threshold"} for m in methods)
     assert document["plugin_version"] and document["model_folder"].endswith(f"{OOD_TRAINER}__nnUNetPlans__2d")
-    threshold = document["calibration"]["mahalanobis"]["threshold"]
-    assert all(r["ood"] == (r["score"] > threshold) for r in rows)
-    # maps: one per case, in the input's geometry, with the case score as (about) its mean
+    assert all(r["ood"] == (r["score"] > document["calibration"][r["method"]]["threshold"]) for r in rows)
+    # maps: one per case and method, in the input's geometry
     for case in cases:
-        values = read_map_in_input_geometry(test_images / f"{case}_0000.nii.gz",
-                                            ours / f"{case}_ood_mahalanobis.nii.gz")
-        assert np.isfinite(values).all()
+        for method in methods:
+            values = read_map_in_input_geometry(test_images / f"{case}_0000.nii.gz",
+                                                ours / f"{case}_ood_{method}.nii.gz")
+            assert np.isfinite(values).all()
 
 
 def test_strong_shift_scores_above_every_id_case(tiny_project, tmp_path):
@@ -131,7 +134,7 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     # fold 1: same weights copied, fitted on fold 1's own training cases -> a different detector
     shutil.copytree(model / "fold_0", model / "fold_1", ignore=shutil.ignore_patterns("ood"))
     run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "1", "-tr", STOCK_TRAINER,
-         "-device", "cpu", "--disable_progress_bar"], tiny_project.env)
+         "-device", "cpu", "--disable_progress_bar", "--ood", "mahalanobis"], tiny_project.env)
     assert (model / "fold_0" / "ood" / "ood_state.json").is_file()
     run(["nnUNetv2_predict_ood", "-i", str(test_images), "-o", str(tmp_path / "f0"), "-d", str(DATASET_ID),
          "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
@@ -143,3 +146,16 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     for case in f01:
         assert f01[case] == pytest.approx((f0[case] + f1[case]) / 2, rel=1e-5)
     assert any(not math.isclose(f0[c], f1[c], rel_tol=1e-3) for c in f0)
+
+    # adding sd later keeps the fitted mahalanobis state as it is
+    ood = model / "fold_0" / "ood"
+    before = load_file(str(ood / "mahalanobis.safetensors"))
+    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
+         "--disable_progress_bar", "--ood", "sd", "--sd_latent", "8", "--sd_iterations", "5", "--sd_max_epochs", "2",
+         "--sd_val_batches", "1"], tiny_project.env)
+    manifest = json.loads((ood / "ood_state.json").read_text())
+    assert list(manifest["methods"]) == ["mahalanobis", "sd", "latent_mahalanobis"]
+    after = load_file(str(ood / "mahalanobis.safetensors"))
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert manifest["provenance"]["sd_training"]["config"]["latent_dim"] == 8
+    assert manifest["provenance"]["sd_training"]["epochs_run"] == 2

@@ -23,10 +23,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-device", default=default_device(),
                         help="cpu, cuda or mps (default: cuda if available, else cpu)")
     parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
-                        help="methods to fit (default: all available: mahalanobis)")
+                        help="methods to fit (default: all: mahalanobis sd latent_mahalanobis); sd and "
+                             "latent_mahalanobis share one autoencoder and are always fitted together. Methods "
+                             "fitted earlier and not named here are kept")
     parser.add_argument("--calibration_parts", type=int, default=5,
                         help="training scores for the normalisation are cross-fitted over this many parts of the "
                              "training cases (default: 5; 1 = in-sample, as in the paper; memory grows with it)")
+    sd = parser.add_argument_group("Segmentation Distortion autoencoder (sd, latent_mahalanobis)")
+    sd.add_argument("--sd_latent", type=int, default=128, help="size of the dense latent (default: 128, the "
+                    "paper's value for the heart task; 64 for brain)")
+    sd.add_argument("--sd_channels", type=int, default=None,
+                    help="channels of the AE's convolutions (default: min(bottleneck channels, 128))")
+    sd.add_argument("--sd_lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    sd.add_argument("--sd_batch_size", type=int, default=None,
+                    help="patches per step (default: the configuration's batch size)")
+    sd.add_argument("--sd_iterations", type=int, default=250, help="training steps per epoch (default: 250)")
+    sd.add_argument("--sd_max_epochs", type=int, default=100, help="at most this many epochs (default: 100)")
+    sd.add_argument("--sd_patience", type=int, default=10,
+                    help="stop after this many epochs without a lower validation loss (default: 10)")
+    sd.add_argument("--sd_val_batches", type=int, default=10,
+                    help="fixed validation batches evaluated after each epoch (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bars (for HPC logs)")
     return parser
@@ -38,12 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     from nnunet_ood.errors import OODInputError
-    from nnunet_ood.fitting import FITTABLE_METHODS, fit_fold
+    from nnunet_ood.fitting import fit_fold
+    from nnunet_ood.methods import FITTABLE_METHODS, resolve_fit_methods
+    from nnunet_ood.sd_training import SDTrainingConfig
 
-    methods = args.ood or list(FITTABLE_METHODS)
-    unknown = [m for m in methods if m not in FITTABLE_METHODS]
-    if unknown:
-        raise OODInputError(f"cannot fit {', '.join(unknown)}: fittable methods are {', '.join(FITTABLE_METHODS)}")
+    methods = resolve_fit_methods(args.ood or FITTABLE_METHODS)
+    sd_config = SDTrainingConfig(latent_dim=args.sd_latent, hidden_channels=args.sd_channels,
+                                 learning_rate=args.sd_lr, batch_size=args.sd_batch_size,
+                                 iterations_per_epoch=args.sd_iterations, max_epochs=args.sd_max_epochs,
+                                 patience=args.sd_patience, val_batches=args.sd_val_batches)
+    if args.sd_batch_size is not None and args.sd_batch_size < 1:
+        raise OODInputError(f"--sd_batch_size must be at least 1, got {args.sd_batch_size}")
     folds = parse_folds(args.f)
     if args.calibration_parts < 1:
         raise OODInputError(f"--calibration_parts must be at least 1, got {args.calibration_parts}")
@@ -51,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
     for fold in folds:
         fit_fold(model_folder, fold, args.chk, methods, device=device, seed=args.seed,
-                 progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts)
+                 progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
+                 sd_config=sd_config)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from nnunet_ood.detectors.base import ArrayLike, DeviceLike, FeatureDetector
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.statistics import GaussianStatistics
 
-__all__ = ["MahalanobisDetector"]
+__all__ = ["LatentMahalanobisDetector", "MahalanobisDetector"]
 
 _JITTER_START = 1e-10  # relative to tr(S)/D
 _JITTER_TRIES = 10
@@ -271,3 +271,14 @@ class MahalanobisDetector(FeatureDetector):
         if self._cholesky is not None:
             self._cholesky = self._cholesky.to(self.statistics.device)
         return self
+
+
+class LatentMahalanobisDetector(MahalanobisDetector):
+    """Latent Mahalanobis (Lennartz & Schultz): the same Gaussian fit, on the SD autoencoder's latent vectors.
+
+    Identical statistics and scoring to :class:`MahalanobisDetector`; only the features differ (the
+    dense bottleneck z of the autoencoder instead of pooled U-Net activations), hence its own name
+    and state file.
+    """
+
+    name: ClassVar[str] = "latent_mahalanobis"

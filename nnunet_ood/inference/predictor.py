@@ -10,6 +10,10 @@ Integration is by overriding nnUNetPredictor's hook methods, each of which calls
 * ``predict_logits_from_preprocessed_data``: averages the folds' patch scores, spreads them into voxel
   maps with nnU-Net's Gaussian weighting and stores the case's scores and maps.
 
+With the Segmentation Distortion autoencoder loaded (``sd``, ``latent_mahalanobis``), the un-mirrored
+forward pass of each patch also runs the AE on the bottleneck and the decoder on its reconstruction
+(:mod:`nnunet_ood.distortion`); the per-patch SD maps are accumulated with the Gaussian weighting.
+
 Logits, and therefore segmentations, are produced by nnU-Net's own code and are unchanged.
 """
 
@@ -38,14 +42,19 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from nnunet_ood import __version__
 from nnunet_ood.aggregation import (
+    PatchMapAccumulator,
     SlidingWindowLayout,
     case_scores_from_maps,
     importance_weights,
     patch_scores_to_maps,
     revert_padding_slicer,
 )
+from nnunet_ood.autoencoder import BottleneckAutoencoder
+from nnunet_ood.distortion import AutoencoderInsertion, segmentation_distortion
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import BottleneckCapture, pool_features, unwrap_network
+from nnunet_ood.methods import FEATURE_METHODS, VOXEL_METHODS, needs_autoencoder
+from nnunet_ood.sd_training import segmentation_agreement
 from nnunet_ood.maps_io import export_ood_maps, map_file_ending, map_filename
 from nnunet_ood.scores_io import collect_records, has_case_record, write_case_record, write_score_tables
 from nnunet_ood.state import FoldOODState, MethodCalibration, load_fold_state, model_fingerprint
@@ -110,7 +119,8 @@ class nnUNetOODPredictor(nnUNetPredictor):
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
-                 ood_methods: Sequence[str] | None = None, save_ood_maps: bool = False) -> None:
+                 ood_methods: Sequence[str] | None = None, save_ood_maps: bool = False,
+                 sd_batched_decoder: bool = False) -> None:
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         self.requested_ood_methods = list(ood_methods) if ood_methods else None
@@ -123,6 +133,14 @@ class nnUNetOODPredictor(nnUNetPredictor):
         self.use_folds: list[int | str] = []
         self.checkpoint_name = "checkpoint_final.pth"
         self._capture: BottleneckCapture | None = None
+        #: decoder on [x; r(x)] in one call (faster on a GPU, logits equal to stock up to float rounding)
+        self.sd_batched_decoder = sd_batched_decoder
+        self._sd: AutoencoderInsertion | None = None
+        self._sd_accumulator: PatchMapAccumulator | None = None
+        self._slicers: Sequence = ()
+        self._patch_index = 0
+        self._patch_latents: list[torch.Tensor] = []
+        self._case_voxel_maps: list[torch.Tensor] = []
         self._collecting = False  # True while nnU-Net predicts a case with OOD on
         self._fold_index = 0
         self._case_input_finite = True
@@ -158,6 +176,32 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if self._capture is not None:
             self._capture.remove()
         self._capture = BottleneckCapture(self.network)
+        if self._sd is not None:
+            self._sd.remove()
+            self._sd = None
+
+    def bottleneck_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)`` of the bottleneck for one patch, from a dry run of the encoder on zeros."""
+        channels = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        with torch.inference_mode():
+            self._capture.arm()
+            unwrap_network(self.network).encoder(
+                torch.zeros((1, channels, *self.configuration_manager.patch_size), device=self.device))
+            return tuple(self._capture.take().shape[1:])
+
+    def _install_autoencoders(self) -> None:
+        """Hook the SD autoencoders in, after checking each fits this network's bottleneck."""
+        expected = self.bottleneck_shape()
+        for fold, state in zip(self.use_folds, self.ood_states):
+            ae = state.autoencoder
+            if ae is None or (ae.in_channels, *ae.spatial_shape) != expected:
+                got = None if ae is None else (ae.in_channels, *ae.spatial_shape)
+                raise OODStateError(f"the SD autoencoder of fold {fold} expects bottlenecks of shape {got} but this "
+                                    f"network's is {expected}; re-fit it with nnUNetv2_fit_ood --ood sd")
+            ae.to(self.device).eval()
+        self._sd = AutoencoderInsertion(self.network, None, batched=self.sd_batched_decoder)
 
     def fingerprint_for(self, fold_index: int) -> dict[str, Any]:
         """The model fingerprint of the ``fold_index``-th loaded fold (what its OOD state must match)."""
@@ -194,6 +238,8 @@ class nnUNetOODPredictor(nnUNetPredictor):
         self.ood_states = states
         self.ood_methods = list(methods)
         self.ood_calibration = {m: combine_calibrations([s.calibration[m] for s in states]) for m in methods}
+        if needs_autoencoder(self.ood_methods):
+            self._install_autoencoders()
 
     @property
     def ood_enabled(self) -> bool:
@@ -205,23 +251,39 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if not self._collecting:
             return super()._internal_maybe_mirror_and_predict(x)
         self._capture.arm()  # the first network call in nnU-Net's method is the un-mirrored one
+        if self._sd is not None:
+            self._sd.autoencoder = self.ood_states[self._fold_index].autoencoder
+            self._sd.arm()
         prediction = super()._internal_maybe_mirror_and_predict(x)
         self._patch_features.append(pool_features(self._capture.take()))
+        if self._sd is not None:
+            result = self._sd.take()
+            self._patch_latents.append(result.latent.float())
+            distortion = segmentation_distortion(result.logits, result.logits_ae, self.label_manager.has_regions)
+            self._sd_accumulator.add(distortion, self._slicers[self._patch_index])
+        self._patch_index += 1
         return prediction
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         if not self._collecting:
             return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
-        self._patch_features = []  # nnU-Net may retry on the CPU after running out of GPU memory
+        # reset per call: nnU-Net may retry on the CPU after running out of GPU memory
+        self._patch_features, self._patch_latents, self._slicers, self._patch_index = [], [], slicers, 0
+        if self._sd is not None:
+            device = self.device if do_on_device else torch.device("cpu")
+            self._sd_accumulator = PatchMapAccumulator(
+                1, data.shape[1:], importance_weights(self.configuration_manager.patch_size, self.use_gaussian, device))
         logits = super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
-        features = torch.cat(self._patch_features)
-        self._patch_features = []
+        revert = revert_padding_slicer(self._input_shape, self.configuration_manager.patch_size)
+        inputs = {"bottleneck": torch.cat(self._patch_features)}
+        if self._sd is not None:
+            inputs["latent"] = torch.cat(self._patch_latents)
+            self._case_voxel_maps.append(self._sd_accumulator.result(revert).cpu())
+        self._patch_features, self._patch_latents, self._sd_accumulator = [], [], None
         state = self.ood_states[self._fold_index]
-        self._case_patch_scores.append(self.score_patch_features(features, state).cpu())
-        self._case_layout = SlidingWindowLayout(tuple(data.shape[1:]), tuple(slicers),
-                                                revert_padding_slicer(self._input_shape,
-                                                                      self.configuration_manager.patch_size),
+        self._case_patch_scores.append(self.score_patch_features(inputs, state).cpu())
+        self._case_layout = SlidingWindowLayout(tuple(data.shape[1:]), tuple(slicers), revert,
                                                 tuple(self.configuration_manager.patch_size))
         return logits
 
@@ -238,7 +300,7 @@ class nnUNetOODPredictor(nnUNetPredictor):
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         if not self.ood_enabled:
             return super().predict_logits_from_preprocessed_data(data)
-        self._collecting, self._fold_index, self._case_patch_scores = True, 0, []
+        self._collecting, self._fold_index, self._case_patch_scores, self._case_voxel_maps = True, 0, [], []
         # nnU-Net predicts non-finite inputs anyway; their scores must not look like a valid number
         self._case_input_finite = bool(torch.isfinite(data).all())
         try:
@@ -249,12 +311,25 @@ class nnUNetOODPredictor(nnUNetPredictor):
         return logits
 
     # ------------------------------------------------------------------ scoring
-    def score_patch_features(self, features: torch.Tensor, state: FoldOODState) -> torch.Tensor:
-        """``(P, M)`` float64 scores of pooled patch features under one fold's detectors, in method order."""
-        if features.shape[1] != state.detectors[self.ood_methods[0]].n_features_in_:
-            raise OODStateError(f"bottleneck features have {features.shape[1]} dimensions but the OOD state expects "
-                                f"{state.detectors[self.ood_methods[0]].n_features_in_}; re-fit with nnUNetv2_fit_ood")
-        return torch.stack([state.detectors[m].score(features) for m in self.ood_methods], dim=1)
+    @property
+    def feature_methods(self) -> list[str]:
+        """The methods in use that score per-patch feature vectors, in table order."""
+        return [m for m in self.ood_methods if m in FEATURE_METHODS]
+
+    def score_patch_features(self, inputs: dict[str, torch.Tensor], state: FoldOODState) -> torch.Tensor:
+        """``(P, M_f)`` float64 scores of per-patch features under one fold's feature detectors.
+
+        ``inputs`` maps a feature kind (``bottleneck``, ``latent``) to ``(P, D)`` features.
+        """
+        columns = []
+        for m in self.feature_methods:
+            features, detector = inputs[FEATURE_METHODS[m]], state.detectors[m]
+            if features.shape[1] != detector.n_features_in_:
+                raise OODStateError(f"{FEATURE_METHODS[m]} features have {features.shape[1]} dimensions but the "
+                                    f"{m} state expects {detector.n_features_in_}; re-fit with nnUNetv2_fit_ood")
+            columns.append(detector.score(features))
+        n = next(iter(inputs.values())).shape[0]
+        return torch.stack(columns, dim=1) if columns else torch.zeros((n, 0), dtype=torch.float64)
 
     def maps_and_case_scores(self, patch_scores: torch.Tensor, layout: SlidingWindowLayout) \
             -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,9 +340,20 @@ class nnUNetOODPredictor(nnUNetPredictor):
         maps = patch_scores_to_maps(patch_scores, layout, weights)
         return maps, case_scores_from_maps(maps)
 
+    def combine_maps(self, feature_maps: torch.Tensor, voxel_maps: torch.Tensor | None) -> torch.Tensor:
+        """Stack feature-method maps ``(M_f, *shape)`` and voxel-method maps into ``(M, *shape)``, table order."""
+        rows, f, v = [], iter(feature_maps), iter(voxel_maps if voxel_maps is not None else ())
+        for m in self.ood_methods:
+            rows.append(next(f) if m in FEATURE_METHODS else next(v).to(feature_maps.device))
+        return torch.stack(rows)
+
     def _finish_case(self) -> None:
         patch_scores = torch.stack(self._case_patch_scores).mean(dim=0)  # average the folds per patch
-        maps, case_scores = self.maps_and_case_scores(patch_scores, self._case_layout)
+        feature_maps, _ = self.maps_and_case_scores(patch_scores, self._case_layout)
+        voxel_maps = torch.stack(self._case_voxel_maps).mean(dim=0) if self._case_voxel_maps else None
+        maps = self.combine_maps(feature_maps, voxel_maps)
+        case_scores = case_scores_from_maps(maps)
+        self._case_voxel_maps = []
         case = self._current_case_name()
         if not self._case_input_finite:
             print(f"warning: {case} contains NaN or Inf after preprocessing; its OOD scores are NaN and it is "
@@ -308,31 +394,80 @@ class nnUNetOODPredictor(nnUNetPredictor):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ feature extraction for fitting
-    @torch.inference_mode()
-    def extract_patch_features(self, data: torch.Tensor, batch_size: int = 4) \
-            -> tuple[torch.Tensor, SlidingWindowLayout]:
-        """Pooled bottleneck features ``(P, D)`` of a preprocessed case, patch by patch as at inference.
-
-        Same padding, slicers and autocast as nnU-Net's sliding window, but only the encoder runs, on
-        batches of patches: fitting needs no decoder and no mirroring.
-        """
-        self.network = self.network.to(self.device)
-        self.network.eval()
+    def _patches(self, data: torch.Tensor) -> tuple[torch.Tensor, SlidingWindowLayout]:
+        """nnU-Net's padding and sliding-window slicers for a preprocessed case."""
         patch_size = tuple(self.configuration_manager.patch_size)
         padded, revert = pad_nd_image(data, patch_size, "constant", {"value": 0}, True, None)
         slicers = self._internal_get_sliding_window_slicers(padded.shape[1:])
         layout = SlidingWindowLayout(tuple(padded.shape[1:]), tuple(slicers),
                                      tuple(slice(int(s.start), int(s.stop)) for s in revert[1:]), patch_size)
+        return padded, layout
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext()
+
+    @torch.inference_mode()
+    def extract_patch_features(self, data: torch.Tensor, batch_size: int = 4,
+                               autoencoder: BottleneckAutoencoder | None = None) \
+            -> tuple[dict[str, torch.Tensor], SlidingWindowLayout]:
+        """Per-patch features of a preprocessed case, patch by patch as at inference.
+
+        Returns ``{"bottleneck": (P, D)}`` pooled bottleneck features, plus ``"latent": (P, L)`` when an
+        autoencoder is given. Same padding, slicers and autocast as nnU-Net's sliding window, but only
+        the encoder (and the AE's encoder) runs, on batches of patches: no decoder, no mirroring.
+        """
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        padded, layout = self._patches(data)
         encoder = unwrap_network(self.network).encoder
-        features = []
-        autocast = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext()
-        with autocast:
-            for start in range(0, len(slicers), batch_size):
-                batch = torch.stack([padded[sl] for sl in slicers[start:start + batch_size]]).to(self.device)
+        features: dict[str, list[torch.Tensor]] = {"bottleneck": [], "latent": []}
+        with self._autocast():
+            for start in range(0, layout.num_patches, batch_size):
+                batch = torch.stack([padded[sl] for sl in layout.slicers[start:start + batch_size]]).to(self.device)
                 self._capture.arm()
                 encoder(batch)
-                features.append(pool_features(self._capture.take()))
-        return torch.cat(features), layout
+                bottleneck = self._capture.take()
+                features["bottleneck"].append(pool_features(bottleneck))
+                if autoencoder is not None:
+                    features["latent"].append(autoencoder.encode(bottleneck.float()).float())
+        return {k: torch.cat(v) for k, v in features.items() if v}, layout
+
+    @torch.inference_mode()
+    def distortion_of_case(self, data: torch.Tensor, autoencoder: BottleneckAutoencoder, batch_size: int = 4) \
+            -> tuple[float, float]:
+        """SD case score and the Dice between the segmentations with and without the AE, for fitting.
+
+        Same sliding window, Gaussian weighting and per-voxel SD as at inference (no mirroring). The
+        segmentations compared are the argmax (or region thresholds) of the Gaussian-averaged logits.
+        """
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        padded, layout = self._patches(data)
+        weights = importance_weights(layout.patch_size, self.use_gaussian, self.device)
+        heads = self.label_manager.num_segmentation_heads
+        distortion = PatchMapAccumulator(1, layout.padded_shape, weights)
+        logits = PatchMapAccumulator(2 * heads, layout.padded_shape, weights)
+        insertion = AutoencoderInsertion(self.network, autoencoder.to(self.device).eval(), batched=True)
+        region_based = self.label_manager.has_regions
+        try:
+            with self._autocast():
+                for start in range(0, layout.num_patches, batch_size):
+                    slicers = layout.slicers[start:start + batch_size]
+                    batch = torch.stack([padded[sl] for sl in slicers]).to(self.device)
+                    insertion.arm()
+                    self.network(batch)
+                    result = insertion.take()
+                    maps = segmentation_distortion(result.logits, result.logits_ae, region_based)
+                    both = torch.cat((result.logits, result.logits_ae), dim=1).float()
+                    for i, sl in enumerate(slicers):
+                        distortion.add(maps[i][None], sl)
+                        logits.add(both[i], sl)
+        finally:
+            insertion.remove()
+        score = float(case_scores_from_maps(distortion.result(layout.revert_padding))[0])
+        merged = logits.result(layout.revert_padding)[None]
+        dice = segmentation_agreement(merged[:, :heads], merged[:, heads:], region_based)
+        return score, float(dice[0])
 
     # ------------------------------------------------------------------ running over files
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder,

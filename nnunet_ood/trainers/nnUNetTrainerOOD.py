@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ood.errors import OODError
+from nnunet_ood.methods import FITTABLE_METHODS
+from nnunet_ood.sd_training import SDTrainingConfig
 
 __all__ = ["nnUNetTrainerOOD", "nnUNetTrainerOOD_1epoch", "nnUNetTrainerOOD_5epochs", "nnUNetTrainerOOD_10epochs",
            "nnUNetTrainerOOD_20epochs", "nnUNetTrainerOOD_50epochs", "nnUNetTrainerOOD_100epochs",
@@ -21,8 +26,19 @@ class nnUNetTrainerOOD(nnUNetTrainer):
     how to fit afterwards.
     """
 
-    ood_methods: tuple[str, ...] = ("mahalanobis",)
+    ood_methods: tuple[str, ...] = FITTABLE_METHODS
     ood_seed: int = 0
+    #: how the Segmentation Distortion autoencoder is trained (as nnUNetv2_fit_ood's --sd_* defaults)
+    ood_sd_config: SDTrainingConfig = SDTrainingConfig()
+    #: seed for Python, numpy and torch before training starts; None keeps nnU-Net's unseeded behaviour
+    training_seed: int | None = None
+
+    def on_train_start(self) -> None:
+        if self.training_seed is not None:  # reproducible short schedules (demo, tests) on the CPU
+            random.seed(self.training_seed)
+            np.random.seed(self.training_seed)
+            torch.manual_seed(self.training_seed)
+        super().on_train_start()
 
     def on_train_end(self) -> None:
         super().on_train_end()
@@ -37,7 +53,7 @@ class nnUNetTrainerOOD(nnUNetTrainer):
         self.print_to_log_file(f"OOD: fitting {', '.join(self.ood_methods)} for fold {self.fold}")
         try:
             fit_fold(self.output_folder_base, self.fold, "checkpoint_final.pth", self.ood_methods,
-                     device=self.device, seed=self.ood_seed, progress=True)
+                     device=self.device, seed=self.ood_seed, progress=True, sd_config=self.ood_sd_config)
         except OODError as e:
             self.print_to_log_file(f"OOD: fitting failed: {e}. Training is complete; fit later with "
                                    f"nnUNetv2_fit_ood -d {self.plans_manager.dataset_name} -c "
@@ -69,7 +85,10 @@ nnUNetTrainerOOD_500epochs = _with_epochs("nnUNetTrainerOOD_500epochs", 500)
 
 
 class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
-    """Short schedule for the CPU demo: 30 epochs of 20 iterations (a few minutes on 2 cores)."""
+    """Short schedule for the CPU demo: 30 epochs of 20 iterations (a few minutes on 2 cores), seeded."""
+
+    training_seed = 0
+    ood_sd_config = SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=15, patience=3, val_batches=4)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -80,11 +99,14 @@ class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
 
 
 class nnUNetTrainerOOD_smoke(nnUNetTrainerOOD):
-    """Smoke-test schedule (2 epochs of 6 iterations): exercises the whole pipeline, learns little."""
+    """Smoke-test schedule (3 epochs of 20 iterations), seeded: exercises the whole pipeline, learns little."""
+
+    training_seed = 0
+    ood_sd_config = SDTrainingConfig(latent_dim=16, iterations_per_epoch=10, max_epochs=4, patience=2, val_batches=2)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 6
+        self.num_epochs = 3
+        self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 2

@@ -1,0 +1,116 @@
+"""Segmentation Distortion end to end on the tiny project: fitted by nnUNetTrainerOOD, scored by the predictor.
+
+References: two complete forward passes of the network per patch (without the AE, and with r(x) put in
+place of the bottleneck by a plain forward hook on the last encoder stage), Gaussian-weighted in numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from conftest import DATASET_ID
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from test_bad_input import fails_with, predict_argv
+
+from nnunet_ood.autoencoder import BottleneckAutoencoder
+from nnunet_ood.inference import predict_entry
+from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+OOD_TRAINER = "nnUNetTrainerOOD_smoke"
+
+
+@pytest.fixture(scope="module")
+def scored_case(tiny_project):
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
+    domain = "shift_strong"
+    image = sorted((tiny_project.root / "raw").glob(f"*/imagesTs_{domain}/*_0000.nii.gz"))[0]
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
+                                       predictor.dataset_json)
+    data = torch.from_numpy(data)
+    predictor.predict_logits_from_preprocessed_data(data)
+    return predictor, data, predictor.ood_results[-1]
+
+
+def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[str, np.ndarray]:
+    """SD and latent-Mahalanobis maps from complete forward passes, patch by patch, accumulated in numpy."""
+    net, state = predictor.network, predictor.ood_states[0]
+    ae = state.autoencoder
+    patch = tuple(predictor.configuration_manager.patch_size)
+    padded, revert = pad_nd_image(data.numpy(), patch, "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    weights = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+    weights = weights.double().numpy()
+    numerator = {m: np.zeros(padded.shape[1:]) for m in ("sd", "latent_mahalanobis")}
+    denominator = np.zeros(padded.shape[1:])
+    captured = {}
+
+    def replace_bottleneck(module, inputs, output):
+        captured["z"] = ae.encode(output)
+        return ae(output)[0]
+
+    stage = net.encoder.stages[-1]
+    for sl in slicers:
+        x = torch.from_numpy(padded[sl][None])
+        with torch.no_grad():
+            logits = net(x).double()
+            handle = stage.register_forward_hook(replace_bottleneck)
+            try:
+                logits_ae = net(x).double()
+            finally:
+                handle.remove()
+        p, q = torch.softmax(logits, 1).numpy(), torch.softmax(logits_ae, 1).numpy()
+        sd = ((p - q) ** 2).mean(axis=1)[0]
+        lm = float(state.detectors["latent_mahalanobis"].score(captured["z"])[0])
+        region = sl[1:]
+        numerator["sd"][region] += sd * weights
+        numerator["latent_mahalanobis"][region] += lm * weights
+        denominator[region] += weights
+    crop = tuple(revert[1:])
+    return {m: (num / denominator)[crop] for m, num in numerator.items()}
+
+
+def test_trainer_stores_autoencoder_and_reports_agreement(tiny_project):
+    ood_dir = tiny_project.model(OOD_TRAINER) / "fold_0" / "ood"
+    manifest = json.loads((ood_dir / "ood_state.json").read_text())
+    assert list(manifest["methods"]) == ["mahalanobis", "sd", "latent_mahalanobis"]
+    assert manifest["methods"]["sd"]["file"] == "sd_autoencoder.safetensors"
+    assert (ood_dir / "latent_mahalanobis.safetensors").is_file()
+    dice = manifest["provenance"]["sd_val_dice_with_without_ae"]
+    assert len(dice) == manifest["provenance"]["n_val_cases"] and all(0 <= d <= 1 for d in dice.values())
+    history = manifest["provenance"]["sd_training"]
+    assert history["best_val_loss"] == min(history["val_loss"])
+
+
+def test_sd_and_latent_mahalanobis_equal_brute_force(scored_case):
+    predictor, data, result = scored_case
+    expected = brute_force_maps(predictor, data)
+    for method in ("sd", "latent_mahalanobis"):
+        got = result.maps[result.methods.index(method)]
+        np.testing.assert_allclose(got, expected[method], rtol=1e-4, atol=1e-9)
+        assert result.scores[method]["score"] == pytest.approx(expected[method].mean(), rel=1e-4)
+    assert result.scores["sd"]["score"] > 0
+
+
+def test_autoencoder_of_another_shape_is_refused(tiny_project, test_images, tmp_path, capsys):
+    model = tiny_project.model("nnUNetTrainerOOD_10epochs")
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.copytree(tiny_project.model(OOD_TRAINER), model)
+    try:
+        ood = model / "fold_0" / "ood"
+        BottleneckAutoencoder(7, (3, 3), latent_dim=16).save(ood)  # replaces the fitted one
+        out = tmp_path / "out"
+        fails_with(capsys, predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_10epochs"),
+                   "SD autoencoder of fold 0 expects bottlenecks of shape (7, 3, 3)", "nnUNetv2_fit_ood --ood sd")
+        assert not out.exists()
+        # without the AE methods the same state still serves mahalanobis
+        predict_entry.main(predict_argv(test_images, out, "nnUNetTrainerOOD_10epochs", "--ood", "mahalanobis"))
+        assert (out / "ood_scores.csv").is_file()
+    finally:
+        shutil.rmtree(model, ignore_errors=True)
