@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -15,6 +24,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give it a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -25,3 +37,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file atomically: contiguous CPU copies of ``tensors`` plus string ``metadata``."""
+    from safetensors.torch import save
+
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}  # no shared storage
+    atomic_write_bytes(path, save(cpu, metadata=dict(metadata)))

@@ -16,20 +16,19 @@ The state is saved as safetensors (weights) with the architecture as JSON metada
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from nnunet_ood.atomic import atomic_save_tensors
 from nnunet_ood.errors import OODStateError
 
 __all__ = ["AE_STATE_NAME", "DEFAULT_LATENT_DIM", "BottleneckAutoencoder", "reduction_strides"]
@@ -142,19 +141,10 @@ class BottleneckAutoencoder(nn.Module):
     # ------------------------------------------------------------------ state
     def save(self, directory: str | os.PathLike[str], training: dict[str, Any] | None = None) -> str:
         """Write ``<directory>/sd_autoencoder.safetensors`` atomically (weights + JSON architecture)."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(os.fspath(directory), f"{AE_STATE_NAME}.safetensors")
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         metadata = {"format_version": str(FORMAT_VERSION), "name": AE_STATE_NAME,
                     "config": json.dumps(self.config, sort_keys=True), "training": json.dumps(training or {})}
-        tmp = os.path.join(os.fspath(directory), f".{AE_STATE_NAME}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_save_tensors(path, self.state_dict(), metadata)
         return path
 
     @classmethod

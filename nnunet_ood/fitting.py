@@ -110,9 +110,10 @@ def _train_sd(predictor: nnUNetOODPredictor, dataset_class, data_folder: str, tr
     history = train_autoencoder(predictor.network, autoencoder, train, val, config, device,
                                 predictor.label_manager.has_regions, progress, f"fold {fold}: training SD autoencoder")
     history["seconds"] = round(time.time() - started, 2)
+    best = history["best_epoch"]
     print(f"fold {fold} sd: autoencoder trained for {history['epochs_run']} epochs ({history['seconds']:.0f} s), "
-          f"best validation loss {history['best_val_loss']:.4g} at epoch {history['best_epoch']}; Dice between "
-          f"validation patches segmented with and without it: {history['val_dice_with_without_ae'][history['best_epoch']]:.3f}")
+          f"best validation loss {history['best_val_loss']:.4g} at epoch {best}; Dice between validation patches "
+          f"segmented with and without it: {history['val_dice_with_without_ae'][best]:.3f}")
     return autoencoder, history
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from safetensors.torch import load_file
 from conftest import DATASET_ID, read_map_in_input_geometry, run
+from safetensors.torch import load_file
 
 from nnunet_ood.inference import predict_entry
 from nnunet_ood.scores_io import read_score_csv

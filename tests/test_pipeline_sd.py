@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from conftest import DATASET_ID
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from test_bad_input import fails_with, predict_argv
 

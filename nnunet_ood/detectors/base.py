@@ -9,19 +9,18 @@ pickle, so loading a state file cannot execute code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from nnunet_ood.atomic import atomic_save_tensors
 from nnunet_ood.errors import OODError, OODInputError, OODStateError
 from nnunet_ood.statistics import as_feature_tensor
 
@@ -42,12 +41,6 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else type(exc).__name__
     return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
-    os.umask(mask)
-    return mask
 
 
 class FeatureDetector(ABC):
@@ -176,11 +169,7 @@ class FeatureDetector(ABC):
         """
         if not self.is_fitted:
             raise OODStateError(f"cannot save the {self.name} detector before it is fitted; fit it first")
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
         path = self.state_path(directory)
-        # safetensors wants contiguous CPU tensors that do not share storage.
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
         from nnunet_ood import __version__
 
         metadata = {
@@ -189,18 +178,7 @@ class FeatureDetector(ABC):
             "config": json.dumps(self.get_config(), sort_keys=True),
             "nnunet_ood_version": __version__,
         }
-        tmp = os.path.join(directory, f".{self.name}.safetensors.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            # safetensors creates files as 0600; give the state the permissions of any other file.
-            os.chmod(tmp, 0o666 & ~_current_umask())
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())  # data on disk before the rename makes it visible
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_save_tensors(path, self.state_dict(), metadata)
         return path
 
     @classmethod

@@ -53,10 +53,10 @@ from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.distortion import AutoencoderInsertion, segmentation_distortion
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import BottleneckCapture, pool_features, unwrap_network
-from nnunet_ood.methods import FEATURE_METHODS, VOXEL_METHODS, needs_autoencoder
-from nnunet_ood.sd_training import segmentation_agreement
 from nnunet_ood.maps_io import export_ood_maps, map_file_ending, map_filename
+from nnunet_ood.methods import FEATURE_METHODS, needs_autoencoder
 from nnunet_ood.scores_io import collect_records, has_case_record, write_case_record, write_score_tables
+from nnunet_ood.sd_training import segmentation_agreement
 from nnunet_ood.state import FoldOODState, MethodCalibration, load_fold_state, model_fingerprint
 
 
