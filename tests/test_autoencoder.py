@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
@@ -22,13 +22,16 @@ from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.sd_training import SDTrainingConfig, train_autoencoder
 
 
-def tiny_unet(ndim: int, seed: int = 0) -> nn.Module:
+def tiny_unet(ndim: int, seed: int = 0, residual: bool = False) -> nn.Module:
+    """A small PlainConvUNet (or ResidualEncoderUNet) as nnU-Net builds them, random weights."""
     torch.manual_seed(seed)
     conv = nn.Conv2d if ndim == 2 else nn.Conv3d
     norm = nn.InstanceNorm2d if ndim == 2 else nn.InstanceNorm3d
-    return PlainConvUNet(1, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, 3, [2, 2], norm_op=norm,
-                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                         nonlin_kwargs={"inplace": True}).eval()
+    common = dict(norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True})
+    if residual:
+        return ResidualEncoderUNet(1, 3, [4, 8, 16], conv, 3, [1, 2, 2], [1, 2, 2], 3, [1, 1], **common).eval()
+    return PlainConvUNet(1, 3, [4, 8, 16], conv, 3, [1, 2, 2], 2, 3, [2, 2], **common).eval()
 
 
 SHAPES = [(16, 4, 4), (16, 2, 2), (8, 1, 1), (12, 5, 7), (8, 8, 8), (32, 3, 16),
@@ -72,9 +75,10 @@ def test_autoencoder_state_round_trip_and_refusals(tmp_path):
         BottleneckAutoencoder.load(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("ndim, patch", [(2, (16, 20)), (3, (8, 12, 16))])
-def test_single_pass_decoder_equals_two_decoder_calls(ndim, patch):
-    net = tiny_unet(ndim)
+@pytest.mark.parametrize("ndim, patch, residual", [(2, (16, 20), False), (3, (8, 12, 16), False),
+                                                   (2, (16, 16), True), (3, (8, 8, 12), True)])
+def test_single_pass_decoder_equals_two_decoder_calls(ndim, patch, residual):
+    net = tiny_unet(ndim, residual=residual)
     x = torch.randn(2, 1, *patch)
     with torch.no_grad():
         skips = net.encoder(x)
