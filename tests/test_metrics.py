@@ -9,7 +9,17 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from nnunet_ood.metrics import auroc, average_ranks, dice_per_case, normalize_scores, spearman
+from nnunet_ood.metrics import (
+    aurc,
+    auroc,
+    average_ranks,
+    dice_per_case,
+    e_aurc,
+    esce,
+    normalize_scores,
+    spearman,
+    threshold_metrics,
+)
 
 
 def _sk_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -124,3 +134,49 @@ def test_spearman_omits_nan_pairs_and_constant_is_nan() -> None:
     assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
     assert math.isnan(spearman([1.0], [2.0]))
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def _aurc_brute_force(u, r):
+    """Selective risk at every coverage k/n: accept the k least uncertain, widened to whole tie groups."""
+    u, r = np.asarray(u, float), np.asarray(r, float)
+    n, total = len(u), 0.0
+    for k in range(1, n + 1):
+        threshold = np.sort(u)[k - 1]
+        accepted = u <= threshold  # a tie group is accepted as a whole
+        total += r[accepted].mean()
+    return total / n
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_aurc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 6, size=40).astype(float)  # many ties
+    r = rng.uniform(size=40)
+    assert aurc(u, r) == pytest.approx(_aurc_brute_force(u, r), rel=1e-12)
+    assert e_aurc(u, r) == pytest.approx(_aurc_brute_force(u, r) - _aurc_brute_force(r, r), rel=1e-12)
+    assert e_aurc(r, r) == 0.0
+
+
+def test_aurc_hand_computed():
+    # accepted in order: risks 0, 1, then the tie group {0.5, 0.5}: risks 0, 1/2, 1/2, 1/2 at k = 1..4
+    assert aurc([0.1, 0.2, 0.3, 0.3], [0.0, 1.0, 0.5, 0.0]) == pytest.approx((0 + 0.5 + 0.375 + 0.375) / 4)
+
+
+def test_esce_hand_computed():
+    u = [0.05, 0.05, 0.55, 1.0]
+    d = [0.9, 0.7, 0.2, 0.1]
+    # bin 0: mean Dice 0.8, 1 - mean u 0.95 -> 0.15, weight 2/4; bin 5: |0.2 - 0.45| = 0.25, 1/4;
+    # bin 9 (u = 1 goes in the last bin): |0.1 - 0| = 0.1, 1/4
+    assert esce(u, d) == pytest.approx(0.5 * 0.15 + 0.25 * 0.25 + 0.25 * 0.1)
+    with pytest.raises(ValueError):
+        esce([1.5], [0.5])
+
+
+def test_threshold_metrics_hand_computed():
+    id_val = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21]
+    # numpy's linear 95th percentile of these 20 values: 19 + 0.05 * (21 - 19) = 19.1
+    out = threshold_metrics(id_val, id_test=[5, 19, 20, 30], ood=[19.1, 50, 60, 70, 80])
+    assert out["threshold"] == pytest.approx(19.1)
+    assert out["tpr"] == pytest.approx(0.5) and out["fpr"] == pytest.approx(0.2)
+    assert out["detection_error"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
+    assert math.isnan(threshold_metrics([], [1], [2])["tpr"])
