@@ -29,10 +29,18 @@ from nnunet_ood import __version__
 from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.base import FeatureDetector
+from nnunet_ood.detectors.knn import KNNDetector
 from nnunet_ood.detectors.mahalanobis import LatentMahalanobisDetector, MahalanobisDetector
 from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
-from nnunet_ood.methods import FEATURE_METHODS, FITTABLE_METHODS, needs_autoencoder, resolve_fit_methods
+from nnunet_ood.methods import (
+    FEATURE_METHODS,
+    FITTABLE_METHODS,
+    INFERENCE_PASS_METHODS,
+    needs_autoencoder,
+    resolve_fit_methods,
+)
+from nnunet_ood.output_scores import fit_temperature
 from nnunet_ood.sd_training import SDTrainingConfig, patch_batches, train_autoencoder
 from nnunet_ood.state import FoldOODState, MethodCalibration, load_fold_state, save_fold_state
 
@@ -43,10 +51,18 @@ THRESHOLD_PERCENTILE = 95.0
 CALIBRATION_PARTS = 5
 
 
-def make_detector(method: str, device: torch.device) -> FeatureDetector:
+#: k of the knn detector and its bank bound (nnUNetv2_fit_ood --knn_k / --knn_bank)
+KNN_K = 1
+KNN_BANK = 50_000
+
+
+def make_detector(method: str, device: torch.device, knn_k: int = KNN_K, knn_bank: int = KNN_BANK) \
+        -> FeatureDetector:
     """A fresh, unfitted detector for a method identifier."""
     if method == "mahalanobis":
         return MahalanobisDetector(device=device)
+    if method == "knn":
+        return KNNDetector(k=knn_k, max_bank_size=knn_bank, device=device)
     if method == "latent_mahalanobis":
         return LatentMahalanobisDetector(device=device)
     raise OODInputError(f"unknown OOD method {method!r}; choose from {', '.join(FITTABLE_METHODS)}")
@@ -117,6 +133,73 @@ def _train_sd(predictor: nnUNetOODPredictor, dataset_class, data_folder: str, tr
     return autoencoder, history
 
 
+#: at most this many validation voxels (a seeded random subset) enter the temperature fit
+TEMPERATURE_VOXELS = 1_000_000
+
+
+def _fit_temperature(predictor: nnUNetOODPredictor, dataset, val_keys: Sequence[str], seed: int) -> dict:
+    """Temperature of the ``temperature`` method: minimum NLL on voxels of the fold's validation cases.
+
+    Logits come from nnU-Net's own prediction (sliding window, mirroring as at default inference).
+    Voxels outside nnU-Net's nonzero region (label -1) and the ignore label are left out.
+    """
+    rng = np.random.default_rng(seed)
+    labels = predictor.label_manager
+    per_case = max(1, TEMPERATURE_VOXELS // max(1, len(val_keys)))
+    rows, targets = [], []
+    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
+    try:
+        for key in val_keys:
+            data, seg, _, _ = dataset.load_case(key)
+            tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
+            logits = predictor.predict_logits_from_preprocessed_data(tensor).float().cpu()
+            seg = np.asarray(seg[0]).ravel()
+            valid = seg >= 0
+            if labels.ignore_label is not None:
+                valid &= seg != labels.ignore_label
+            index = np.flatnonzero(valid)
+            index = rng.choice(index, min(per_case, index.size), replace=False) if index.size else index
+            rows.append(logits.reshape(logits.shape[0], -1)[:, torch.from_numpy(index)].T)
+            if labels.has_regions:
+                regions = [np.atleast_1d(r) for r in labels.foreground_regions]
+                targets.append(torch.from_numpy(np.stack([np.isin(seg[index], r) for r in regions], 1)))
+            else:
+                targets.append(torch.from_numpy(seg[index].astype(np.int64)))
+    finally:
+        predictor.use_mirroring = mirroring
+    t, nll_1, nll_t = fit_temperature(torch.cat(rows), torch.cat(targets), labels.has_regions)
+    return {"temperature": t, "val_nll_at_1": nll_1, "val_nll": nll_t, "n_voxels": int(sum(r.shape[0] for r in rows))}
+
+
+def _inference_scores(predictor: nnUNetOODPredictor, dataset, keys: Sequence[str], methods: Sequence[str],
+                      autoencoder: BottleneckAutoencoder | None, method_params: dict, progress: bool,
+                      description: str) -> dict[str, dict[str, float]]:
+    """Case scores of ``methods`` for preprocessed cases, computed exactly as at inference (mirroring on)."""
+    predictor.ood_states = [FoldOODState(fingerprint=predictor.fingerprint_for(0), detectors={},
+                                         calibration={m: MethodCalibration(0.0, 1.0, float("inf")) for m in methods},
+                                         autoencoder=autoencoder, method_params=method_params)]
+    predictor.ood_methods = list(methods)
+    predictor.ood_calibration = dict(predictor.ood_states[0].calibration)
+    predictor.install_method_hooks()
+    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
+    scores = {}
+    try:
+        for key in tqdm(keys, desc=description, disable=not progress):
+            predictor.predict_logits_from_preprocessed_data(_load_case(dataset, key))
+            result = predictor.ood_results.pop()
+            scores[key] = {m: result.scores[m]["score"] for m in methods}
+    finally:
+        predictor.use_mirroring = mirroring
+        predictor.ood_states, predictor.ood_methods, predictor.ood_calibration = [], [], {}
+        predictor._install_hook()  # drops the SD hooks again
+    return scores
+
+
+def _can_score(detector: FeatureDetector) -> bool:
+    """Fitted, and (knn) with at least k training rows."""
+    return detector.is_fitted and getattr(detector, "bank_size_", 1) >= getattr(detector, "k", 1)
+
+
 def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[str]) -> FoldOODState | None:
     """The fold's existing state without the methods being re-fitted (None if absent or for another model)."""
     try:
@@ -128,13 +211,15 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[st
         return None
     return FoldOODState(fingerprint=old.fingerprint, detectors={m: d for m, d in old.detectors.items() if m in keep},
                         calibration={m: old.calibration[m] for m in keep}, provenance=old.provenance,
-                        autoencoder=old.autoencoder if needs_autoencoder(keep) else None)
+                        autoencoder=old.autoencoder if needs_autoencoder(keep) else None,
+                        method_params={m: p for m, p in old.method_params.items() if m in keep})
 
 
 def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
              methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
              progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS,
-             sd_config: SDTrainingConfig | None = None) -> FoldOODState:
+             sd_config: SDTrainingConfig | None = None, knn_k: int = KNN_K, knn_bank: int = KNN_BANK) \
+        -> FoldOODState:
     """Fit, calibrate and store (``fold_X/ood``) the OOD methods of one fold of a trained model.
 
     Training case scores for the normalisation of the feature methods are cross-fitted over
@@ -166,6 +251,9 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
     if fold == "all":
         warnings.warn("fold 'all' has no held-out cases: the OOD threshold is the 95th percentile of training "
                       "case scores, which underestimates the ID false-positive rate", stacklevel=2)
+    if "tta" in order and not predictor.allowed_mirroring_axes:
+        print(f"fold {fold}: this model has no mirror axes, so tta (disagreement of mirrored passes) is not fitted")
+        order.remove("tta")
     kept = _kept_state(fold_dir, predictor, order)
     dataset = dataset_class(data_folder, sorted(set(train_keys) | set(val_keys)))
     provenance: dict = {}
@@ -179,16 +267,19 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
     # pass 1: one detector per part of the training cases; the fold's detector is their exact merge
     parts = assign_parts(train_keys, calibration_parts if fold != "all" else 1, seed)
     n_parts = max(parts.values()) + 1
-    part_detectors = {m: [make_detector(m, device) for _ in range(n_parts)] for m in features_of}
+    def new(method: str) -> FeatureDetector:
+        return make_detector(method, device, knn_k, knn_bank)
+
+    part_detectors = {m: [new(m) for _ in range(n_parts)] for m in features_of}
     n_patches = 0
     for key in tqdm(train_keys, desc=f"fold {fold}: fitting {', '.join(features_of)}", disable=not progress):
         features, _ = predictor.extract_patch_features(_load_case(dataset, key), batch_size, autoencoder)
         n_patches += features["bottleneck"].shape[0]
         for m, kind in features_of.items():
             part_detectors[m][parts[key]].partial_fit(features[kind])
-    detectors = {m: merge_parts(part_detectors[m], make_detector(m, device)) for m in features_of}
+    detectors = {m: merge_parts(part_detectors[m], new(m)) for m in features_of}
     for m, detector in detectors.items():
-        if detector.n_features_in_ > n_patches:
+        if isinstance(detector, MahalanobisDetector) and detector.n_features_in_ > n_patches:
             print(f"fold {fold} {m}: {n_patches} training patches for {detector.n_features_in_} features: the "
                   "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
 
@@ -208,8 +299,8 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
             for k in range(n_parts):
                 held_out, others = detectors, None  # one part, or nothing left without part k: in-sample scores
                 if n_parts > 1:
-                    others = {m: merge_parts(part_detectors[m], make_detector(m, device), skip=k) for m in features_of}
-                    if all(d.is_fitted for d in others.values()):
+                    others = {m: merge_parts(part_detectors[m], new(m), skip=k) for m in features_of}
+                    if all(_can_score(d) for d in others.values()):
                         held_out = others
                 for key in (key for key in train_keys if parts[key] == k):
                     case_scores[key].update(score_case(key, held_out))
@@ -217,17 +308,27 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
                 del held_out, others  # free part k's held-out detector before building the next
     del part_detectors
 
-    # pass 3 (sd): the full sliding window with and without the AE, as at inference
+    # pass 3: methods that need the whole network, scored by the predictor's own inference path
+    inference_methods = [m for m in order if m in INFERENCE_PASS_METHODS]
+    method_params: dict[str, dict] = {}
+    if "temperature" in order:
+        method_params["temperature"] = _fit_temperature(predictor, dataset, val_keys, seed)
+        provenance["temperature"] = method_params["temperature"]
+        t = method_params["temperature"]
+        print(f"fold {fold} temperature: T = {t['temperature']:.3f} lowers the validation NLL from "
+              f"{t['val_nll_at_1']:.4f} to {t['val_nll']:.4f} ({t['n_voxels']} voxels)")
+    if inference_methods:
+        scores = _inference_scores(predictor, dataset, [*val_keys, *train_keys], inference_methods, autoencoder,
+                                   method_params, progress, f"fold {fold}: calibrating {', '.join(inference_methods)}")
+        for key, values in scores.items():
+            case_scores[key].update(values)
     if "sd" in order:
-        agreement = {}
-        for key in tqdm([*val_keys, *train_keys], desc=f"fold {fold}: calibrating sd", disable=not progress):
-            case_scores[key]["sd"], agreement[key] = predictor.distortion_of_case(_load_case(dataset, key),
-                                                                                   autoencoder, batch_size)
-        val_dice = [agreement[k] for k in val_keys]
-        provenance["sd_val_dice_with_without_ae"] = {k: agreement[k] for k in val_keys}
+        agreement = {key: predictor.distortion_of_case(_load_case(dataset, key), autoencoder, batch_size)[1]
+                     for key in val_keys}
+        provenance["sd_val_dice_with_without_ae"] = agreement
         print(f"fold {fold} sd: Dice between the segmentations of the {len(val_keys)} validation cases with and "
-              f"without the autoencoder: mean {np.mean(val_dice):.4f}, min {np.min(val_dice):.4f} "
-              "(the method assumes this is close to 1)")
+              f"without the autoencoder: mean {np.mean(list(agreement.values())):.4f}, min "
+              f"{np.min(list(agreement.values())):.4f} (the method assumes this is close to 1)")
 
     calibration = {
         m: MethodCalibration.from_scores([case_scores[k][m] for k in train_keys],
@@ -237,6 +338,7 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
     if kept is not None:  # keep what was fitted before and not re-fitted now, in table order
         detectors, calibration = {**kept.detectors, **detectors}, {**kept.calibration, **calibration}
         autoencoder = autoencoder or kept.autoencoder
+        method_params = {**kept.method_params, **method_params}
         calibration = {m: calibration[m] for m in FITTABLE_METHODS if m in calibration}
         provenance = {**{k: v for k, v in kept.provenance.items() if k.startswith("sd_") and "sd" not in order},
                       **provenance}
@@ -245,6 +347,7 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         detectors=detectors,
         calibration=calibration,
         autoencoder=autoencoder,
+        method_params=method_params,
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(device),
                     "host": platform.node(), "seed": seed, "n_train_cases": len(train_keys),
                     "n_val_cases": len(val_keys), "n_train_patches": n_patches,

@@ -4,6 +4,7 @@
   patch scores are spread over the patch with nnU-Net's Gaussian weighting.
 * Voxel methods produce a map per patch that is accumulated like nnU-Net's logits.
 * Methods built on the SD autoencoder share it, so they are fitted together.
+* Output-based methods are computed from the final logits of the case (no extra forward pass).
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from nnunet_ood.errors import OODInputError
 
 #: feature method -> which per-patch features it scores ("bottleneck": pooled U-Net bottleneck,
 #: "latent": the SD autoencoder's latent vector)
-FEATURE_METHODS: dict[str, str] = {"mahalanobis": "bottleneck", "latent_mahalanobis": "latent"}
+FEATURE_METHODS: dict[str, str] = {"mahalanobis": "bottleneck", "knn": "bottleneck", "latent_mahalanobis": "latent"}
 #: methods whose per-patch output is a voxel map
-VOXEL_METHODS: tuple[str, ...] = ("sd",)
+VOXEL_METHODS: tuple[str, ...] = ("sd", "tta")
 #: methods that need the SD autoencoder (trained once, shared)
 AUTOENCODER_METHODS: tuple[str, ...] = ("sd", "latent_mahalanobis")
+#: methods computed from the logits nnU-Net already has (see nnunet_ood.output_scores)
+LOGIT_METHODS: tuple[str, ...] = ("max_softmax", "entropy", "energy", "kl_uniform", "temperature")
+#: methods that need the full forward pass (decoder included) to be calibrated
+INFERENCE_PASS_METHODS: tuple[str, ...] = VOXEL_METHODS + LOGIT_METHODS
 #: every method nnUNetv2_fit_ood can fit, in the order they appear in tables
-FITTABLE_METHODS: tuple[str, ...] = ("mahalanobis", "sd", "latent_mahalanobis")
+FITTABLE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "sd", "latent_mahalanobis", *LOGIT_METHODS, "tta")
 
 
 def needs_autoencoder(methods: Iterable[str]) -> bool:

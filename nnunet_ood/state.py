@@ -87,7 +87,7 @@ class MethodCalibration:
     """Per-method numbers recorded after fitting: display normalisation and the ID threshold."""
 
     low: float  # min of ID training case scores
-    high: float  # 2 * max of ID training case scores
+    high: float  # 2 * max of ID training case scores (max + (max - min) if some are negative)
     threshold: float  # 95th percentile of the fold's validation case scores
     n_train_cases: int = 0
     n_val_cases: int = 0
@@ -109,7 +109,11 @@ class MethodCalibration:
         if train.numel() == 0 or val.numel() == 0:
             raise OODStateError("no finite OOD scores on the fold's training or validation cases; "
                                 "check the preprocessed data for NaN/Inf and re-run nnUNetv2_fit_ood")
-        return cls(low=float(train.min()), high=float(2 * train.max()),
+        low, top = float(train.min()), float(train.max())
+        # METHODS.md: [min, 2 max] for the (non-negative) distances; scores that can be negative
+        # (energy, kl_uniform) get the same headroom above the minimum: [min, max + (max - min)]
+        high = 2 * top if low >= 0 else top + (top - low)
+        return cls(low=low, high=high,
                    threshold=float(torch.quantile(val, percentile / 100.0)),
                    n_train_cases=len(train_scores), n_val_cases=len(val_scores))
 
@@ -127,6 +131,8 @@ class FoldOODState:
     calibration: dict[str, MethodCalibration]
     provenance: dict[str, Any] = field(default_factory=dict)
     autoencoder: BottleneckAutoencoder | None = None
+    #: fitted parameters of methods without a state file (e.g. {"temperature": {"temperature": 1.7}})
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -159,11 +165,11 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
                 det = state.detectors[name]
                 entry = {"file": os.path.basename(det.save(tmp)), "class": type(det).__name__,
                          "config": det.get_config()}
-            elif ae_file is not None:
+            elif name == "sd" and ae_file is not None:
                 entry = {"file": os.path.basename(ae_file), "class": BottleneckAutoencoder.__name__,
                          "config": state.autoencoder.config}
-            else:
-                raise OODStateError(f"method {name} has neither a detector nor an autoencoder to save")
+            else:  # computed from the network's output; fitted parameters (if any) live in the manifest
+                entry = {"file": None, "class": "OutputScore", "config": state.method_params.get(name, {})}
             manifest["methods"][name] = {**entry, "calibration": vars(calibration)}
         with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
             json.dump(manifest, f, indent=2, default=str)
@@ -179,9 +185,10 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
 
 
 def _detector_classes() -> dict[str, type[FeatureDetector]]:
+    from nnunet_ood.detectors.knn import KNNDetector
     from nnunet_ood.detectors.mahalanobis import LatentMahalanobisDetector, MahalanobisDetector
 
-    return {cls.name: cls for cls in (MahalanobisDetector, LatentMahalanobisDetector)}
+    return {cls.name: cls for cls in (MahalanobisDetector, KNNDetector, LatentMahalanobisDetector)}
 
 
 def read_manifest(fold_dir: str) -> dict[str, Any]:
@@ -218,9 +225,12 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
     classes = _detector_classes()
     detectors, calibration = {}, {}
     autoencoder = BottleneckAutoencoder.load(fold_ood_dir(fold_dir), device) if needs_autoencoder(wanted) else None
+    params = {}
     for name in wanted:
         if available[name].get("file") == f"{AE_STATE_NAME}.safetensors":
             pass  # the method is the autoencoder itself (sd)
+        elif available[name].get("file") is None:
+            params[name] = dict(available[name].get("config") or {})
         elif name in classes:
             detectors[name] = classes[name].load(fold_ood_dir(fold_dir), device=device)
         else:
@@ -231,4 +241,4 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
             raise OODStateError(f"corrupted calibration for {name} in {fold_dir} ({e}); re-fit with {FIT_COMMAND}") \
                 from None
     return FoldOODState(fingerprint=manifest["fingerprint"], detectors=detectors, calibration=calibration,
-                        provenance=manifest.get("provenance", {}), autoencoder=autoencoder)
+                        provenance=manifest.get("provenance", {}), autoencoder=autoencoder, method_params=params)

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-device", default=default_device(),
                         help="cpu, cuda or mps (default: cuda if available, else cpu)")
     parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
-                        help="methods to fit (default: all: mahalanobis sd latent_mahalanobis); sd and "
+                        help="methods to fit (default: all: mahalanobis knn sd latent_mahalanobis max_softmax "
+                             "entropy energy kl_uniform temperature tta); sd and "
                              "latent_mahalanobis share one autoencoder and are always fitted together. Methods "
                              "fitted earlier and not named here are kept")
     parser.add_argument("--calibration_parts", type=int, default=5,
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop after this many epochs without a lower validation loss (default: 10)")
     sd.add_argument("--sd_val_batches", type=int, default=10,
                     help="fixed validation batches evaluated after each epoch (default: 10)")
+    parser.add_argument("--knn_k", type=int, default=1,
+                        help="knn: distance to the k-th nearest training patch feature (default: 1)")
+    parser.add_argument("--knn_bank", type=int, default=50_000,
+                        help="knn: at most this many training patch features are kept, a uniform random sample "
+                             "(default: 50000; memory 4 bytes x D per row)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bars (for HPC logs)")
     return parser
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                                  learning_rate=args.sd_lr, batch_size=args.sd_batch_size,
                                  iterations_per_epoch=args.sd_iterations, max_epochs=args.sd_max_epochs,
                                  patience=args.sd_patience, val_batches=args.sd_val_batches)
+    if args.knn_k < 1 or args.knn_bank < args.knn_k:
+        raise OODInputError(f"--knn_k must be at least 1 and --knn_bank at least --knn_k, got {args.knn_k} and "
+                            f"{args.knn_bank}")
     if args.sd_batch_size is not None and args.sd_batch_size < 1:
         raise OODInputError(f"--sd_batch_size must be at least 1, got {args.sd_batch_size}")
     folds = parse_folds(args.f)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         fit_fold(model_folder, fold, args.chk, methods, device=device, seed=args.seed,
                  progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
-                 sd_config=sd_config)
+                 sd_config=sd_config, knn_k=args.knn_k, knn_bank=args.knn_bank)
 
 
 if __name__ == "__main__":

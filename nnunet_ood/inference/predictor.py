@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -51,13 +52,16 @@ from nnunet_ood.aggregation import (
 )
 from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.distortion import AutoencoderInsertion, segmentation_distortion
+from nnunet_ood.ensemble import ENSEMBLE_METHODS, EnsembleAccumulator
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import BottleneckCapture, pool_features, unwrap_network
 from nnunet_ood.maps_io import export_ood_maps, map_file_ending, map_filename
-from nnunet_ood.methods import FEATURE_METHODS, needs_autoencoder
+from nnunet_ood.methods import FEATURE_METHODS, LOGIT_METHODS, VOXEL_METHODS, needs_autoencoder
+from nnunet_ood.output_scores import logit_uncertainty
 from nnunet_ood.scores_io import collect_records, has_case_record, write_case_record, write_score_tables
 from nnunet_ood.sd_training import segmentation_agreement
 from nnunet_ood.state import FoldOODState, MethodCalibration, load_fold_state, model_fingerprint
+from nnunet_ood.tta import MirroredPassDisagreement
 
 
 @dataclass
@@ -136,7 +140,9 @@ class nnUNetOODPredictor(nnUNetPredictor):
         #: decoder on [x; r(x)] in one call (faster on a GPU, logits equal to stock up to float rounding)
         self.sd_batched_decoder = sd_batched_decoder
         self._sd: AutoencoderInsertion | None = None
-        self._sd_accumulator: PatchMapAccumulator | None = None
+        self._voxel_accumulator: PatchMapAccumulator | None = None
+        self._tta: MirroredPassDisagreement | None = None
+        self._ensemble: EnsembleAccumulator | None = None
         self._slicers: Sequence = ()
         self._patch_index = 0
         self._patch_latents: list[torch.Tensor] = []
@@ -179,6 +185,9 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if self._sd is not None:
             self._sd.remove()
             self._sd = None
+        if self._tta is not None:
+            self._tta.remove()
+            self._tta = None
 
     def bottleneck_shape(self) -> tuple[int, ...]:
         """``(C, *spatial)`` of the bottleneck for one patch, from a dry run of the encoder on zeros."""
@@ -225,11 +234,18 @@ class nnUNetOODPredictor(nnUNetPredictor):
 
     def load_ood_state(self) -> None:
         """Load and check ``fold_X/ood`` for every fold in use; select the requested methods."""
+        requested = self.requested_ood_methods
+        ensemble = [m for m in ENSEMBLE_METHODS if requested is None or m in requested]
+        if requested is not None and ensemble and len(self.use_folds) < 2:
+            raise OODStateError(f"{', '.join(ensemble)} compare the members of a fold ensemble; predict with several "
+                                "folds (-f 0 1 2 3 4) or leave them out of --ood")
+        if len(self.use_folds) < 2:
+            ensemble = []
+        fitted = None if requested is None else [m for m in requested if m not in ENSEMBLE_METHODS]
         states = []
         for i, fold in enumerate(self.use_folds):
             fold_dir = join(self.model_folder, f"fold_{fold}")
-            states.append(load_fold_state(fold_dir, self.fingerprint_for(i), self.requested_ood_methods,
-                                          device=self.device))
+            states.append(load_fold_state(fold_dir, self.fingerprint_for(i), fitted, device=self.device))
         methods = states[0].methods
         for fold, state in zip(self.use_folds, states):
             if state.methods != methods:
@@ -238,8 +254,25 @@ class nnUNetOODPredictor(nnUNetPredictor):
         self.ood_states = states
         self.ood_methods = list(methods)
         self.ood_calibration = {m: combine_calibrations([s.calibration[m] for s in states]) for m in methods}
+        for m in ensemble:  # fitted per fold, the state cannot calibrate an ensemble of folds
+            self.ood_methods.append(m)
+            self.ood_calibration[m] = MethodCalibration(float("nan"), float("nan"), float("nan"))
+        if "tta" in self.ood_methods and not (self.use_mirroring and self.allowed_mirroring_axes):
+            if self.requested_ood_methods and "tta" in self.requested_ood_methods:
+                raise OODStateError("tta measures the disagreement of nnU-Net's mirrored passes, but mirroring is off "
+                                    "(--disable_tta, or a model without mirror axes); drop tta from --ood or "
+                                    "enable mirroring")
+            print("note: mirroring is off, so the tta score is not computed")
+            self.ood_methods.remove("tta")
+            self.ood_calibration.pop("tta")
+        self.install_method_hooks()
+
+    def install_method_hooks(self) -> None:
+        """Hooks that the methods in use need beyond the bottleneck capture (SD autoencoder, tta)."""
         if needs_autoencoder(self.ood_methods):
             self._install_autoencoders()
+        if "tta" in self.ood_methods:
+            self._tta = MirroredPassDisagreement(self.network, self.label_manager.has_regions)
 
     @property
     def ood_enabled(self) -> bool:
@@ -254,13 +287,20 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if self._sd is not None:
             self._sd.autoencoder = self.ood_states[self._fold_index].autoencoder
             self._sd.arm()
+        if self._tta is not None:
+            self._tta.arm(self.allowed_mirroring_axes)
         prediction = super()._internal_maybe_mirror_and_predict(x)
         self._patch_features.append(pool_features(self._capture.take()))
+        patch_maps = {}
         if self._sd is not None:
             result = self._sd.take()
             self._patch_latents.append(result.latent.float())
-            distortion = segmentation_distortion(result.logits, result.logits_ae, self.label_manager.has_regions)
-            self._sd_accumulator.add(distortion, self._slicers[self._patch_index])
+            patch_maps["sd"] = segmentation_distortion(result.logits, result.logits_ae, self.label_manager.has_regions)
+        if self._tta is not None:
+            patch_maps["tta"] = self._tta.take()
+        if patch_maps:
+            self._voxel_accumulator.add(torch.cat([patch_maps[m] for m in self.voxel_methods]),
+                                        self._slicers[self._patch_index])
         self._patch_index += 1
         return prediction
 
@@ -270,17 +310,19 @@ class nnUNetOODPredictor(nnUNetPredictor):
             return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
         # reset per call: nnU-Net may retry on the CPU after running out of GPU memory
         self._patch_features, self._patch_latents, self._slicers, self._patch_index = [], [], slicers, 0
-        if self._sd is not None:
+        if self.voxel_methods:
             device = self.device if do_on_device else torch.device("cpu")
-            self._sd_accumulator = PatchMapAccumulator(
-                1, data.shape[1:], importance_weights(self.configuration_manager.patch_size, self.use_gaussian, device))
+            self._voxel_accumulator = PatchMapAccumulator(
+                len(self.voxel_methods), data.shape[1:],
+                importance_weights(self.configuration_manager.patch_size, self.use_gaussian, device))
         logits = super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
         revert = revert_padding_slicer(self._input_shape, self.configuration_manager.patch_size)
         inputs = {"bottleneck": torch.cat(self._patch_features)}
         if self._sd is not None:
             inputs["latent"] = torch.cat(self._patch_latents)
-            self._case_voxel_maps.append(self._sd_accumulator.result(revert).cpu())
-        self._patch_features, self._patch_latents, self._sd_accumulator = [], [], None
+        if self.voxel_methods:
+            self._case_voxel_maps.append(self._voxel_accumulator.result(revert).cpu())
+        self._patch_features, self._patch_latents, self._voxel_accumulator = [], [], None
         state = self.ood_states[self._fold_index]
         self._case_patch_scores.append(self.score_patch_features(inputs, state).cpu())
         self._case_layout = SlidingWindowLayout(tuple(data.shape[1:]), tuple(slicers), revert,
@@ -293,6 +335,8 @@ class nnUNetOODPredictor(nnUNetPredictor):
             return super().predict_sliding_window_return_logits(input_image)
         self._input_shape = tuple(input_image.shape[1:])
         logits = super().predict_sliding_window_return_logits(input_image)
+        if self._ensemble is not None:
+            self._ensemble.add(logits)
         self._fold_index += 1  # nnU-Net calls this once per fold, in the order of list_of_parameters
         return logits
 
@@ -301,16 +345,23 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if not self.ood_enabled:
             return super().predict_logits_from_preprocessed_data(data)
         self._collecting, self._fold_index, self._case_patch_scores, self._case_voxel_maps = True, 0, [], []
+        if any(m in ENSEMBLE_METHODS for m in self.ood_methods):
+            self._ensemble = EnsembleAccumulator(self.label_manager.has_regions)
         # nnU-Net predicts non-finite inputs anyway; their scores must not look like a valid number
         self._case_input_finite = bool(torch.isfinite(data).all())
         try:
             logits = super().predict_logits_from_preprocessed_data(data)
         finally:
             self._collecting = False
-        self._finish_case()
+        self._finish_case(logits)
         return logits
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def voxel_methods(self) -> list[str]:
+        """The methods in use whose per-patch output is a voxel map (sd, tta), in table order."""
+        return [m for m in self.ood_methods if m in VOXEL_METHODS]
+
     @property
     def feature_methods(self) -> list[str]:
         """The methods in use that score per-patch feature vectors, in table order."""
@@ -340,20 +391,38 @@ class nnUNetOODPredictor(nnUNetPredictor):
         maps = patch_scores_to_maps(patch_scores, layout, weights)
         return maps, case_scores_from_maps(maps)
 
-    def combine_maps(self, feature_maps: torch.Tensor, voxel_maps: torch.Tensor | None) -> torch.Tensor:
-        """Stack feature-method maps ``(M_f, *shape)`` and voxel-method maps into ``(M, *shape)``, table order."""
-        rows, f, v = [], iter(feature_maps), iter(voxel_maps if voxel_maps is not None else ())
-        for m in self.ood_methods:
-            rows.append(next(f) if m in FEATURE_METHODS else next(v).to(feature_maps.device))
-        return torch.stack(rows)
+    def case_maps(self, logits: torch.Tensor) -> torch.Tensor:
+        """Voxel maps ``(M, *shape)`` of every method in use, in table order, for the case just predicted.
 
-    def _finish_case(self) -> None:
+        Feature methods: fold-averaged patch scores spread with the Gaussian weighting; ``sd``: the
+        fold-averaged accumulated SD maps; output-based methods: computed from the final ``logits``.
+        """
         patch_scores = torch.stack(self._case_patch_scores).mean(dim=0)  # average the folds per patch
         feature_maps, _ = self.maps_and_case_scores(patch_scores, self._case_layout)
-        voxel_maps = torch.stack(self._case_voxel_maps).mean(dim=0) if self._case_voxel_maps else None
-        maps = self.combine_maps(feature_maps, voxel_maps)
+        maps = dict(zip(self.feature_methods, feature_maps))
+        if self._case_voxel_maps:
+            maps.update(zip(self.voxel_methods, torch.stack(self._case_voxel_maps).mean(dim=0)))
+        if self._ensemble is not None:
+            maps.update(self._ensemble.maps())
+        region_based = self.label_manager.has_regions
+        for m in self.ood_methods:
+            if m in LOGIT_METHODS:
+                maps[m] = logit_uncertainty(m, logits, region_based, self.temperature)
+        device = feature_maps.device
+        return torch.stack([maps[m].to(device) for m in self.ood_methods])
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature (averaged over folds) for the ``temperature`` method."""
+        values = [s.method_params.get("temperature", {}).get("temperature", 1.0) for s in self.ood_states]
+        return float(sum(values) / len(values)) if values else 1.0
+
+    def _finish_case(self, logits: torch.Tensor) -> None:
+        maps = self.case_maps(logits)
         case_scores = case_scores_from_maps(maps)
-        self._case_voxel_maps = []
+        if "pairwise_dice" in self.ood_methods:  # a case-level number, not the mean of its map
+            case_scores[self.ood_methods.index("pairwise_dice")] = self._ensemble.pairwise_dice_score()
+        self._case_voxel_maps, self._ensemble = [], None
         case = self._current_case_name()
         if not self._case_input_finite:
             print(f"warning: {case} contains NaN or Inf after preprocessing; its OOD scores are NaN and it is "
@@ -362,6 +431,9 @@ class nnUNetOODPredictor(nnUNetPredictor):
         scores = {}
         for method, value in zip(self.ood_methods, case_scores.tolist()):
             calibration = self.ood_calibration[method]
+            if math.isnan(calibration.threshold):  # ensemble methods: no threshold, nothing flagged
+                scores[method] = {"score": value, "normalized": float("nan"), "ood": False, "threshold": None}
+                continue
             normalized = float(calibration.normalize(torch.tensor([value], dtype=torch.float64))[0])
             # NaN (an input with NaN/Inf) must be flagged, hence "not <=" rather than ">"
             scores[method] = {"score": value, "normalized": normalized,
@@ -534,8 +606,10 @@ class nnUNetOODPredictor(nnUNetPredictor):
             "plans": self.ood_states[0].fingerprint["plans_name"],
             "tile_step_size": self.tile_step_size, "use_gaussian": self.use_gaussian,
             "ood_from_unmirrored_pass_only": True,
-            "calibration": {m: vars(c) for m, c in self.ood_calibration.items()},
-            "calibration_per_fold": {str(f): {m: vars(s.calibration[m]) for m in self.ood_methods}
+            # ensemble methods have no calibration: their bounds and threshold are null
+            "calibration": {m: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in vars(c).items()}
+                            for m, c in self.ood_calibration.items()},
+            "calibration_per_fold": {str(f): {m: vars(s.calibration[m]) for m in self.ood_methods if m in s.calibration}
                                      for f, s in zip(self.use_folds, self.ood_states)},
             "run_signature": self.run_signature(),
         }

@@ -1,0 +1,68 @@
+"""``tta``: disagreement between nnU-Net's mirrored forward passes of a patch (METHODS.md §3).
+
+nnU-Net already runs, for every patch, the un-mirrored pass and one pass per combination of its mirror
+axes (combinations of increasing size, in axis order), flips each result back and averages the logits.
+A forward hook on the network sees each of those outputs; it flips it back the same way and streams
+the class probabilities into a running mean and mean of squares, so no extra forward pass and no
+stack of outputs is needed. Per voxel: the standard deviation over the passes, averaged over classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from nnunet_ood.distortion import probabilities
+from nnunet_ood.features import unwrap_network
+
+
+def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Tensor axes flipped in nnU-Net's mirrored passes, in the order nnU-Net runs them (batch, channel first)."""
+    axes = [a + 2 for a in mirror_axes]
+    return [c for size in range(1, len(axes) + 1) for c in itertools.combinations(axes, size)]
+
+
+class MirroredPassDisagreement:
+    """Hook that turns the forward calls of one armed ``_internal_maybe_mirror_and_predict`` into a ``tta`` map."""
+
+    def __init__(self, network: nn.Module, region_based: bool) -> None:
+        self.region_based = region_based
+        self._combinations: list[tuple[int, ...]] = []
+        self._calls = -1  # -1: disarmed
+        self._sum: torch.Tensor | None = None
+        self._sum_sq: torch.Tensor | None = None
+        self._handle = unwrap_network(network).register_forward_hook(self._hook)
+
+    def arm(self, mirror_axes: Sequence[int]) -> None:
+        """Watch the next 1 + (number of mirror combinations) network calls."""
+        self._combinations = mirror_axes_combinations(mirror_axes)
+        self._calls, self._sum, self._sum_sq = 0, None, None
+
+    def _hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if self._calls < 0 or self._calls > len(self._combinations):
+            return
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        if self._calls > 0:
+            logits = torch.flip(logits, self._combinations[self._calls - 1])  # back to the patch's orientation
+        p = probabilities(logits, self.region_based)
+        self._sum = p if self._sum is None else self._sum + p
+        self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
+        self._calls += 1
+
+    def take(self) -> torch.Tensor:
+        """Per-voxel disagreement ``(B, *patch)``: population std over the passes, mean over classes."""
+        n = self._calls
+        if n < 2:
+            raise RuntimeError("tta needs the mirrored passes, but the network ran only once since arm()")
+        mean = self._sum / n
+        variance = (self._sum_sq / n - mean * mean).clamp_min(0)
+        self._calls, self._sum, self._sum_sq = -1, None, None
+        return variance.sqrt().mean(dim=1)
+
+    def remove(self) -> None:
+        """Detach the hook."""
+        self._handle.remove()
+        self._calls = -1
