@@ -20,20 +20,24 @@ TABLE_COLUMNS = ("method", "domain", "n", "mean_dice", "mean_score", "mean_norma
 
 
 def case_dice(data: DemoDataset, predictions: Path) -> dict[str, float]:
-    """Mean foreground Dice of every predicted test case against its ground-truth label map."""
+    """Mean foreground Dice of every predicted test case (``predictions/<domain>/<case>``) against its reference."""
     labels = [v for v in data.labels.values() if v != 0]
     dice = {}
     for case, domain in data.case_domain.items():
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / domain / f"{case}.nii.gz")))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(data.labels_ts[domain]) / f"{case}.nii.gz")))
         dice[case] = dice_per_case(pred, ref, labels)
     return dice
 
 
 def evaluate_demo_predictions(data: DemoDataset, predictions: Path, out: Path) -> str:
-    """Write ``demo_cases.csv``, ``demo_summary.md`` and one ``dice_vs_<method>.png``; return the table."""
-    rows = [dict(r, ood=str(r["ood"])) for r in read_score_csv(str(predictions / CSV_NAME))]
-    metadata = json.loads((predictions / JSON_NAME).read_text())
+    """Write ``demo_cases.csv``, ``demo_summary.md`` and one ``dice_vs_<method>.png``; return the table.
+
+    ``predictions`` holds one prediction folder per test domain, as ``nnUNetv2_evaluate_ood`` wants them.
+    """
+    rows = [dict(r, ood=str(r["ood"])) for domain in data.domains
+            for r in read_score_csv(str(predictions / domain / CSV_NAME))]
+    metadata = json.loads((predictions / data.domains[0] / JSON_NAME).read_text())
     dice = case_dice(data, predictions)
     thresholds = {}
     for method, values in metadata["calibration"].items():

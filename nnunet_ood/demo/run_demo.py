@@ -8,6 +8,7 @@ Every step is the real nnU-Net / plugin command line; their output goes to ``<ou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -73,11 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
     data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
                                  n_test_per_domain=args.n_test, size=64)
-    test_images = work / "test_images"
-    test_images.mkdir()
-    for domain in data.domains:
-        for f in Path(data.images_ts[domain]).iterdir():
-            shutil.copy(f, test_images / f.name)
 
     _step("planning and preprocessing (nnUNetv2_plan_and_preprocess)",
           ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"], env, logs)
@@ -85,14 +81,32 @@ def main(argv: list[str] | None = None) -> None:
     _step(f"training fold 0 with {TRAINER} (fits the OOD detector at the end)",
           ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", args.device], train_env, logs)
     predictions = out / "predictions"
-    _step("predicting all test domains with OOD scores and maps (nnUNetv2_predict_ood)",
-          ["nnUNetv2_predict_ood", "-i", str(test_images), "-o", str(predictions), "-d", str(DATASET_ID),
-           "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", args.device, "-npp", "1", "-nps", "1",
-           "--save_ood_maps", "--disable_progress_bar"], env, logs)
-    print("==> evaluating against the ground truth", flush=True)
+    shutil.rmtree(predictions, ignore_errors=True)
+    # the fold's validation cases (ID, never trained on) set the evaluation's 95% ID threshold
+    val_images = work / "id_val_images"
+    val_images.mkdir()
+    split = json.loads((work / "preprocessed" / data.name / "splits_final.json").read_text())[0]
+    for case in split["val"]:
+        shutil.copy(Path(data.images_tr) / f"{case}_0000.nii.gz", val_images / f"{case}_0000.nii.gz")
+    groups = {domain: Path(data.images_ts[domain]) for domain in data.domains}
+    groups["id_val"] = val_images
+    for name, images in groups.items():
+        _step(f"predicting {name} with OOD scores and maps (nnUNetv2_predict_ood)",
+              ["nnUNetv2_predict_ood", "-i", str(images), "-o", str(predictions / name), "-d", str(DATASET_ID),
+               "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", args.device, "-npp", "1", "-nps", "1",
+               "--save_ood_maps", "--disable_progress_bar"], env, logs)
+    shifted = [arg for d in data.domains if d != "id"
+               for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]
+    _step("evaluating all methods (nnUNetv2_evaluate_ood)",
+          ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
+           "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(out / "evaluation")],
+          env, logs)
+    print("==> per-domain summary against the ground truth", flush=True)
     table = evaluate_demo_predictions(data, predictions, out)
     print()
     print(table)
+    print()
+    print((out / "evaluation" / "ood_evaluation.md").read_text())
     print(f"\nfinished in {time.time() - started:.0f} s; results in {out}")
 
 
