@@ -95,3 +95,48 @@ def patch_scores_to_maps(scores: torch.Tensor, layout: SlidingWindowLayout, weig
 def case_scores_from_maps(maps: torch.Tensor) -> torch.Tensor:
     """Case score per method: the mean of its voxel map (NaN if any patch could not be scored)."""
     return maps.flatten(1).double().mean(dim=1)
+
+
+#: how a method's voxel map becomes its case score (chosen at fit time, stored with the calibration)
+CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
+
+
+def patch_means(maps: torch.Tensor, layout: SlidingWindowLayout) -> torch.Tensor:
+    """Mean of each map over each sliding-window patch, ``(P, M)``; patches are clipped to the unpadded image."""
+    shape = maps.shape[1:]
+    means = []
+    for slicer in layout.slicers:  # loop over patches, not voxels
+        # 2D configurations slice 3D data with an integer index on the first axis
+        bounds = [(s, s + 1) if isinstance(s, int) else (s.start, s.stop) for s in slicer[1:]]
+        region = tuple(slice(max(lo - r.start, 0), min(hi - r.start, n))
+                       for (lo, hi), r, n in zip(bounds, layout.revert_padding, shape))
+        means.append(maps[(slice(None), *region)].flatten(1).double().mean(dim=1))
+    return torch.stack(means)
+
+
+def aggregate_case_scores(maps: torch.Tensor, aggregations: Sequence[str], layout: SlidingWindowLayout,
+                          foreground: torch.Tensor | None = None) -> torch.Tensor:
+    """Case score per method ``(M,)`` float64 from its voxel map, by that method's aggregation.
+
+    * ``mean``: mean over all voxels (METHODS.md's definition);
+    * ``foreground_mean``: mean over the voxels nnU-Net segments as foreground (``foreground``, a boolean
+      map); a case without predicted foreground falls back to the mean over all voxels;
+    * ``max_patch``: the largest of the per-patch means, for local anomalies that a mean dilutes.
+    """
+    scores = case_scores_from_maps(maps)
+    for i, how in enumerate(aggregations):
+        if how == "foreground_mean":
+            if foreground is None:
+                raise ValueError("foreground_mean needs the predicted foreground")
+            if bool(foreground.any()):
+                scores[i] = maps[i][foreground.to(maps.device)].double().mean()
+        elif how == "max_patch":
+            scores[i] = patch_means(maps[i:i + 1], layout).max()
+        elif how != "mean":
+            raise ValueError(f"unknown case aggregation {how!r}; choose from {', '.join(CASE_AGGREGATIONS)}")
+    return scores
+
+
+def predicted_foreground(logits: torch.Tensor, region_based: bool) -> torch.Tensor:
+    """Voxels nnU-Net labels foreground: argmax > 0, or any region's logit > 0 (sigmoid > 0.5)."""
+    return (logits > 0).any(0) if region_based else logits.argmax(0) > 0

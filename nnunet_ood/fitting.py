@@ -26,6 +26,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 from tqdm import tqdm
 
 from nnunet_ood import __version__
+from nnunet_ood.aggregation import CASE_AGGREGATIONS, aggregate_case_scores, predicted_foreground
 from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.base import FeatureDetector
@@ -172,11 +173,13 @@ def _fit_temperature(predictor: nnUNetOODPredictor, dataset, val_keys: Sequence[
 
 
 def _inference_scores(predictor: nnUNetOODPredictor, dataset, keys: Sequence[str], methods: Sequence[str],
-                      autoencoder: BottleneckAutoencoder | None, method_params: dict, progress: bool,
-                      description: str) -> dict[str, dict[str, float]]:
+                      autoencoder: BottleneckAutoencoder | None, method_params: dict, aggregations: dict[str, str],
+                      progress: bool, description: str) -> dict[str, dict[str, float]]:
     """Case scores of ``methods`` for preprocessed cases, computed exactly as at inference (mirroring on)."""
     predictor.ood_states = [FoldOODState(fingerprint=predictor.fingerprint_for(0), detectors={},
-                                         calibration={m: MethodCalibration(0.0, 1.0, float("inf")) for m in methods},
+                                         calibration={m: MethodCalibration(0.0, 1.0, float("inf"),
+                                                                           aggregation=aggregations.get(m, "mean"))
+                                                      for m in methods},
                                          autoencoder=autoencoder, method_params=method_params)]
     predictor.ood_methods = list(methods)
     predictor.ood_calibration = dict(predictor.ood_states[0].calibration)
@@ -200,6 +203,16 @@ def _can_score(detector: FeatureDetector) -> bool:
     return detector.is_fitted and getattr(detector, "bank_size_", 1) >= getattr(detector, "k", 1)
 
 
+def _predicted_foreground(predictor: nnUNetOODPredictor, data: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's predicted foreground of a preprocessed case (its own prediction, mirroring as at inference)."""
+    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
+    try:
+        logits = predictor.predict_logits_from_preprocessed_data(data)
+    finally:
+        predictor.use_mirroring = mirroring
+    return predicted_foreground(logits, predictor.label_manager.has_regions)
+
+
 def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[str]) -> FoldOODState | None:
     """The fold's existing state without the methods being re-fitted (None if absent or for another model)."""
     try:
@@ -218,8 +231,8 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[st
 def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
              methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
              progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS,
-             sd_config: SDTrainingConfig | None = None, knn_k: int = KNN_K, knn_bank: int = KNN_BANK) \
-        -> FoldOODState:
+             sd_config: SDTrainingConfig | None = None, knn_k: int = KNN_K, knn_bank: int = KNN_BANK,
+             aggregations: dict[str, str] | None = None) -> FoldOODState:
     """Fit, calibrate and store (``fold_X/ood``) the OOD methods of one fold of a trained model.
 
     Training case scores for the normalisation of the feature methods are cross-fitted over
@@ -233,6 +246,11 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
     torch.manual_seed(seed)
     np.random.seed(seed)
     order = resolve_fit_methods(methods)
+    aggregations = dict(aggregations or {})
+    bad = {m: a for m, a in aggregations.items() if m not in order or a not in CASE_AGGREGATIONS}
+    if bad:
+        raise OODInputError(f"cannot aggregate {bad}: methods must be among those fitted ({', '.join(order)}) and "
+                            f"aggregations one of {', '.join(CASE_AGGREGATIONS)}")
     fold = fold if fold == "all" else int(fold)
     fold_dir = join(model_folder, f"fold_{fold}")
     if not isfile(join(fold_dir, checkpoint_name)):
@@ -284,10 +302,15 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
                   "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
 
     # pass 2: validation cases by the fold's detector; each part's training cases by the other parts
+    feature_aggregations = [aggregations.get(m, "mean") for m in features_of]
+
     def score_case(key: str, by: dict[str, FeatureDetector]) -> dict[str, float]:
-        features, layout = predictor.extract_patch_features(_load_case(dataset, key), batch_size, autoencoder)
+        data = _load_case(dataset, key)
+        features, layout = predictor.extract_patch_features(data, batch_size, autoencoder)
         patch_scores = torch.stack([by[m].score(features[kind]) for m, kind in features_of.items()], dim=1)
-        return dict(zip(features_of, predictor.maps_and_case_scores(patch_scores, layout)[1].tolist()))
+        maps, _ = predictor.maps_and_case_scores(patch_scores, layout)
+        foreground = _predicted_foreground(predictor, data) if "foreground_mean" in feature_aggregations else None
+        return dict(zip(features_of, aggregate_case_scores(maps, feature_aggregations, layout, foreground).tolist()))
 
     case_scores: dict[str, dict[str, float]] = {k: {} for k in [*train_keys, *val_keys]}
     if features_of:
@@ -319,7 +342,8 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
               f"{t['val_nll_at_1']:.4f} to {t['val_nll']:.4f} ({t['n_voxels']} voxels)")
     if inference_methods:
         scores = _inference_scores(predictor, dataset, [*val_keys, *train_keys], inference_methods, autoencoder,
-                                   method_params, progress, f"fold {fold}: calibrating {', '.join(inference_methods)}")
+                                   method_params, aggregations, progress,
+                                   f"fold {fold}: calibrating {', '.join(inference_methods)}")
         for key, values in scores.items():
             case_scores[key].update(values)
     if "sd" in order:
@@ -332,7 +356,8 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
 
     calibration = {
         m: MethodCalibration.from_scores([case_scores[k][m] for k in train_keys],
-                                         [case_scores[k][m] for k in val_keys], THRESHOLD_PERCENTILE)
+                                         [case_scores[k][m] for k in val_keys], THRESHOLD_PERCENTILE,
+                                         aggregations.get(m, "mean"))
         for m in order
     }
     if kept is not None:  # keep what was fitted before and not re-fitted now, in table order

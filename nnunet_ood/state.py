@@ -91,6 +91,7 @@ class MethodCalibration:
     threshold: float  # 95th percentile of the fold's validation case scores
     n_train_cases: int = 0
     n_val_cases: int = 0
+    aggregation: str = "mean"  # how the voxel map becomes the case score (nnunet_ood.aggregation)
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """Clip to [low, high] and rescale to [0, 1]; NaN stays NaN."""
@@ -102,7 +103,7 @@ class MethodCalibration:
 
     @classmethod
     def from_scores(cls, train_scores: Sequence[float], val_scores: Sequence[float],
-                    percentile: float = 95.0) -> MethodCalibration:
+                    percentile: float = 95.0, aggregation: str = "mean") -> MethodCalibration:
         """Normalisation from training case scores, threshold from validation case scores (NaNs ignored)."""
         train = torch.tensor([s for s in train_scores if math.isfinite(s)], dtype=torch.float64)
         val = torch.tensor([s for s in val_scores if math.isfinite(s)], dtype=torch.float64)
@@ -115,7 +116,7 @@ class MethodCalibration:
         high = 2 * top if low >= 0 else top + (top - low)
         return cls(low=low, high=high,
                    threshold=float(torch.quantile(val, percentile / 100.0)),
-                   n_train_cases=len(train_scores), n_val_cases=len(val_scores))
+                   n_train_cases=len(train_scores), n_val_cases=len(val_scores), aggregation=aggregation)
 
 
 @dataclass

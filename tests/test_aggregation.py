@@ -1,6 +1,7 @@
 """Gaussian aggregation of patch scores against a brute-force weighted average, voxel by voxel."""
 
 import numpy as np
+import pytest
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -85,3 +86,28 @@ def test_nan_patch_makes_covered_voxels_and_case_score_nan():
     maps = patch_scores_to_maps(torch.tensor([1.0, float("nan")]), layout, torch.ones(4))
     assert torch.isnan(maps[0, 4:]).all() and torch.all(maps[0, :4] == 1)
     assert torch.isnan(case_scores_from_maps(maps)).all()
+
+
+def test_case_aggregations_against_brute_force():
+    from nnunet_ood.aggregation import SlidingWindowLayout, aggregate_case_scores, predicted_foreground
+
+    rng = np.random.default_rng(7)
+    shape, patch = (11, 13), (6, 8)
+    # hand-made layout on a padded image of the same size (no padding): patches overlapping the borders
+    slicers = tuple((slice(None), slice(y, y + patch[0]), slice(x, x + patch[1])) for y in (0, 3, 5) for x in (0, 5))
+    layout = SlidingWindowLayout(shape, slicers, (slice(0, 11), slice(0, 13)), patch)
+    maps = torch.from_numpy(rng.uniform(size=(3, *shape)).astype(np.float32))
+    logits = torch.from_numpy(rng.normal(size=(3, *shape)).astype(np.float32))
+    fg = predicted_foreground(logits, region_based=False)
+    assert torch.equal(fg, logits.argmax(0) > 0)
+    got = aggregate_case_scores(maps, ["mean", "foreground_mean", "max_patch"], layout, fg).numpy()
+    m = maps.double().numpy()
+    assert got[0] == pytest.approx(m[0].mean(), rel=1e-12)
+    assert got[1] == pytest.approx(m[1][fg.numpy()].mean(), rel=1e-12)
+    best = max(m[2][y:y + patch[0], x:x + patch[1]].mean() for y in (0, 3, 5) for x in (0, 5))
+    assert got[2] == pytest.approx(best, rel=1e-12)
+    # no predicted foreground: the mean over all voxels
+    empty = torch.zeros(shape, dtype=torch.bool)
+    assert aggregate_case_scores(maps, ["foreground_mean"] * 3, layout, empty)[1] == pytest.approx(m[1].mean())
+    with pytest.raises(ValueError, match="unknown case aggregation"):
+        aggregate_case_scores(maps, ["median"] * 3, layout, None)

@@ -160,3 +160,15 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert manifest["provenance"]["sd_training"]["config"]["latent_dim"] == 8
     assert manifest["provenance"]["sd_training"]["epochs_run"] == 2
+
+    # the case aggregation is chosen at fit time, stored with the calibration and used at inference
+    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
+         "--disable_progress_bar", "--ood", "entropy", "knn", "--ood_aggregation", "entropy=foreground_mean",
+         "knn=max_patch"], tiny_project.env)
+    calibration = json.loads((ood / "ood_state.json").read_text())["methods"]
+    assert calibration["entropy"]["calibration"]["aggregation"] == "foreground_mean"
+    assert calibration["knn"]["calibration"]["aggregation"] == "max_patch"
+    assert calibration["mahalanobis"]["calibration"]["aggregation"] == "mean"
+    predict_ood(tmp_path / "agg", test_images, "--ood", "entropy", "knn", trainer=STOCK_TRAINER)
+    document = json.loads((tmp_path / "agg" / "ood_scores.json").read_text())
+    assert document["calibration"]["entropy"]["aggregation"] == "foreground_mean"

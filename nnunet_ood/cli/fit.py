@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn_bank", type=int, default=50_000,
                         help="knn: at most this many training patch features are kept, a uniform random sample "
                              "(default: 50000; memory 4 bytes x D per row)")
+    parser.add_argument("--ood_aggregation", nargs="+", default=[], metavar="METHOD=HOW",
+                        help="how a method's voxel map becomes its case score: mean (default, METHODS.md), "
+                             "foreground_mean (over nnU-Net's predicted foreground) or max_patch (largest patch "
+                             "mean), e.g. entropy=foreground_mean mahalanobis=max_patch; fixed at fit time")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--disable_progress_bar", action="store_true", help="no progress bars (for HPC logs)")
     return parser
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                                  learning_rate=args.sd_lr, batch_size=args.sd_batch_size,
                                  iterations_per_epoch=args.sd_iterations, max_epochs=args.sd_max_epochs,
                                  patience=args.sd_patience, val_batches=args.sd_val_batches)
+    pairs = [item.split("=", 1) for item in args.ood_aggregation]
+    if any(len(p) != 2 for p in pairs):
+        raise OODInputError(f"--ood_aggregation takes METHOD=HOW pairs, got {' '.join(args.ood_aggregation)}")
+    aggregations = dict(pairs)
     if args.knn_k < 1 or args.knn_bank < args.knn_k:
         raise OODInputError(f"--knn_k must be at least 1 and --knn_bank at least --knn_k, got {args.knn_k} and "
                             f"{args.knn_bank}")
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         fit_fold(model_folder, fold, args.chk, methods, device=device, seed=args.seed,
                  progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
-                 sd_config=sd_config, knn_k=args.knn_k, knn_bank=args.knn_bank)
+                 sd_config=sd_config, knn_k=args.knn_k, knn_bank=args.knn_bank, aggregations=aggregations)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ from nnunet_ood import __version__
 from nnunet_ood.aggregation import (
     PatchMapAccumulator,
     SlidingWindowLayout,
+    aggregate_case_scores,
     case_scores_from_maps,
     importance_weights,
     patch_scores_to_maps,
+    predicted_foreground,
     revert_padding_slicer,
 )
 from nnunet_ood.autoencoder import BottleneckAutoencoder
@@ -77,10 +79,14 @@ class CaseOODResult:
 def combine_calibrations(calibrations: Sequence[MethodCalibration]) -> MethodCalibration:
     """Ensembles average per-patch scores over folds, so bounds and threshold are averaged the same way."""
     n = len(calibrations)
+    if len({c.aggregation for c in calibrations}) > 1:
+        raise OODStateError("the folds' OOD states aggregate a method's map to case scores differently; re-fit "
+                            "them with the same --ood_aggregation")
     return MethodCalibration(low=sum(c.low for c in calibrations) / n, high=sum(c.high for c in calibrations) / n,
                              threshold=sum(c.threshold for c in calibrations) / n,
                              n_train_cases=sum(c.n_train_cases for c in calibrations),
-                             n_val_cases=sum(c.n_val_cases for c in calibrations))
+                             n_val_cases=sum(c.n_val_cases for c in calibrations),
+                             aggregation=calibrations[0].aggregation)
 
 
 class _RecordingPreprocessor:
@@ -419,7 +425,10 @@ class nnUNetOODPredictor(nnUNetPredictor):
 
     def _finish_case(self, logits: torch.Tensor) -> None:
         maps = self.case_maps(logits)
-        case_scores = case_scores_from_maps(maps)
+        aggregations = [self.ood_calibration[m].aggregation for m in self.ood_methods]
+        foreground = predicted_foreground(logits, self.label_manager.has_regions) \
+            if "foreground_mean" in aggregations else None
+        case_scores = aggregate_case_scores(maps, aggregations, self._case_layout, foreground)
         if "pairwise_dice" in self.ood_methods:  # a case-level number, not the mean of its map
             case_scores[self.ood_methods.index("pairwise_dice")] = self._ensemble.pairwise_dice_score()
         self._case_voxel_maps, self._ensemble = [], None
