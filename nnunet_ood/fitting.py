@@ -34,7 +34,9 @@ from nnunet_ood.detectors.knn import KNNDetector
 from nnunet_ood.detectors.mahalanobis import LatentMahalanobisDetector, MahalanobisDetector
 from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
+from nnunet_ood.mc_dropout import MCDropoutConfig
 from nnunet_ood.methods import (
+    DEFAULT_FIT_METHODS,
     FEATURE_METHODS,
     FITTABLE_METHODS,
     INFERENCE_PASS_METHODS,
@@ -229,10 +231,11 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: Sequence[st
 
 
 def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpoint_final.pth",
-             methods: Sequence[str] = FITTABLE_METHODS, device: torch.device | str = "cpu", seed: int = 0,
+             methods: Sequence[str] = DEFAULT_FIT_METHODS, device: torch.device | str = "cpu", seed: int = 0,
              progress: bool = True, batch_size: int = 4, calibration_parts: int = CALIBRATION_PARTS,
              sd_config: SDTrainingConfig | None = None, knn_k: int = KNN_K, knn_bank: int = KNN_BANK,
-             aggregations: dict[str, str] | None = None) -> FoldOODState:
+             aggregations: dict[str, str] | None = None, mc_dropout_config: MCDropoutConfig | None = None) \
+        -> FoldOODState:
     """Fit, calibrate and store (``fold_X/ood``) the OOD methods of one fold of a trained model.
 
     Training case scores for the normalisation of the feature methods are cross-fitted over
@@ -340,6 +343,8 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         t = method_params["temperature"]
         print(f"fold {fold} temperature: T = {t['temperature']:.3f} lowers the validation NLL from "
               f"{t['val_nll_at_1']:.4f} to {t['val_nll']:.4f} ({t['n_voxels']} voxels)")
+    if "mc_dropout" in order:
+        method_params["mc_dropout"] = (mc_dropout_config or MCDropoutConfig(seed=seed)).to_json()
     if inference_methods:
         scores = _inference_scores(predictor, dataset, [*val_keys, *train_keys], inference_methods, autoencoder,
                                    method_params, aggregations, progress,

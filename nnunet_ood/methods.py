@@ -17,7 +17,7 @@ from nnunet_ood.errors import OODInputError
 #: "latent": the SD autoencoder's latent vector)
 FEATURE_METHODS: dict[str, str] = {"mahalanobis": "bottleneck", "knn": "bottleneck", "latent_mahalanobis": "latent"}
 #: methods whose per-patch output is a voxel map
-VOXEL_METHODS: tuple[str, ...] = ("sd", "tta")
+VOXEL_METHODS: tuple[str, ...] = ("sd", "tta", "mc_dropout")
 #: methods that need the SD autoencoder (trained once, shared)
 AUTOENCODER_METHODS: tuple[str, ...] = ("sd", "latent_mahalanobis")
 #: methods computed from the logits nnU-Net already has (see nnunet_ood.output_scores)
@@ -25,7 +25,10 @@ LOGIT_METHODS: tuple[str, ...] = ("max_softmax", "entropy", "energy", "kl_unifor
 #: methods that need the full forward pass (decoder included) to be calibrated
 INFERENCE_PASS_METHODS: tuple[str, ...] = VOXEL_METHODS + LOGIT_METHODS
 #: every method nnUNetv2_fit_ood can fit, in the order they appear in tables
-FITTABLE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "sd", "latent_mahalanobis", *LOGIT_METHODS, "tta")
+FITTABLE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "sd", "latent_mahalanobis", *LOGIT_METHODS, "tta",
+                                     "mc_dropout")
+#: what is fitted unless asked otherwise: everything but mc_dropout, which multiplies inference cost
+DEFAULT_FIT_METHODS: tuple[str, ...] = tuple(m for m in FITTABLE_METHODS if m != "mc_dropout")
 
 
 def needs_autoencoder(methods: Iterable[str]) -> bool:

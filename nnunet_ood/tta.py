@@ -19,6 +19,26 @@ from nnunet_ood.distortion import probabilities
 from nnunet_ood.features import unwrap_network
 
 
+class ProbabilitySpread:
+    """Streams class probabilities of several predictions of the same patch; per voxel, their spread."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._sum: torch.Tensor | None = None
+        self._sum_sq: torch.Tensor | None = None
+
+    def add(self, p: torch.Tensor) -> None:
+        """One prediction's probabilities ``(B, C, *patch)``."""
+        self._sum = p if self._sum is None else self._sum + p
+        self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
+        self.n += 1
+
+    def std_over_predictions(self) -> torch.Tensor:
+        """``(B, *patch)``: population standard deviation over the predictions, averaged over classes."""
+        mean = self._sum / self.n
+        return (self._sum_sq / self.n - mean * mean).clamp_min(0).sqrt().mean(dim=1)
+
+
 def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Tensor axes flipped in nnU-Net's mirrored passes, in the order nnU-Net runs them (batch, channel first)."""
     axes = [a + 2 for a in mirror_axes]
@@ -32,14 +52,13 @@ class MirroredPassDisagreement:
         self.region_based = region_based
         self._combinations: list[tuple[int, ...]] = []
         self._calls = -1  # -1: disarmed
-        self._sum: torch.Tensor | None = None
-        self._sum_sq: torch.Tensor | None = None
+        self._spread = ProbabilitySpread()
         self._handle = unwrap_network(network).register_forward_hook(self._hook)
 
     def arm(self, mirror_axes: Sequence[int]) -> None:
         """Watch the next 1 + (number of mirror combinations) network calls."""
         self._combinations = mirror_axes_combinations(mirror_axes)
-        self._calls, self._sum, self._sum_sq = 0, None, None
+        self._calls, self._spread = 0, ProbabilitySpread()
 
     def _hook(self, module: nn.Module, inputs: tuple, output) -> None:
         if self._calls < 0 or self._calls > len(self._combinations):
@@ -47,20 +66,15 @@ class MirroredPassDisagreement:
         logits = output[0] if isinstance(output, (list, tuple)) else output
         if self._calls > 0:
             logits = torch.flip(logits, self._combinations[self._calls - 1])  # back to the patch's orientation
-        p = probabilities(logits, self.region_based)
-        self._sum = p if self._sum is None else self._sum + p
-        self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
+        self._spread.add(probabilities(logits, self.region_based))
         self._calls += 1
 
     def take(self) -> torch.Tensor:
         """Per-voxel disagreement ``(B, *patch)``: population std over the passes, mean over classes."""
-        n = self._calls
-        if n < 2:
+        if self._calls < 2:
             raise RuntimeError("tta needs the mirrored passes, but the network ran only once since arm()")
-        mean = self._sum / n
-        variance = (self._sum_sq / n - mean * mean).clamp_min(0)
-        self._calls, self._sum, self._sum_sq = -1, None, None
-        return variance.sqrt().mean(dim=1)
+        spread, self._calls, self._spread = self._spread.std_over_predictions(), -1, ProbabilitySpread()
+        return spread
 
     def remove(self) -> None:
         """Detach the hook."""

@@ -153,3 +153,35 @@ def test_latent_mahalanobis_agrees_with_sklearn():
 def test_network_without_encoder_stages_is_refused_clearly():
     with pytest.raises(OODInputError, match="cannot hook the bottleneck"):
         AutoencoderInsertion(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_mc_dropout_matches_a_hand_written_decoder_loop():
+    """PostHocDropout against the decoder run by hand with the same dropout masks (same seeded generator)."""
+    from nnunet_ood.mc_dropout import MCDropoutConfig, PostHocDropout
+
+    net = tiny_unet(2)
+    x = torch.randn(2, 1, 16, 16)
+    config = MCDropoutConfig(rate=0.3, passes=4, stages=None, seed=5)
+    with torch.no_grad():
+        stock = net(x)
+        dropout = PostHocDropout(net, config, region_based=False)
+        got = dropout.spread(x, patch_index=3)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 3)
+        probs = []
+        for _ in range(config.passes):
+            skips = net.encoder(x)
+            lres = skips[-1]
+            decoder = net.decoder
+            for s in range(len(decoder.stages)):
+                h = torch.cat((decoder.transpconvs[s](lres), skips[-(s + 2)]), 1)
+                keep = torch.rand(h.shape, generator=generator) >= config.rate
+                lres = decoder.stages[s](h * keep / (1 - config.rate))
+            probs.append(torch.softmax(decoder.seg_layers[-1](lres), 1))
+        expected = torch.stack(probs).std(dim=0, unbiased=False).mean(dim=1)
+        # float32 running moments (E[p^2] - E[p]^2) lose a few digits against torch.std
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-5)
+        assert float(got.mean()) > 0
+        assert torch.equal(net(x), stock)  # outside spread() the network is dropout-free
+        dropout.remove()
+    with pytest.raises(OODInputError, match="out of range"):
+        PostHocDropout(net, MCDropoutConfig(stages=(7,)), region_based=False)

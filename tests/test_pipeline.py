@@ -20,7 +20,7 @@ from conftest import DATASET_ID, read_map_in_input_geometry, run
 from safetensors.torch import load_file
 
 from nnunet_ood.inference import predict_entry
-from nnunet_ood.methods import FITTABLE_METHODS
+from nnunet_ood.methods import DEFAULT_FIT_METHODS
 from nnunet_ood.scores_io import read_score_csv
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
@@ -65,7 +65,7 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     for case in cases:
         np.testing.assert_array_equal(read_array(ours / f"{case}.nii.gz"), read_array(stock / f"{case}.nii.gz"))
     rows = read_score_csv(str(ours / "ood_scores.csv"))
-    methods = list(FITTABLE_METHODS)  # every fitted method by default, in table order
+    methods = list(DEFAULT_FIT_METHODS)  # every fitted method by default, in table order
     assert [(r["case"], r["method"]) for r in rows] == [(c, m) for c in cases for m in methods]
     assert all(0 <= r["normalized"] <= 1 for r in rows)
     document = json.loads((ours / "ood_scores.json").read_text())

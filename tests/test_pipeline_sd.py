@@ -19,7 +19,7 @@ from test_bad_input import fails_with, predict_argv
 from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.inference import predict_entry
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
-from nnunet_ood.methods import FITTABLE_METHODS
+from nnunet_ood.methods import DEFAULT_FIT_METHODS
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
 
@@ -79,7 +79,7 @@ def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[
 def test_trainer_stores_autoencoder_and_reports_agreement(tiny_project):
     ood_dir = tiny_project.model(OOD_TRAINER) / "fold_0" / "ood"
     manifest = json.loads((ood_dir / "ood_state.json").read_text())
-    assert list(manifest["methods"]) == list(FITTABLE_METHODS)
+    assert list(manifest["methods"]) == list(DEFAULT_FIT_METHODS)
     assert manifest["methods"]["sd"]["file"] == "sd_autoencoder.safetensors"
     assert (ood_dir / "latent_mahalanobis.safetensors").is_file()
     dice = manifest["provenance"]["sd_val_dice_with_without_ae"]

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu, cuda or mps (default: cuda if available, else cpu)")
     parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
                         help="methods to fit (default: all: mahalanobis knn sd latent_mahalanobis max_softmax "
-                             "entropy energy kl_uniform temperature tta); sd and "
+                             "entropy energy kl_uniform temperature tta; mc_dropout only when named, it "
+                             "multiplies inference cost); sd and "
                              "latent_mahalanobis share one autoencoder and are always fitted together. Methods "
                              "fitted earlier and not named here are kept")
     parser.add_argument("--calibration_parts", type=int, default=5,
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn_bank", type=int, default=50_000,
                         help="knn: at most this many training patch features are kept, a uniform random sample "
                              "(default: 50000; memory 4 bytes x D per row)")
+    mc = parser.add_argument_group("MC dropout (mc_dropout, off unless named in --ood)")
+    mc.add_argument("--mc_dropout_rate", type=float, default=0.1, help="dropout rate (default: 0.1)")
+    mc.add_argument("--mc_dropout_passes", type=int, default=10,
+                    help="forward passes with dropout per patch (default: 10)")
+    mc.add_argument("--mc_dropout_stages", type=int, nargs="+", default=None,
+                    help="decoder stages (0 = lowest resolution) whose input gets dropout (default: all)")
     parser.add_argument("--ood_aggregation", nargs="+", default=[], metavar="METHOD=HOW",
                         help="how a method's voxel map becomes its case score: mean (default, METHODS.md), "
                              "foreground_mean (over nnU-Net's predicted foreground) or max_patch (largest patch "
@@ -65,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from nnunet_ood.errors import OODInputError
     from nnunet_ood.fitting import fit_fold
-    from nnunet_ood.methods import FITTABLE_METHODS, resolve_fit_methods
+    from nnunet_ood.mc_dropout import MCDropoutConfig
+    from nnunet_ood.methods import DEFAULT_FIT_METHODS, resolve_fit_methods
     from nnunet_ood.sd_training import SDTrainingConfig
 
-    methods = resolve_fit_methods(args.ood or FITTABLE_METHODS)
+    methods = resolve_fit_methods(args.ood or DEFAULT_FIT_METHODS)
+    mc_config = MCDropoutConfig(rate=args.mc_dropout_rate, passes=args.mc_dropout_passes,
+                                stages=args.mc_dropout_stages, seed=args.seed)
     sd_config = SDTrainingConfig(latent_dim=args.sd_latent, hidden_channels=args.sd_channels,
                                  learning_rate=args.sd_lr, batch_size=args.sd_batch_size,
                                  iterations_per_epoch=args.sd_iterations, max_epochs=args.sd_max_epochs,
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     for fold in folds:
         fit_fold(model_folder, fold, args.chk, methods, device=device, seed=args.seed,
                  progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
-                 sd_config=sd_config, knn_k=args.knn_k, knn_bank=args.knn_bank, aggregations=aggregations)
+                 sd_config=sd_config, knn_k=args.knn_k, knn_bank=args.knn_bank, aggregations=aggregations,
+                 mc_dropout_config=mc_config)
 
 
 if __name__ == "__main__":

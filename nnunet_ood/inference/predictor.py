@@ -58,6 +58,7 @@ from nnunet_ood.ensemble import ENSEMBLE_METHODS, EnsembleAccumulator
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import BottleneckCapture, pool_features, unwrap_network
 from nnunet_ood.maps_io import export_ood_maps, map_file_ending, map_filename
+from nnunet_ood.mc_dropout import PostHocDropout, config_from_params
 from nnunet_ood.methods import FEATURE_METHODS, LOGIT_METHODS, VOXEL_METHODS, needs_autoencoder
 from nnunet_ood.output_scores import logit_uncertainty
 from nnunet_ood.scores_io import collect_records, has_case_record, write_case_record, write_score_tables
@@ -149,6 +150,7 @@ class nnUNetOODPredictor(nnUNetPredictor):
         self._voxel_accumulator: PatchMapAccumulator | None = None
         self._tta: MirroredPassDisagreement | None = None
         self._ensemble: EnsembleAccumulator | None = None
+        self._mc_dropout: PostHocDropout | None = None
         self._slicers: Sequence = ()
         self._patch_index = 0
         self._patch_latents: list[torch.Tensor] = []
@@ -194,6 +196,9 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if self._tta is not None:
             self._tta.remove()
             self._tta = None
+        if self._mc_dropout is not None:
+            self._mc_dropout.remove()
+            self._mc_dropout = None
 
     def bottleneck_shape(self) -> tuple[int, ...]:
         """``(C, *spatial)`` of the bottleneck for one patch, from a dry run of the encoder on zeros."""
@@ -279,6 +284,9 @@ class nnUNetOODPredictor(nnUNetPredictor):
             self._install_autoencoders()
         if "tta" in self.ood_methods:
             self._tta = MirroredPassDisagreement(self.network, self.label_manager.has_regions)
+        if "mc_dropout" in self.ood_methods:
+            config = config_from_params(self.ood_states[0].method_params.get("mc_dropout", {}))
+            self._mc_dropout = PostHocDropout(self.network, config, self.label_manager.has_regions)
 
     @property
     def ood_enabled(self) -> bool:
@@ -304,6 +312,8 @@ class nnUNetOODPredictor(nnUNetPredictor):
             patch_maps["sd"] = segmentation_distortion(result.logits, result.logits_ae, self.label_manager.has_regions)
         if self._tta is not None:
             patch_maps["tta"] = self._tta.take()
+        if self._mc_dropout is not None:  # after nnU-Net's own passes, which stay dropout-free
+            patch_maps["mc_dropout"] = self._mc_dropout.spread(x, self._patch_index)
         if patch_maps:
             self._voxel_accumulator.add(torch.cat([patch_maps[m] for m in self.voxel_methods]),
                                         self._slicers[self._patch_index])

@@ -9,7 +9,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ood.errors import OODError
-from nnunet_ood.methods import FITTABLE_METHODS
+from nnunet_ood.methods import DEFAULT_FIT_METHODS
 from nnunet_ood.sd_training import SDTrainingConfig
 
 __all__ = ["nnUNetTrainerOOD", "nnUNetTrainerOOD_1epoch", "nnUNetTrainerOOD_5epochs", "nnUNetTrainerOOD_10epochs",
@@ -26,7 +26,7 @@ class nnUNetTrainerOOD(nnUNetTrainer):
     how to fit afterwards.
     """
 
-    ood_methods: tuple[str, ...] = FITTABLE_METHODS
+    ood_methods: tuple[str, ...] = DEFAULT_FIT_METHODS
     ood_seed: int = 0
     #: how the Segmentation Distortion autoencoder is trained (as nnUNetv2_fit_ood's --sd_* defaults)
     ood_sd_config: SDTrainingConfig = SDTrainingConfig()
