@@ -106,8 +106,12 @@ class CaseValues:
 
     @property
     def scored_mask(self) -> np.ndarray:
-        """Cases with a finite raw and normalised score (the others could not be scored)."""
-        return np.isfinite(self.score) & np.isfinite(self.normalized)
+        """Cases with a finite raw score (the others could not be scored).
+
+        The normalised score may still be NaN: methods without calibration (the fold-ensemble scores)
+        have none; only ESCE needs it.
+        """
+        return np.isfinite(self.score)
 
     def scored(self) -> CaseValues:
         keep = self.scored_mask
@@ -416,8 +420,11 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
     if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
         pooled = CaseValues.concat([id_scored, shifted_scored])
         risk = 1.0 - pooled.dice
-        row.update(esce=esce(pooled.normalized, pooled.dice), spearman=spearman(pooled.score, risk),
-                   aurc=aurc(pooled.score, risk), e_aurc=e_aurc(pooled.score, risk))
+        calibrated = np.isfinite(pooled.normalized)
+        if calibrated.all():  # ESCE is defined on the normalised scale only
+            row["esce"] = esce(pooled.normalized, pooled.dice)
+        row.update(spearman=spearman(pooled.score, risk), aurc=aurc(pooled.score, risk),
+                   e_aurc=e_aurc(pooled.score, risk))
     return row
 
 

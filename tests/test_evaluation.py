@@ -391,3 +391,23 @@ def test_no_dataset_json_needs_labels_and_file_ending(project, broken, capsys) -
     main([*group_args(project, broken), "-o", str(out), "--labels", "1", "2", "--file_ending", ENDING,
           "--methods", "B"])
     assert (out / "ood_evaluation.csv").is_file()
+
+
+def test_uncalibrated_method_keeps_rank_metrics_and_leaves_esce_undefined(project, run_output, tmp_path) -> None:
+    # fold-ensemble scores have no calibration: normalized is NaN but the raw scores rank cases
+    for group in ("id_test", "id_val", "scanner", "single"):
+        for folder in project["folders"][group]:
+            shutil.copytree(folder, tmp_path / folder.name)
+        csv_path = tmp_path / project["folders"][group][0].name / "ood_scores.csv"
+        lines = csv_path.read_text().splitlines()
+        rewritten = [lines[0]] + [",".join(p[:3] + ["nan"] + p[4:]) if p[1] == "B" else line
+                                  for line, p in ((line, line.split(",")) for line in lines[1:])]
+        csv_path.write_text("\n".join(rewritten) + "\n")
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main([*group_args(project, tmp_path), "-o", str(out)])
+    before = csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "B", "scanner")
+    after = csv_row(read_csv(out / "ood_evaluation.csv"), "B", "scanner")
+    assert after["esce"] == "" and before["esce"] != ""
+    for metric in ("auroc", "spearman", "aurc", "e_aurc", "fpr", "tpr"):
+        assert as_float(after[metric]) == pytest.approx(as_float(before[metric]))
