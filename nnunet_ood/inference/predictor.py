@@ -624,7 +624,7 @@ class nnUNetOODPredictor(nnUNetPredictor):
             "configuration": self.ood_states[0].fingerprint["configuration"],
             "plans": self.ood_states[0].fingerprint["plans_name"],
             "tile_step_size": self.tile_step_size, "use_gaussian": self.use_gaussian,
-            "ood_from_unmirrored_pass_only": True,
+            "use_mirroring": bool(self.use_mirroring and self.allowed_mirroring_axes),
             # ensemble methods have no calibration: their bounds and threshold are null
             "calibration": {m: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in vars(c).items()}
                             for m, c in self.ood_calibration.items()},
