@@ -29,6 +29,7 @@ class ProbabilitySpread:
 
     def add(self, p: torch.Tensor) -> None:
         """One prediction's probabilities ``(B, C, *patch)``."""
+        p = p.double()  # E[p^2] - E[p]^2 cancels badly in float32 when the passes agree closely
         self._sum = p if self._sum is None else self._sum + p
         self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
         self.n += 1
@@ -36,7 +37,7 @@ class ProbabilitySpread:
     def std_over_predictions(self) -> torch.Tensor:
         """``(B, *patch)``: population standard deviation over the predictions, averaged over classes."""
         mean = self._sum / self.n
-        return (self._sum_sq / self.n - mean * mean).clamp_min(0).sqrt().mean(dim=1)
+        return (self._sum_sq / self.n - mean * mean).clamp_min(0).sqrt().mean(dim=1).float()
 
 
 def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
