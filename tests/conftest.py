@@ -121,3 +121,34 @@ def test_images(tiny_project, tmp_path) -> Path:
         for f in Path(tiny_project.dataset.images_ts[domain]).iterdir():
             shutil.copy(f, folder / f.name)
     return folder
+
+
+def fails_with(capsys, main, argv: list[str], *needles: str) -> str:
+    """Run a CLI main; assert exit status 2 and one ``error: ...`` line containing every needle."""
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def preprocessed_test_case(tiny_project: TinyProject, methods: list[str] | None, domain: str,
+                           trainer: str = "nnUNetTrainerOOD_smoke"):
+    """An nnUNetOODPredictor for fold 0 of ``trainer`` with ``methods``, and a test case of ``domain``
+    preprocessed by nnU-Net's own preprocessor (a tensor, as the predictor gets it)."""
+    import torch
+
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False, ood_methods=methods)
+    predictor.initialize_from_trained_model_folder(str(tiny_project.model(trainer)), [0])
+    image = sorted((tiny_project.root / "raw").glob(f"*/imagesTs_{domain}/*_0000.nii.gz"))[0]
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
+                                       predictor.dataset_json)
+    return predictor, torch.from_numpy(data)

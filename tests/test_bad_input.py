@@ -9,24 +9,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import DATASET_ID
+from conftest import DATASET_ID, fails_with
 
 from nnunet_ood.cli import fit
 from nnunet_ood.inference import predict_entry
 from nnunet_ood.scores_io import read_score_csv
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
-
-
-def fails_with(capsys, main, argv, *needles: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-    return err[0]
 
 
 def predict_argv(inp: Path, out: Path, trainer: str = OOD_TRAINER, *extra: str) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import fails_with as cli_fails_with
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
@@ -318,15 +319,9 @@ def broken(project, tmp_path) -> Path:
 
 
 def fails_with(capsys, argv: list[str], out: Path, *needles: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
+    message = cli_fails_with(capsys, main, argv, *needles)
     assert not out.exists() or not any(out.iterdir()), "nothing may be written on error"
-    return err[0]
+    return message
 
 
 def test_case_without_segmentation(project, broken, capsys) -> None:

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import preprocessed_test_case
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import LOGIT_METHODS
 from nnunet_ood.output_scores import fit_temperature, logit_uncertainty, negative_log_likelihood
 
@@ -78,13 +78,7 @@ def test_fitted_temperature_lowers_the_nll(region_based):
 
 @pytest.fixture(scope="module")
 def predicted_case(tiny_project):
-    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False, ood_methods=list(LOGIT_METHODS))
-    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
-    image = sorted((tiny_project.root / "raw").glob("*/imagesTs_shift_mild/*_0000.nii.gz"))[0]
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
-                                       predictor.dataset_json)
-    data = torch.from_numpy(data)
+    predictor, data = preprocessed_test_case(tiny_project, list(LOGIT_METHODS), "shift_mild")
     logits = predictor.predict_logits_from_preprocessed_data(data)
     return predictor, data, logits.numpy(), predictor.ood_results[-1]
 
@@ -127,13 +121,7 @@ def test_tta_map_equals_brute_force_over_mirrored_passes(tiny_project):
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False, ood_methods=["tta"])
-    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
-    image = sorted((tiny_project.root / "raw").glob("*/imagesTs_shift_strong/*_0000.nii.gz"))[0]
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
-                                       predictor.dataset_json)
-    data = torch.from_numpy(data)
+    predictor, data = preprocessed_test_case(tiny_project, ["tta"], "shift_strong")
     predictor.predict_logits_from_preprocessed_data(data)
     got = predictor.ood_results[-1].maps[0]
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from conftest import fails_with, preprocessed_test_case
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from test_bad_input import fails_with, predict_argv
+from test_bad_input import predict_argv
 
 from nnunet_ood.autoencoder import BottleneckAutoencoder
 from nnunet_ood.inference import predict_entry
@@ -26,14 +27,7 @@ OOD_TRAINER = "nnUNetTrainerOOD_smoke"
 
 @pytest.fixture(scope="module")
 def scored_case(tiny_project):
-    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
-    domain = "shift_strong"
-    image = sorted((tiny_project.root / "raw").glob(f"*/imagesTs_{domain}/*_0000.nii.gz"))[0]
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(image)], None, predictor.plans_manager, predictor.configuration_manager,
-                                       predictor.dataset_json)
-    data = torch.from_numpy(data)
+    predictor, data = preprocessed_test_case(tiny_project, None, "shift_strong")
     predictor.predict_logits_from_preprocessed_data(data)
     return predictor, data, predictor.ood_results[-1]
 
