@@ -170,6 +170,18 @@ def aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
     return float(np.sum(np.diff(np.r_[0, accepted]) / u.size * selective_risk))
 
 
+def oracle_aurc(risk: ArrayLike) -> float:
+    """AURC of the oracle that accepts cases from the lowest to the highest risk, one at a time.
+
+    Cases of equal risk are interchangeable for the oracle, so they are not grouped: at every coverage
+    k/n its selective risk is the mean of the k smallest risks, the lowest any ranking can reach.
+    """
+    r = np.sort(_finite_1d(risk, "risk"))
+    if r.size == 0:
+        raise ValueError("oracle_aurc needs at least one risk")
+    return float(np.mean(np.cumsum(r) / np.arange(1, r.size + 1)))
+
+
 def e_aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
-    """Excess AURC: :func:`aurc` minus the AURC of the oracle that ranks cases by their risk."""
-    return aurc(uncertainty, risk) - aurc(risk, risk)
+    """Excess AURC: :func:`aurc` minus :func:`oracle_aurc` (never negative)."""
+    return aurc(uncertainty, risk) - oracle_aurc(risk)

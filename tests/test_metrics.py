@@ -153,8 +153,20 @@ def test_aurc_matches_brute_force_with_ties(seed):
     u = rng.integers(0, 6, size=40).astype(float)  # many ties
     r = rng.uniform(size=40)
     assert aurc(u, r) == pytest.approx(_aurc_brute_force(u, r), rel=1e-12)
-    assert e_aurc(u, r) == pytest.approx(_aurc_brute_force(u, r) - _aurc_brute_force(r, r), rel=1e-12)
-    assert e_aurc(r, r) == 0.0
+    oracle = np.mean([np.sort(r)[:k].mean() for k in range(1, len(r) + 1)])  # the k lowest risks, each k
+    assert e_aurc(u, r) == pytest.approx(_aurc_brute_force(u, r) - oracle, rel=1e-12)
+    assert e_aurc(r, r) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_e_aurc_is_never_negative_with_tied_risks():
+    # many equal risks (e.g. Dice 0.5 on a whole domain): grouping them would make the oracle worse than
+    # a real ranking; the oracle accepts them one at a time
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        r = rng.choice([0.0, 0.1, 0.5, 1.0], size=30)
+        u = rng.integers(0, 4, size=30).astype(float)
+        assert e_aurc(u, r) >= -1e-15
+        assert e_aurc(r + 1e-9 * rng.uniform(size=30), r) >= -1e-15
 
 
 def test_aurc_hand_computed():
