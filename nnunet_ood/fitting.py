@@ -16,6 +16,7 @@ import platform
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -103,9 +104,24 @@ def _preprocessed_folders(predictor: nnUNetOODPredictor) -> tuple[str, str]:
     return base, data_folder
 
 
+def _as_tensor(data) -> torch.Tensor:
+    """A preprocessed case's image array (possibly memory-mapped) as a float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
+
+
 def _load_case(dataset, key: str) -> torch.Tensor:
     data, _, _, _ = dataset.load_case(key)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
+    return _as_tensor(data)
+
+
+@contextmanager
+def _mirroring_on(predictor: nnUNetOODPredictor):
+    """Predict with nnU-Net's test-time mirroring, as default inference does (the fit's predictor has it off)."""
+    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
+    try:
+        yield predictor
+    finally:
+        predictor.use_mirroring = mirroring
 
 
 def _train_sd(predictor: nnUNetOODPredictor, dataset_class, data_folder: str, train_keys: Sequence[str],
@@ -150,12 +166,10 @@ def _fit_temperature(predictor: nnUNetOODPredictor, dataset, val_keys: Sequence[
     labels = predictor.label_manager
     per_case = max(1, TEMPERATURE_VOXELS // max(1, len(val_keys)))
     rows, targets = [], []
-    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
-    try:
+    with _mirroring_on(predictor):
         for key in val_keys:
             data, seg, _, _ = dataset.load_case(key)
-            tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
-            logits = predictor.predict_logits_from_preprocessed_data(tensor).float().cpu()
+            logits = predictor.predict_logits_from_preprocessed_data(_as_tensor(data)).float().cpu()
             seg = np.asarray(seg[0]).ravel()
             valid = seg >= 0
             if labels.ignore_label is not None:
@@ -168,8 +182,6 @@ def _fit_temperature(predictor: nnUNetOODPredictor, dataset, val_keys: Sequence[
                 targets.append(torch.from_numpy(np.stack([np.isin(seg[index], r) for r in regions], 1)))
             else:
                 targets.append(torch.from_numpy(seg[index].astype(np.int64)))
-    finally:
-        predictor.use_mirroring = mirroring
     t, nll_1, nll_t = fit_temperature(torch.cat(rows), torch.cat(targets), labels.has_regions)
     return {"temperature": t, "val_nll_at_1": nll_1, "val_nll": nll_t, "n_voxels": int(sum(r.shape[0] for r in rows))}
 
@@ -186,15 +198,14 @@ def _inference_scores(predictor: nnUNetOODPredictor, dataset, keys: Sequence[str
     predictor.ood_methods = list(methods)
     predictor.ood_calibration = dict(predictor.ood_states[0].calibration)
     predictor.install_method_hooks()
-    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
     scores = {}
     try:
-        for key in tqdm(keys, desc=description, disable=not progress):
-            predictor.predict_logits_from_preprocessed_data(_load_case(dataset, key))
-            result = predictor.ood_results.pop()
-            scores[key] = {m: result.scores[m]["score"] for m in methods}
+        with _mirroring_on(predictor):
+            for key in tqdm(keys, desc=description, disable=not progress):
+                predictor.predict_logits_from_preprocessed_data(_load_case(dataset, key))
+                result = predictor.ood_results.pop()
+                scores[key] = {m: result.scores[m]["score"] for m in methods}
     finally:
-        predictor.use_mirroring = mirroring
         predictor.ood_states, predictor.ood_methods, predictor.ood_calibration = [], [], {}
         predictor._install_hook()  # drops the SD hooks again
     return scores
@@ -207,11 +218,8 @@ def _can_score(detector: FeatureDetector) -> bool:
 
 def _predicted_foreground(predictor: nnUNetOODPredictor, data: torch.Tensor) -> torch.Tensor:
     """nnU-Net's predicted foreground of a preprocessed case (its own prediction, mirroring as at inference)."""
-    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
-    try:
+    with _mirroring_on(predictor):
         logits = predictor.predict_logits_from_preprocessed_data(data)
-    finally:
-        predictor.use_mirroring = mirroring
     return predicted_foreground(logits, predictor.label_manager.has_regions)
 
 
@@ -352,7 +360,7 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         for key, values in scores.items():
             case_scores[key].update(values)
     if "sd" in order:
-        agreement = {key: predictor.distortion_of_case(_load_case(dataset, key), autoencoder, batch_size)[1]
+        agreement = {key: predictor.autoencoder_agreement(_load_case(dataset, key), autoencoder, batch_size)
                      for key in val_keys}
         provenance["sd_val_dice_with_without_ae"] = agreement
         print(f"fold {fold} sd: Dice between the segmentations of the {len(val_keys)} validation cases with and "

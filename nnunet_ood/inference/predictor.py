@@ -524,19 +524,19 @@ class nnUNetOODPredictor(nnUNetPredictor):
         return {k: torch.cat(v) for k, v in features.items() if v}, layout
 
     @torch.inference_mode()
-    def distortion_of_case(self, data: torch.Tensor, autoencoder: BottleneckAutoencoder, batch_size: int = 4) \
-            -> tuple[float, float]:
-        """SD case score and the Dice between the segmentations with and without the AE, for fitting.
+    def autoencoder_agreement(self, data: torch.Tensor, autoencoder: BottleneckAutoencoder,
+                              batch_size: int = 4) -> float:
+        """Dice between the segmentations of a preprocessed case with and without the AE (the fit's report).
 
-        Same sliding window, Gaussian weighting and per-voxel SD as at inference (no mirroring). The
-        segmentations compared are the argmax (or region thresholds) of the Gaussian-averaged logits.
+        Same sliding window and Gaussian weighting as at inference (no mirroring); the segmentations are
+        the argmax (or region thresholds) of the Gaussian-averaged logits. The SD scores themselves come
+        from the inference path.
         """
         self.network = self.network.to(self.device)
         self.network.eval()
         padded, layout = self._patches(data)
         weights = importance_weights(layout.patch_size, self.use_gaussian, self.device)
         heads = self.label_manager.num_segmentation_heads
-        distortion = PatchMapAccumulator(1, layout.padded_shape, weights)
         logits = PatchMapAccumulator(2 * heads, layout.padded_shape, weights)
         insertion = AutoencoderInsertion(self.network, autoencoder.to(self.device).eval(), batched=True)
         region_based = self.label_manager.has_regions
@@ -548,17 +548,13 @@ class nnUNetOODPredictor(nnUNetPredictor):
                     insertion.arm()
                     self.network(batch)
                     result = insertion.take()
-                    maps = segmentation_distortion(result.logits, result.logits_ae, region_based)
                     both = torch.cat((result.logits, result.logits_ae), dim=1).float()
                     for i, sl in enumerate(slicers):
-                        distortion.add(maps[i][None], sl)
                         logits.add(both[i], sl)
         finally:
             insertion.remove()
-        score = float(case_scores_from_maps(distortion.result(layout.revert_padding))[0])
         merged = logits.result(layout.revert_padding)[None]
-        dice = segmentation_agreement(merged[:, :heads], merged[:, heads:], region_based)
-        return score, float(dice[0])
+        return float(segmentation_agreement(merged[:, :heads], merged[:, heads:], region_based)[0])
 
     # ------------------------------------------------------------------ running over files
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder,
