@@ -319,7 +319,7 @@ def fit_fold(model_folder: str, fold: int | str, checkpoint_name: str = "checkpo
         data = _load_case(dataset, key)
         features, layout = predictor.extract_patch_features(data, batch_size, autoencoder)
         patch_scores = torch.stack([by[m].score(features[kind]) for m, kind in features_of.items()], dim=1)
-        maps, _ = predictor.maps_and_case_scores(patch_scores, layout)
+        maps = predictor.patch_score_maps(patch_scores, layout)
         foreground = _predicted_foreground(predictor, data) if "foreground_mean" in feature_aggregations else None
         return dict(zip(features_of, aggregate_case_scores(maps, feature_aggregations, layout, foreground).tolist()))
 

@@ -46,7 +46,6 @@ from nnunet_ood.aggregation import (
     PatchMapAccumulator,
     SlidingWindowLayout,
     aggregate_case_scores,
-    case_scores_from_maps,
     importance_weights,
     patch_scores_to_maps,
     predicted_foreground,
@@ -398,14 +397,12 @@ class nnUNetOODPredictor(nnUNetPredictor):
         n = next(iter(inputs.values())).shape[0]
         return torch.stack(columns, dim=1) if columns else torch.zeros((n, 0), dtype=torch.float64)
 
-    def maps_and_case_scores(self, patch_scores: torch.Tensor, layout: SlidingWindowLayout) \
-            -> tuple[torch.Tensor, torch.Tensor]:
-        """Voxel maps ``(M, *shape)`` and case scores ``(M,)`` from per-patch scores ``(P, M)``."""
+    def patch_score_maps(self, patch_scores: torch.Tensor, layout: SlidingWindowLayout) -> torch.Tensor:
+        """Voxel maps ``(M, *shape)`` from per-patch scores ``(P, M)``, spread with the Gaussian weighting."""
         device = self.device if (self.perform_everything_on_device and self.device.type == "cuda") \
             else torch.device("cpu")
         weights = importance_weights(layout.patch_size, self.use_gaussian, device)
-        maps = patch_scores_to_maps(patch_scores, layout, weights)
-        return maps, case_scores_from_maps(maps)
+        return patch_scores_to_maps(patch_scores, layout, weights)
 
     def case_maps(self, logits: torch.Tensor) -> torch.Tensor:
         """Voxel maps ``(M, *shape)`` of every method in use, in table order, for the case just predicted.
@@ -414,7 +411,7 @@ class nnUNetOODPredictor(nnUNetPredictor):
         fold-averaged accumulated SD maps; output-based methods: computed from the final ``logits``.
         """
         patch_scores = torch.stack(self._case_patch_scores).mean(dim=0)  # average the folds per patch
-        feature_maps, _ = self.maps_and_case_scores(patch_scores, self._case_layout)
+        feature_maps = self.patch_score_maps(patch_scores, self._case_layout)
         maps = dict(zip(self.feature_methods, feature_maps))
         if self._case_voxel_maps:
             maps.update(zip(self.voxel_methods, torch.stack(self._case_voxel_maps).mean(dim=0)))
