@@ -7,39 +7,12 @@ patch size; both are fixed here (METHODS.md §1).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-
-@dataclass(frozen=True)
-class SlidingWindowLayout:
-    """Where nnU-Net's sliding window put its patches for one case (in the preprocessed, padded image).
-
-    ``slicers`` are nnU-Net's own slicers (leading channel slice included); ``revert_padding`` crops
-    the padded spatial shape back to the preprocessed image.
-    """
-
-    padded_shape: tuple[int, ...]
-    slicers: tuple[tuple, ...]
-    revert_padding: tuple[slice, ...]
-    patch_size: tuple[int, ...]
-
-    @property
-    def num_patches(self) -> int:
-        return len(self.slicers)
-
-
-def revert_padding_slicer(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, ...]:
-    """The spatial slicer that undoes nnU-Net's ``pad_nd_image`` padding to the patch size.
-
-    Computed by padding a zero-channel array with the same function, so it cannot drift from nnU-Net.
-    """
-    _, slicer = pad_nd_image(np.empty((0, *spatial_shape), dtype=np.uint8), patch_size, "constant", None, True, None)
-    return tuple(slice(int(s.start), int(s.stop)) for s in slicer[1:])
+from nnunet_ood.calibration import CASE_AGGREGATIONS
+from nnunet_ood.sliding_window import SlidingWindowLayout
 
 
 def importance_weights(patch_size: Sequence[int], use_gaussian: bool, device: torch.device) -> torch.Tensor:
@@ -97,10 +70,6 @@ def case_scores_from_maps(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).double().mean(dim=1)
 
 
-#: how a method's voxel map becomes its case score (chosen at fit time, stored with the calibration)
-CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
-
-
 def patch_means(maps: torch.Tensor, layout: SlidingWindowLayout) -> torch.Tensor:
     """Mean of each map over each sliding-window patch, ``(P, M)``; patches are clipped to the unpadded image."""
     shape = maps.shape[1:]
@@ -135,8 +104,3 @@ def aggregate_case_scores(maps: torch.Tensor, aggregations: Sequence[str], layou
         elif how != "mean":
             raise ValueError(f"unknown case aggregation {how!r}; choose from {', '.join(CASE_AGGREGATIONS)}")
     return scores
-
-
-def predicted_foreground(logits: torch.Tensor, region_based: bool) -> torch.Tensor:
-    """Voxels nnU-Net labels foreground: argmax > 0, or any region's logit > 0 (sigmoid > 0.5)."""
-    return (logits > 0).any(0) if region_based else logits.argmax(0) > 0

@@ -6,12 +6,13 @@ import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from nnunet_ood.aggregation import (
-    SlidingWindowLayout,
+    aggregate_case_scores,
     case_scores_from_maps,
     importance_weights,
     patch_scores_to_maps,
-    revert_padding_slicer,
 )
+from nnunet_ood.segmentation import predicted_foreground
+from nnunet_ood.sliding_window import SlidingWindowLayout, revert_padding_slicer
 
 
 def brute_force_map(scores, starts, patch, padded_shape, weights, crop):
@@ -89,8 +90,6 @@ def test_nan_patch_makes_covered_voxels_and_case_score_nan():
 
 
 def test_case_aggregations_against_brute_force():
-    from nnunet_ood.aggregation import SlidingWindowLayout, aggregate_case_scores, predicted_foreground
-
     rng = np.random.default_rng(7)
     shape, patch = (11, 13), (6, 8)
     # hand-made layout on a padded image of the same size (no padding): patches overlapping the borders

@@ -9,18 +9,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import DATASET_ID, fails_with
 
 from nnunet_ood.cli import fit
-from nnunet_ood.inference import predict_entry
-from nnunet_ood.scores_io import read_score_csv
+from nnunet_ood.cli import predict as predict_entry
+from nnunet_ood.io.scores import read_score_csv
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
-
-
-def predict_argv(inp: Path, out: Path, trainer: str = OOD_TRAINER, *extra: str) -> list[str]:
-    return ["-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer,
-            "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar", *extra]
 
 
 @pytest.fixture()
@@ -34,29 +28,32 @@ def scratch_model(tiny_project, tmp_path) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
 
 
-def test_missing_state_names_the_fit_command(tiny_project, test_images, tmp_path, capsys, scratch_model):
+def test_missing_state_names_the_fit_command(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                            scratch_model):
     shutil.rmtree(scratch_model / "fold_0" / "ood")
     out = tmp_path / "out"
-    fails_with(capsys, predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs"),
+    fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs"),
                "no fitted OOD state", "nnUNetv2_fit_ood")
     assert not out.exists()
 
 
-def test_state_of_another_fold_or_model_is_refused(tiny_project, test_images, tmp_path, capsys, scratch_model):
+def test_state_of_another_fold_or_model_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                                  scratch_model):
     # another fold: fold_1 gets fold_0's weights and OOD state
     shutil.copytree(scratch_model / "fold_0", scratch_model / "fold_1")
     argv = predict_argv(test_images, tmp_path / "o1", "nnUNetTrainerOOD_5epochs", "-f", "1")
-    fails_with(capsys, predict_entry.main, argv, "fitted for another model", "fold")
+    fails_with(predict_entry.main, argv, "fitted for another model", "fold")
     # another model: the stock trainer's weights with this state
     stock = tiny_project.model("nnUNetTrainer_1epoch") / "fold_0" / "checkpoint_final.pth"
     shutil.copy(stock, scratch_model / "fold_0" / "checkpoint_final.pth")
     argv = predict_argv(test_images, tmp_path / "o2", "nnUNetTrainerOOD_5epochs")
-    fails_with(capsys, predict_entry.main, argv, "network weights differs", "nnUNetv2_fit_ood")
+    fails_with(predict_entry.main, argv, "network weights differs", "nnUNetv2_fit_ood")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "manifest"])
-def test_corrupted_state_is_refused(tiny_project, test_images, tmp_path, capsys, scratch_model, damage):
+def test_corrupted_state_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv, scratch_model,
+                                   damage):
     ood = scratch_model / "fold_0" / "ood"
     if damage == "truncate":
         path = ood / "mahalanobis.safetensors"
@@ -66,36 +63,36 @@ def test_corrupted_state_is_refused(tiny_project, test_images, tmp_path, capsys,
     else:
         (ood / "ood_state.json").write_text('{"format_version": 1, "methods": ')
     out = tmp_path / "out"
-    fails_with(capsys, predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs"),
+    fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs"),
                "nnUNetv2_fit_ood")
     assert not out.exists()
 
 
-def test_empty_input_folder(tiny_project, tmp_path, capsys):
+def test_empty_input_folder(tiny_project, tmp_path, fails_with, predict_argv):
     (tmp_path / "empty").mkdir()
-    fails_with(capsys, predict_entry.main, predict_argv(tmp_path / "empty", tmp_path / "out"), "no input images")
+    fails_with(predict_entry.main, predict_argv(tmp_path / "empty", tmp_path / "out"), "no input images")
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_number_of_channels(tiny_project, test_images, tmp_path, capsys):
+def test_wrong_number_of_channels(tiny_project, test_images, tmp_path, fails_with, predict_argv):
     first = sorted(test_images.iterdir())[0]
     shutil.copy(first, test_images / first.name.replace("_0000", "_0001"))
-    fails_with(capsys, predict_entry.main, predict_argv(test_images, tmp_path / "out"), "input channel")
+    fails_with(predict_entry.main, predict_argv(test_images, tmp_path / "out"), "input channel")
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_fold_and_method(tiny_project, tmp_path, capsys):
-    fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "zero", "-tr", OOD_TRAINER,
-                                  "-device", "cpu"], "-f")
-    fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
-                                  "-device", "cpu", "--ood", "nonsense"], "nonsense")
-    fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
-                                  "-device", "cpu", "--calibration_parts", "0"], "--calibration_parts")
-    fails_with(capsys, fit.main, ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", "NoSuchTrainer",
-                                  "-device", "cpu"], "no trained model")
+def test_unknown_fold_and_method(tiny_project, tmp_path, fails_with, predict_argv):
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "zero", "-tr", OOD_TRAINER,
+                            "-device", "cpu"], "-f")
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                            "-device", "cpu", "--ood", "nonsense"], "nonsense")
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                            "-device", "cpu", "--calibration_parts", "0"], "--calibration_parts")
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "NoSuchTrainer",
+                            "-device", "cpu"], "no trained model")
 
 
-def test_nan_image_is_predicted_scored_nan_and_flagged(tiny_project, tmp_path, scratch_model):
+def test_nan_image_is_predicted_scored_nan_and_flagged(tiny_project, tmp_path, scratch_model, predict_argv):
     # SimpleITK's NIfTI reader turns NaN/Inf into 0, so nnU-Net never sees them; nibabel keeps them.
     # nnU-Net's NibabelIO reads 3D files only: the 2D cases are stored with a singleton third axis.
     plans_json = scratch_model / "plans.json"

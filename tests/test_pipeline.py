@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import DATASET_ID, read_map_in_input_geometry, run
 from safetensors.torch import load_file
 
-from nnunet_ood.inference import predict_entry
+from nnunet_ood.cli import predict as predict_entry
+from nnunet_ood.io.scores import read_score_csv
 from nnunet_ood.methods import DEFAULT_FIT_METHODS
-from nnunet_ood.scores_io import read_score_csv
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
 STOCK_TRAINER = "nnUNetTrainer_1epoch"
 
 
 def predict_ood(out: Path, inp: Path, *extra: str, trainer: str = OOD_TRAINER) -> None:
-    predict_entry.main(["-i", str(inp), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+    predict_entry.main(["-i", str(inp), "-o", str(out), "-d", "501", "-c", "2d", "-f", "0",
                         "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar",
                         *extra])
 
@@ -48,18 +47,20 @@ def test_trainer_fits_state_at_end_of_training(tiny_project):
     assert (ood_dir / "mahalanobis.safetensors").is_file()
     assert manifest["fingerprint"]["fold"] == "0" and manifest["fingerprint"]["configuration"] == "2d"
     calibration = manifest["methods"]["mahalanobis"]["calibration"]
-    train = list(manifest["provenance"]["train_case_scores"].values())
-    val = [v[0] for v in manifest["provenance"]["val_case_scores"].values()]
-    assert calibration["low"] == pytest.approx(min(v[0] for v in train))
-    assert calibration["high"] == pytest.approx(2 * max(v[0] for v in train))
+    train = list(manifest["provenance"]["train_case_scores"]["mahalanobis"].values())
+    val = list(manifest["provenance"]["val_case_scores"]["mahalanobis"].values())
+    assert calibration["low"] == pytest.approx(min(train))
+    assert calibration["high"] == pytest.approx(2 * max(train))
     assert calibration["threshold"] == pytest.approx(float(np.percentile(val, 95)))
     assert manifest["provenance"]["calibration_parts"] == 5  # training scores are cross-fitted
 
 
-def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test_images, tmp_path):
+def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test_images, tmp_path, run_command,
+                                                              read_map):
     ours, stock = tmp_path / "ours", tmp_path / "stock"
     predict_ood(ours, test_images, "--save_ood_maps")
-    run(["nnUNetv2_predict", "-i", str(test_images), "-o", str(stock), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+    run_command(["nnUNetv2_predict", "-i", str(test_images), "-o", str(stock), "-d", "501", "-c", "2d",
+                 "-f", "0",
          "-tr", OOD_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], tiny_project.env)
     cases = sorted(tiny_project.dataset.case_domain)
     for case in cases:
@@ -76,7 +77,7 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     # maps: one per case and method, in the input's geometry
     for case in cases:
         for method in methods:
-            values = read_map_in_input_geometry(test_images / f"{case}_0000.nii.gz",
+            values = read_map(test_images / f"{case}_0000.nii.gz",
                                                 ours / f"{case}_ood_{method}.nii.gz")
             assert np.isfinite(values).all()
 
@@ -130,14 +131,14 @@ def test_parts_and_continue_prediction_complete_the_tables(tiny_project, test_im
     assert changed == [f"{victim}.nii.gz"]
 
 
-def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_images, tmp_path):
+def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_images, tmp_path, run_command):
     model = tiny_project.model(STOCK_TRAINER)
     # fold 1: same weights copied, fitted on fold 1's own training cases -> a different detector
     shutil.copytree(model / "fold_0", model / "fold_1", ignore=shutil.ignore_patterns("ood"))
-    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "1", "-tr", STOCK_TRAINER,
+    run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "1", "-tr", STOCK_TRAINER,
          "-device", "cpu", "--disable_progress_bar", "--ood", "mahalanobis"], tiny_project.env)
     assert (model / "fold_0" / "ood" / "ood_state.json").is_file()
-    run(["nnUNetv2_predict_ood", "-i", str(test_images), "-o", str(tmp_path / "f0"), "-d", str(DATASET_ID),
+    run_command(["nnUNetv2_predict_ood", "-i", str(test_images), "-o", str(tmp_path / "f0"), "-d", "501",
          "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
          "--disable_progress_bar"], tiny_project.env)
     predict_ood(tmp_path / "f1", test_images, "-f", "1", trainer=STOCK_TRAINER)
@@ -151,7 +152,7 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     # adding sd later keeps the fitted mahalanobis state as it is
     ood = model / "fold_0" / "ood"
     before = load_file(str(ood / "mahalanobis.safetensors"))
-    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
+    run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
          "--disable_progress_bar", "--ood", "sd", "--sd_latent", "8", "--sd_iterations", "5", "--sd_max_epochs", "2",
          "--sd_val_batches", "1"], tiny_project.env)
     manifest = json.loads((ood / "ood_state.json").read_text())
@@ -162,7 +163,7 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     assert manifest["provenance"]["sd_training"]["epochs_run"] == 2
 
     # the case aggregation is chosen at fit time, stored with the calibration and used at inference
-    run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
+    run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
          "--disable_progress_bar", "--ood", "entropy", "knn", "--ood_aggregation", "entropy=foreground_mean",
          "knn=max_patch"], tiny_project.env)
     calibration = json.loads((ood / "ood_state.json").read_text())["methods"]

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import read_map_in_input_geometry, run, shrink_plans
 
-from nnunet_ood.inference import predict_entry
-from nnunet_ood.scores_io import read_score_csv
+from nnunet_ood.cli import predict as predict_entry
+from nnunet_ood.io.scores import read_score_csv
 
 DATASET_ID_3D = 503
 NAME_3D = f"Dataset{DATASET_ID_3D}_Tiny3D"
@@ -46,7 +45,7 @@ def _write(array: np.ndarray, path: Path, spacing=SPACING) -> None:
 
 
 @pytest.fixture(scope="module")
-def project_3d(tiny_project) -> dict[str, Path]:
+def project_3d(tiny_project, run_command, shrink_plans) -> dict[str, Path]:
     raw = tiny_project.root / "raw" / NAME_3D
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (raw / sub).mkdir(parents=True)
@@ -66,28 +65,29 @@ def project_3d(tiny_project) -> dict[str, Path]:
         "channel_names": {"0": "MRI"}, "labels": {"background": 0, "blob": 1}, "numTraining": n_train,
         "file_ending": ".nii.gz"}))
     plan_env = {k: v for k, v in tiny_project.env.items() if k != "nnUNet_n_proc_DA"}
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID_3D), "-c", "3d_fullres", "-np", "1"], plan_env)
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID_3D), "-c", "3d_fullres", "-np", "1"], plan_env)
     # 8x16x16 patches: several per case; bottleneck 16 x 2 x 2 x 2 = 128 features
     shrink_plans(tiny_project.root / "preprocessed", NAME_3D, "3d_fullres", [8, 16, 16], [4, 8, 16, 16],
                  [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]])
-    run(["nnUNetv2_train", str(DATASET_ID_3D), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
+    run_command(["nnUNetv2_train", str(DATASET_ID_3D), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
         tiny_project.env)
     return {"images": raw / "imagesTs"}
 
 
-def test_3d_fullres_matches_stock_and_maps_keep_input_geometry(tiny_project, project_3d, tmp_path):
+def test_3d_fullres_matches_stock_and_maps_keep_input_geometry(tiny_project, project_3d, tmp_path, run_command,
+                                                               read_map):
     images = project_3d["images"]
     ours, stock = tmp_path / "ours", tmp_path / "stock"
     common = ["-i", str(images), "-d", str(DATASET_ID_3D), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
               "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     predict_entry.main(["-o", str(ours), *common, "--save_ood_maps"])
-    run(["nnUNetv2_predict", "-o", str(stock), *common], tiny_project.env)
+    run_command(["nnUNetv2_predict", "-o", str(stock), *common], tiny_project.env)
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.iterdir())
     for case in cases:
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(stock / f"{case}.nii.gz")))
         np.testing.assert_array_equal(a, b)
-        values = read_map_in_input_geometry(images / f"{case}_0000.nii.gz", ours / f"{case}_ood_mahalanobis.nii.gz")
+        values = read_map(images / f"{case}_0000.nii.gz", ours / f"{case}_ood_mahalanobis.nii.gz")
         assert np.isfinite(values).all() and values.max() > 0
     scores = {r["case"]: r["score"] for r in read_score_csv(str(ours / "ood_scores.csv"))}
     assert sorted(scores) == cases and all(np.isfinite(v) and v > 0 for v in scores.values())

@@ -13,21 +13,19 @@ import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from conftest import fails_with, preprocessed_test_case
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from test_bad_input import predict_argv
 
-from nnunet_ood.autoencoder import BottleneckAutoencoder
-from nnunet_ood.inference import predict_entry
+from nnunet_ood.cli import predict as predict_entry
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import DEFAULT_FIT_METHODS
+from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
 
 
 @pytest.fixture(scope="module")
-def scored_case(tiny_project):
-    predictor, data = preprocessed_test_case(tiny_project, None, "shift_strong")
+def scored_case(preprocessed_case):
+    predictor, data = preprocessed_case(None, "shift_strong")
     predictor.predict_logits_from_preprocessed_data(data)
     return predictor, data, predictor.ood_results[-1]
 
@@ -86,13 +84,13 @@ def test_sd_and_latent_mahalanobis_equal_brute_force(scored_case):
     predictor, data, result = scored_case
     expected = brute_force_maps(predictor, data)
     for method in ("sd", "latent_mahalanobis"):
-        got = result.maps[result.methods.index(method)]
+        got = result.maps[method]
         np.testing.assert_allclose(got, expected[method], rtol=1e-4, atol=1e-9)
         assert result.scores[method]["score"] == pytest.approx(expected[method].mean(), rel=1e-4)
     assert result.scores["sd"]["score"] > 0
 
 
-def test_autoencoder_of_another_shape_is_refused(tiny_project, test_images, tmp_path, capsys):
+def test_autoencoder_of_another_shape_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv):
     model = tiny_project.model("nnUNetTrainerOOD_10epochs")
     shutil.rmtree(model, ignore_errors=True)
     shutil.copytree(tiny_project.model(OOD_TRAINER), model)
@@ -100,7 +98,7 @@ def test_autoencoder_of_another_shape_is_refused(tiny_project, test_images, tmp_
         ood = model / "fold_0" / "ood"
         BottleneckAutoencoder(7, (3, 3), latent_dim=16).save(ood)  # replaces the fitted one
         out = tmp_path / "out"
-        fails_with(capsys, predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_10epochs"),
+        fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_10epochs"),
                    "SD autoencoder of fold 0 expects bottlenecks of shape (7, 3, 3)", "nnUNetv2_fit_ood --ood sd")
         assert not out.exists()
         # without the AE methods the same state still serves mahalanobis

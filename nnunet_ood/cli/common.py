@@ -1,28 +1,38 @@
-"""Shared pieces of the command-line entry points: device choice and one-line errors."""
+"""Shared pieces of the command lines: device choice, model lookup, one-line errors.
+
+Nothing here imports torch or nnU-Net at module level: the command lines parse and check their
+arguments first, so a wrong flag is reported at once.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
-
-import torch
+from typing import Any, TypeVar
 
 from nnunet_ood.errors import OODError, OODInputError
 
 F = TypeVar("F", bound=Callable[..., object])
 
-
-def default_device() -> str:
-    """nnU-Net defaults to ``cuda``; we fall back to ``cpu`` where no GPU exists instead of crashing."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+DEVICES = ("cpu", "cuda", "mps")
+DEVICE_HELP = "cpu, cuda or mps (default: cuda if PyTorch sees a GPU, else cpu; nnU-Net's default is cuda)"
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn ``-device cpu|cuda|mps`` into a torch device and set threads the way nnU-Net's CLI does."""
-    if name not in ("cpu", "cuda", "mps"):
+def check_device_name(name: str | None) -> None:
+    """``-device`` must be one of :data:`DEVICES` (checked before torch is imported)."""
+    if name is not None and name not in DEVICES:
         raise OODInputError(f"-device must be cpu, cuda or mps, got {name!r}")
+
+
+def resolve_device(name: str | None) -> Any:
+    """``-device`` (``None``: cuda if available, else cpu) as a torch device; threads set as nnU-Net's CLI does."""
+    import torch
+
+    check_device_name(name)
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise OODInputError("-device cuda was requested but PyTorch sees no CUDA GPU; use -device cpu")
     if name == "cpu":
@@ -35,17 +45,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def parse_folds(values: list) -> list[int | str]:
-    """Turn ``-f`` values into nnU-Net fold identifiers (integers or ``'all'``), with a one-line error."""
-    try:
-        return [v if v == "all" else int(v) for v in values]
-    except ValueError:
-        raise OODInputError(f"-f takes fold numbers or 'all', got {' '.join(map(str, values))}") from None
-
-
 def locate_model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
     """nnU-Net's ``Trainer__Plans__Configuration`` folder of a trained model, or a one-line error."""
-    from batchgenerators.utilities.file_and_folder_operations import isdir
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     try:
@@ -53,7 +54,7 @@ def locate_model_folder(dataset: str, trainer: str, plans: str, configuration: s
     except (RuntimeError, KeyError, TypeError) as e:
         raise OODInputError(f"cannot locate the trained model for dataset {dataset} ({e}); check -d and "
                             "nnUNet_results") from None
-    if not isdir(model_folder):
+    if not os.path.isdir(model_folder):
         raise OODInputError(f"no trained model in {model_folder}; check -d/-tr/-p/-c and nnUNet_results")
     return model_folder
 
@@ -66,7 +67,7 @@ def one_line_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except OODError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

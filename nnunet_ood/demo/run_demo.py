@@ -1,7 +1,7 @@
 """``nnunet_ood_demo``: the whole workflow on the embedded synthetic dataset, in a few minutes on a CPU.
 
 generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerOOD_demo (fits OOD state)
--> nnUNetv2_predict_ood on every test domain -> Dice against ground truth -> table, CSV and PNG.
+-> nnUNetv2_predict_ood on every test domain -> nnUNetv2_evaluate_ood (tables, plots, summary).
 Every step is the real nnU-Net / plugin command line; their output goes to ``<output>/logs``.
 """
 
@@ -54,9 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnunet_ood_demo``."""
     args = build_parser().parse_args(argv)
-    from nnunet_ood.demo.evaluate import evaluate_demo_predictions
+    from nnunet_ood.cli.trainer_dir import trainer_dir
     from nnunet_ood.demo.synthetic import generate_demo_dataset
-    from nnunet_ood.trainers import EXT_TRAINER_DIR
 
     started = time.time()
     out = Path(args.output).resolve()
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True)
     env = dict(os.environ)
     env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=EXT_TRAINER_DIR)
+               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir())
     env.setdefault("nnUNet_def_n_proc", "2")
 
     print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
@@ -101,12 +100,9 @@ def main(argv: list[str] | None = None) -> None:
           ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
            "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(out / "evaluation")],
           env, logs)
-    print("==> per-domain summary against the ground truth", flush=True)
-    table = evaluate_demo_predictions(data, predictions, out)
-    print()
-    print(table)
     print()
     print((out / "evaluation" / "ood_evaluation.md").read_text())
+    print((out / "evaluation" / "ood_summary.md").read_text())
     print(f"\nfinished in {time.time() - started:.0f} s; results in {out}")
 
 

@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nnunet_ood.atomic import atomic_save_tensors
+from nnunet_ood.detectors.statistics import as_feature_tensor
 from nnunet_ood.errors import OODError, OODInputError, OODStateError
-from nnunet_ood.statistics import as_feature_tensor
+from nnunet_ood.io.atomic import atomic_save_tensors
 
 __all__ = ["FORMAT_VERSION", "FeatureDetector"]
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from nnunet_ood.detectors.base import ArrayLike, DeviceLike, FeatureDetector
+from nnunet_ood.detectors.statistics import as_feature_tensor
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.statistics import as_feature_tensor
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "KNNDetector"]
 

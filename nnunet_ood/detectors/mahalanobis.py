@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 
 from nnunet_ood.detectors.base import ArrayLike, DeviceLike, FeatureDetector
+from nnunet_ood.detectors.statistics import GaussianStatistics
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.statistics import GaussianStatistics
 
 __all__ = ["LatentMahalanobisDetector", "MahalanobisDetector"]
 

@@ -1,1 +1,1 @@
-"""nnU-Net predictor subclass and the nnUNetv2_predict_ood entry point."""
+"""Inference: the nnU-Net predictor subclass, the per-case scorer of the methods, the run's output files."""

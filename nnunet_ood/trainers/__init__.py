@@ -5,8 +5,7 @@ nnU-Net finds trainers outside its own package through ``nnUNet_extTrainer``; po
 so that they stay importable and picklable under their real module name).
 """
 
-import os
-
+from nnunet_ood.cli.trainer_dir import trainer_dir
 from nnunet_ood.trainers.nnUNetTrainerOOD import *  # noqa: F401,F403
 
-EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ext")
+EXT_TRAINER_DIR = trainer_dir()

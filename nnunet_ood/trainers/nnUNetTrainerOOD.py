@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ood.errors import OODError
-from nnunet_ood.methods import DEFAULT_FIT_METHODS
-from nnunet_ood.sd_training import SDTrainingConfig
+from nnunet_ood.fitting.options import FitOptions
+from nnunet_ood.methods.sd import SDTrainingConfig
 
 __all__ = ["nnUNetTrainerOOD", "nnUNetTrainerOOD_1epoch", "nnUNetTrainerOOD_5epochs", "nnUNetTrainerOOD_10epochs",
            "nnUNetTrainerOOD_20epochs", "nnUNetTrainerOOD_50epochs", "nnUNetTrainerOOD_100epochs",
@@ -23,13 +24,11 @@ class nnUNetTrainerOOD(nnUNetTrainer):
 
     Training itself is untouched. The fit uses the same code as ``nnUNetv2_fit_ood`` and stores its
     state in ``fold_X/ood``. If it fails on bad input, training still counts as done and the log says
-    how to fit afterwards.
+    how to fit afterwards. Subclasses set ``ood_fit_options`` (every option ``nnUNetv2_fit_ood`` has, e.g.
+    ``FitOptions(methods=("mahalanobis",))``); its ``device`` is replaced by the trainer's.
     """
 
-    ood_methods: tuple[str, ...] = DEFAULT_FIT_METHODS
-    ood_seed: int = 0
-    #: how the Segmentation Distortion autoencoder is trained (as nnUNetv2_fit_ood's --sd_* defaults)
-    ood_sd_config: SDTrainingConfig = SDTrainingConfig()
+    ood_fit_options: FitOptions = FitOptions()
     #: seed for Python, numpy and torch before training starts; None keeps nnU-Net's unseeded behaviour
     training_seed: int | None = None
 
@@ -50,10 +49,10 @@ class nnUNetTrainerOOD(nnUNetTrainer):
             return
         from nnunet_ood.fitting import fit_fold  # late import: the fit pulls in the predictor
 
-        self.print_to_log_file(f"OOD: fitting {', '.join(self.ood_methods)} for fold {self.fold}")
+        options = dataclasses.replace(self.ood_fit_options, device=self.device, checkpoint="checkpoint_final.pth")
+        self.print_to_log_file(f"OOD: fitting {', '.join(options.methods)} for fold {self.fold}")
         try:
-            fit_fold(self.output_folder_base, self.fold, "checkpoint_final.pth", self.ood_methods,
-                     device=self.device, seed=self.ood_seed, progress=True, sd_config=self.ood_sd_config)
+            fit_fold(self.output_folder_base, self.fold, options)
         except OODError as e:
             self.print_to_log_file(f"OOD: fitting failed: {e}. Training is complete; fit later with "
                                    f"nnUNetv2_fit_ood -d {self.plans_manager.dataset_name} -c "
@@ -88,7 +87,8 @@ class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
     """Short schedule for the CPU demo: 30 epochs of 20 iterations (a few minutes on 2 cores), seeded."""
 
     training_seed = 0
-    ood_sd_config = SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=15, patience=3, val_batches=4)
+    ood_fit_options = FitOptions(method_configs={"sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20,
+                                                                        max_epochs=15, patience=3, val_batches=4)})
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -102,7 +102,8 @@ class nnUNetTrainerOOD_smoke(nnUNetTrainerOOD):
     """Smoke-test schedule (3 epochs of 20 iterations), seeded: exercises the whole pipeline, learns little."""
 
     training_seed = 0
-    ood_sd_config = SDTrainingConfig(latent_dim=16, iterations_per_epoch=10, max_epochs=4, patience=2, val_batches=2)
+    ood_fit_options = FitOptions(method_configs={"sd": SDTrainingConfig(latent_dim=16, iterations_per_epoch=10,
+                                                                        max_epochs=4, patience=2, val_batches=2)})
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

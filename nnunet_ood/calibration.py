@@ -1,0 +1,140 @@
+"""Per-method calibration: display normalisation, ID threshold and case aggregation (no torch, no nnU-Net).
+
+A method's case scores are put on a common scale (``normalized``, [0, 1]) and flagged ``ood`` above a
+threshold. Both numbers come from in-distribution cases at fit time (METHODS.md §1): ``low`` = the
+smallest and ``high`` = twice the largest training-case score, the threshold = the 95th percentile of
+the validation-case scores. :func:`normalize_score` is the one normalisation of the package; the
+evaluation uses it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from nnunet_ood.errors import OODStateError
+
+#: how a method's voxel map becomes its case score (chosen at fit time, stored with the calibration)
+CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
+#: the ID threshold is this percentile of the fold's validation case scores
+THRESHOLD_PERCENTILE = 95.0
+REFIT = "re-fit it with nnUNetv2_fit_ood"
+
+
+def normalize_score(score: float, low: float, high: float) -> float:
+    """``score`` clipped to ``[low, high]`` and rescaled to [0, 1]; NaN stays NaN.
+
+    Degenerate bounds (``high == low``: every training score was equal) give a step: 0 at or below
+    ``low``, 1 above it, so a case scoring above every training case still stands out.
+    """
+    if not (math.isfinite(low) and math.isfinite(high)) or high < low:
+        raise ValueError(f"normalisation needs finite bounds with high >= low, got low={low}, high={high}")
+    if math.isnan(score):
+        return math.nan
+    if high == low:
+        return 1.0 if score > low else 0.0
+    return (min(max(score, low), high) - low) / (high - low)
+
+
+def normalization_bounds(train_scores: Sequence[float]) -> tuple[float, float]:
+    """``[min, 2 max]`` of training case scores (METHODS.md); scores that can be negative (energy,
+    kl_uniform) get the same headroom above the minimum: ``[min, max + (max - min)]``."""
+    low, top = float(min(train_scores)), float(max(train_scores))
+    return low, (2 * top if low >= 0 else top + (top - low))
+
+
+@dataclass
+class MethodCalibration:
+    """Per-method numbers recorded at fit time: display normalisation, ID threshold, case aggregation."""
+
+    low: float  # min of ID training case scores
+    high: float  # 2 * max of ID training case scores (max + (max - min) if some are negative)
+    threshold: float  # 95th percentile of the fold's validation case scores
+    n_train_cases: int = 0
+    n_val_cases: int = 0
+    aggregation: str = "mean"  # how the voxel map becomes the case score (nnunet_ood.aggregation)
+
+    @property
+    def calibrated(self) -> bool:
+        """False for methods without a per-fold calibration (fold ensembles): no normalisation, no flag."""
+        return not math.isnan(self.threshold)
+
+    def normalize(self, score: float) -> float:
+        """The score on the [0, 1] display scale (NaN for uncalibrated methods and NaN scores)."""
+        return normalize_score(score, self.low, self.high) if self.calibrated else math.nan
+
+    def flag(self, score: float) -> bool:
+        """Out of distribution: above the threshold, or NaN (a case that could not be scored)."""
+        return self.calibrated and not (score <= self.threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str) -> MethodCalibration:
+        """Read a manifest entry; a one-line error when a field is missing or of the wrong type."""
+        names = {f.name: f for f in fields(cls)}
+        if not isinstance(entry, dict) or any(k not in names for k in entry) or \
+                any(k not in entry for k in ("low", "high", "threshold")):
+            raise OODStateError(f"corrupted calibration in {where}: expected the fields {', '.join(names)}; "
+                                f"{REFIT}")
+        values = {}
+        for key, value in entry.items():
+            kind = names[key].type
+            if kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, str) and value in CASE_AGGREGATIONS
+            if not ok:
+                allowed = f" (one of {', '.join(CASE_AGGREGATIONS)})" if key == "aggregation" else ""
+                raise OODStateError(f"corrupted calibration in {where}: {key} = {value!r} is not a valid "
+                                    f"{'aggregation' if key == 'aggregation' else kind}{allowed}; {REFIT}")
+            values[key] = float(value) if kind == "float" else value
+        return cls(**values)
+
+    @classmethod
+    def uncalibrated(cls) -> MethodCalibration:
+        """The calibration of a method that a per-fold fit cannot calibrate (fold ensembles)."""
+        return cls(math.nan, math.nan, math.nan)
+
+    @classmethod
+    def from_scores(cls, train_scores: Sequence[float], val_scores: Sequence[float],
+                    percentile: float = THRESHOLD_PERCENTILE, aggregation: str = "mean") -> MethodCalibration:
+        """Normalisation from training case scores, threshold from validation case scores (NaNs ignored)."""
+        train = [s for s in train_scores if math.isfinite(s)]
+        val = [s for s in val_scores if math.isfinite(s)]
+        if not train or not val:
+            raise OODStateError("no finite OOD scores on the fold's training or validation cases; "
+                                "check the preprocessed data for NaN/Inf and re-run nnUNetv2_fit_ood")
+        low, high = normalization_bounds(train)
+        return cls(low=low, high=high, threshold=float(np.percentile(np.asarray(val, dtype=np.float64), percentile)),
+                   n_train_cases=len(train_scores), n_val_cases=len(val_scores), aggregation=aggregation)
+
+
+def combine_calibrations(calibrations: Sequence[MethodCalibration]) -> MethodCalibration:
+    """Several folds average their per-patch scores, so bounds and threshold are averaged the same way."""
+    n = len(calibrations)
+    if len({c.aggregation for c in calibrations}) > 1:
+        raise OODStateError("the folds' OOD states aggregate a method's map to case scores differently; re-fit "
+                            "them with the same --ood_aggregation")
+    return MethodCalibration(low=sum(c.low for c in calibrations) / n, high=sum(c.high for c in calibrations) / n,
+                             threshold=sum(c.threshold for c in calibrations) / n,
+                             n_train_cases=sum(c.n_train_cases for c in calibrations),
+                             n_val_cases=sum(c.n_val_cases for c in calibrations),
+                             aggregation=calibrations[0].aggregation)
+
+
+def calibrated_scores(scores: dict[str, float], calibration: dict[str, MethodCalibration]) -> dict[str, dict[str, Any]]:
+    """Per method ``{score, normalized, ood, threshold}``; uncalibrated methods are never flagged."""
+    out = {}
+    for method, value in scores.items():
+        c = calibration[method]
+        out[method] = {"score": value, "normalized": c.normalize(value), "ood": c.flag(value),
+                       "threshold": c.threshold if c.calibrated else None}
+    return out

@@ -1,0 +1,144 @@
+"""``nnUNetv2_predict_ood``: ``nnUNetv2_predict`` with OOD scores (same flags and defaults, plus ``--ood``/maps)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections import Counter
+
+from nnunet_ood.cli.common import DEVICE_HELP, check_device_name, locate_model_folder, one_line_errors, resolve_device
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.folds import parse_folds
+from nnunet_ood.methods import REGISTRY
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of ``nnUNetv2_predict`` under the same name and default, plus the OOD flags."""
+    p = argparse.ArgumentParser(
+        description="nnUNetv2_predict plus out-of-distribution scores: writes the same segmentations and, in "
+                    "the output folder, ood_scores.csv / ood_scores.json (and maps with --save_ood_maps).")
+    p.add_argument("-i", required=True, help="input folder (files named CASE_XXXX<ending>, as for nnUNetv2_predict)")
+    p.add_argument("-o", required=True, help="output folder (created if missing)")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer used for training (default: nnUNetTrainer)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    p.add_argument("-f", nargs="+", default=(0, 1, 2, 3, 4), help="folds to use (default: 0 1 2 3 4)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step size (default: 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring (OOD scores do not change: they come "
+                   "from the un-mirrored pass)")
+    p.add_argument("--verbose", action="store_true", help="talk a lot")
+    p.add_argument("--save_probabilities", action="store_true", help="also export class probabilities (.npz)")
+    p.add_argument("--continue_prediction", action="store_true",
+                   help="continue an aborted run: skip cases whose segmentation, OOD record and maps exist")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint (default: checkpoint_final.pth)")
+    p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3), help="preprocessing processes (default: 3)")
+    p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3), help="export processes (default: 3); "
+                   "-npp 0 -nps 0 runs sequentially without multiprocessing")
+    p.add_argument("-prev_stage_predictions", default=None, help="previous stage predictions (cascade)")
+    p.add_argument("-num_parts", type=int, default=1, help="number of parallel calls splitting the input "
+                   "(default: 1)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this call is (0 .. num_parts-1)")
+    p.add_argument("-device", default=None, help=DEVICE_HELP)
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    p.add_argument("--not_on_device", action="store_true", help="keep result arrays in CPU memory")
+    p.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
+                   help="OOD methods to compute (default: every method fitted for the model, plus the fold-ensemble "
+                        f"methods with several folds); known: {' '.join(REGISTRY.names)}")
+    p.add_argument("--save_ood_maps", action="store_true",
+                   help="write one float32 map per case and method, <case>_ood_<method>, in the input geometry")
+    REGISTRY.add_config_arguments(p, "predict")
+    return p
+
+
+def check_input_folder(folder: str, file_ending: str, num_channels: int) -> list[str]:
+    """Case identifiers in an nnU-Net input folder; one-line errors for empty folders and wrong channels."""
+    if not os.path.isdir(folder):
+        raise OODInputError(f"input folder {folder} does not exist")
+    pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(file_ending) + "$")
+    matches = [pattern.match(f) for f in sorted(os.listdir(folder)) if f.endswith(file_ending)]
+    if not matches:
+        raise OODInputError(f"no input images ending in {file_ending} in {folder}; nnU-Net expects "
+                            f"CASE_0000{file_ending} (one file per channel)")
+    unnamed = [m for m in matches if m is None]
+    if unnamed:
+        raise OODInputError(f"{len(unnamed)} file(s) in {folder} lack the _XXXX channel suffix nnU-Net needs, "
+                            f"e.g. rename image{file_ending} to image_0000{file_ending}")
+    channels = Counter(m.group(1) for m in matches)
+    for case, count in channels.items():
+        found = sorted(int(m.group(2)) for m in matches if m.group(1) == case)
+        if count != num_channels or found != list(range(num_channels)):
+            raise OODInputError(f"case {case} has channel files {found} but the model expects {num_channels} "
+                                f"input channel(s) _0000.._{num_channels - 1:04d}; fix the input folder")
+    return sorted(channels)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model is loaded (and before torch is imported)."""
+    check_device_name(args.device)
+    if not 0 < args.step_size <= 1:
+        raise OODInputError(f"-step_size must be in (0, 1] (a fraction of the patch size), got {args.step_size}")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise OODInputError(f"-num_parts must be at least 1 and -part_id in 0..num_parts-1, got -num_parts "
+                            f"{args.num_parts} -part_id {args.part_id}")
+    if args.nps == 0 and args.npp == 0 and args.num_parts > 1:
+        raise OODInputError("-num_parts needs multiprocessing mode in nnU-Net; drop -npp 0 -nps 0")
+    for name in args.ood or ():
+        REGISTRY.get(name)
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``nnUNetv2_predict_ood``."""
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    folds = parse_folds(args.f)
+    predict_options = REGISTRY.configs_from_args(args, "predict")
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
+
+    model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
+    for fold in folds:
+        if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
+            raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    check_input_folder(args.i, dataset_json["file_ending"], n_channels)
+
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    device = resolve_device(args.device)
+    predictor = nnUNetOODPredictor(tile_step_size=args.step_size, use_gaussian=True,
+                                   use_mirroring=not args.disable_tta,
+                                   perform_everything_on_device=not args.not_on_device, device=device,
+                                   verbose=args.verbose, verbose_preprocessing=args.verbose,
+                                   allow_tqdm=not args.disable_progress_bar, ood_methods=args.ood,
+                                   save_ood_maps=args.save_ood_maps, predict_options=predict_options)
+    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    maybe_mkdir_p(args.o)
+    if args.nps == 0 and args.npp == 0:
+        print("Running in non-multiprocessing mode")
+        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction,
+                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    else:
+        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction,
+                                     num_processes_preprocessing=max(1, args.npp),
+                                     num_processes_segmentation_export=max(1, args.nps),
+                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                     num_parts=args.num_parts, part_id=args.part_id)
+    flagged = sum(1 for r in predictor.ood_results for s in r.scores.values() if s["ood"])
+    print(f"OOD: {len(predictor.ood_results)} case(s) scored in this run, {flagged} method flag(s) raised; "
+          f"see {join(args.o, 'ood_scores.csv')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Evaluation metrics with one definition each (METHODS.md section 4).
+
+Convention throughout: a score is an uncertainty, higher = more likely OOD / less trustworthy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def average_ranks(x: ArrayLike) -> np.ndarray:
+    """1-based ranks of a 1D array, ties sharing the mean of their ranks. ``inf`` is allowed;
+    NaN is not (its order is undefined)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if np.isnan(x).any():
+        raise ValueError("average_ranks is undefined for NaN")
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    # Tied group g occupies ranks start_g .. start_g + count_g - 1; all get the mean.
+    start = np.cumsum(counts) - counts + 1
+    return (start + (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def auroc(negative_scores: ArrayLike, positive_scores: ArrayLike) -> float:
+    """Area under the ROC curve for separating positives (OOD) from negatives (ID).
+
+    Higher scores mean more OOD. Computed as the Mann-Whitney U statistic from average ranks,
+    so a positive-negative tie counts 1/2. A NaN score means the case could not be scored; it
+    must be flagged, so it is treated as maximally uncertain (+inf). Returns NaN when either
+    side is empty.
+    """
+    neg = np.asarray(negative_scores, dtype=np.float64).ravel()
+    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
+    if neg.size == 0 or pos.size == 0:
+        return float("nan")
+    both = np.concatenate([neg, pos])
+    both[np.isnan(both)] = np.inf
+    ranks = average_ranks(both)
+    n_neg, n_pos = neg.size, pos.size
+    u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_neg * n_pos))
+
+
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks).
+
+    Pairs where either value is NaN are dropped (like ``scipy.stats.spearmanr`` with
+    ``nan_policy="omit"``). Returns NaN when fewer than two pairs remain or either side is
+    constant.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs equal lengths, got {x.size} and {y.size}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if x.size < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    if denom == 0:
+        return float("nan")
+    return float((rx * ry).sum() / denom)
+
+
+def _finite_1d(x: ArrayLike, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def threshold_metrics(id_val: ArrayLike, id_test: ArrayLike, ood: ArrayLike,
+                      percentile: float = 95.0) -> dict[str, float]:
+    """González et al.'s threshold metrics, ID as the "positive" class (METHODS.md §4).
+
+    t = ``percentile``-th percentile (numpy's linear interpolation) of the ID validation
+    uncertainties; TPR = share of ID test cases with u <= t; FPR = share of OOD cases with u <= t
+    (accepted although OOD); detection error = 0.5 (1 - TPR) + 0.5 FPR. Empty groups give NaN.
+    """
+    id_val, id_test, ood = (_finite_1d(v, n) for v, n in ((id_val, "id_val"), (id_test, "id_test"), (ood, "ood")))
+    if id_val.size == 0:
+        nan = float("nan")
+        return {"threshold": nan, "tpr": nan, "fpr": nan, "detection_error": nan}
+    t = float(np.percentile(id_val, percentile))
+    tpr = float(np.mean(id_test <= t)) if id_test.size else float("nan")
+    fpr = float(np.mean(ood <= t)) if ood.size else float("nan")
+    return {"threshold": t, "tpr": tpr, "fpr": fpr, "detection_error": 0.5 * (1 - tpr) + 0.5 * fpr}
+
+
+def esce(normalized_uncertainty: ArrayLike, dice: ArrayLike, n_bins: int = 10) -> float:
+    """Expected segmentation calibration error (González et al. eq. 5).
+
+    ``n_bins`` equal-width bins over [0, 1] of the normalised uncertainty u (u = 1 falls in the
+    last bin); sum over bins of |B|/n * |mean Dice(B) - (1 - mean u(B))|.
+    """
+    u, d = _finite_1d(normalized_uncertainty, "uncertainty"), _finite_1d(dice, "dice")
+    if u.shape != d.shape or u.size == 0:
+        raise ValueError("esce needs equally many (at least one) uncertainties and Dice values")
+    if (u < 0).any() or (u > 1).any():
+        raise ValueError("esce needs normalised uncertainties in [0, 1]")
+    bins = np.minimum((u * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    sum_u = np.bincount(bins, weights=u, minlength=n_bins)
+    sum_d = np.bincount(bins, weights=d, minlength=n_bins)
+    used = count > 0
+    gap = np.abs(sum_d[used] / count[used] - (1.0 - sum_u[used] / count[used]))
+    return float(np.sum(count[used] / u.size * gap))
+
+
+def aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
+    """Area under the selective-risk-vs-coverage curve (Jaeger et al.), ties handled.
+
+    Cases are accepted from the least to the most uncertain; cases with equal uncertainty are
+    accepted together. With n_j cases accepted at the j-th distinct uncertainty and r_j their mean
+    risk, AURC = sum_j (n_j - n_{j-1}) / n * r_j. Without ties this is the mean over k = 1..n of the
+    mean risk of the k least uncertain cases.
+    """
+    u, r = _finite_1d(uncertainty, "uncertainty"), _finite_1d(risk, "risk")
+    if u.shape != r.shape or u.size == 0:
+        raise ValueError("aurc needs equally many (at least one) uncertainties and risks")
+    order = np.argsort(u, kind="stable")
+    u, r = u[order], r[order]
+    last_of_group = np.r_[u[1:] != u[:-1], True]  # the last case of each run of equal uncertainty
+    accepted = np.arange(1, u.size + 1)[last_of_group]
+    selective_risk = np.cumsum(r)[last_of_group] / accepted
+    return float(np.sum(np.diff(np.r_[0, accepted]) / u.size * selective_risk))
+
+
+def oracle_aurc(risk: ArrayLike) -> float:
+    """AURC of the oracle that accepts cases from the lowest to the highest risk, one at a time.
+
+    Cases of equal risk are interchangeable for the oracle, so they are not grouped: at every coverage
+    k/n its selective risk is the mean of the k smallest risks, the lowest any ranking can reach.
+    """
+    r = np.sort(_finite_1d(risk, "risk"))
+    if r.size == 0:
+        raise ValueError("oracle_aurc needs at least one risk")
+    return float(np.mean(np.cumsum(r) / np.arange(1, r.size + 1)))
+
+
+def e_aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
+    """Excess AURC: :func:`aurc` minus :func:`oracle_aurc` (never negative)."""
+    return aurc(uncertainty, risk) - oracle_aurc(risk)

@@ -1,0 +1,97 @@
+"""The short summary of an evaluation: which method is best at what, and what it does per group of cases.
+
+Written by ``nnUNetv2_evaluate_ood`` as ``ood_summary.md`` and printed by the demo. The best method at
+detecting shifts has the highest AUROC over all shifted domains pooled; the best at predicting failures
+the lowest AURC there. Per group (ID test and each domain): cases, mean Dice, failures (Dice below
+:data:`~nnunet_ood.evaluation.table.FAILURE_DICE`) and, for the best failure predictor, the share of
+cases it flags and the failures it catches (flagged) or misses (accepted: silent failures). Flags use
+the table's threshold (percentile of the ID validation cases) where there is one, else the plugin's own
+(from ``ood_scores.json``); a NaN score is always flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from nnunet_ood.evaluation.table import ALL_SHIFTED, FAILURE_DICE, ID_VAL, Evaluation
+
+SUMMARY_MD = "ood_summary.md"
+
+
+def _best(rows: Sequence[Mapping[str, Any]], metric: str, highest: bool) -> str | None:
+    candidates = [r for r in rows if r["domain"] == ALL_SHIFTED and not math.isnan(r[metric])]
+    if not candidates:
+        return None
+    return (max if highest else min)(candidates, key=lambda r: r[metric])["method"]
+
+
+def best_methods(evaluation: Evaluation) -> dict[str, str | None]:
+    """``{"shift": highest pooled AUROC, "failure": lowest pooled AURC}`` (None when undefined)."""
+    return {"shift": _best(evaluation.rows, "auroc", True), "failure": _best(evaluation.rows, "aurc", False)}
+
+
+def flag_threshold(evaluation: Evaluation, method: str) -> float:
+    """The raw-score threshold above which ``method`` flags a case (NaN when there is none)."""
+    table = [r["threshold"] for r in evaluation.rows if r["method"] == method and not math.isnan(r["threshold"])]
+    if table:
+        return float(table[0])
+    value = (evaluation.calibration.get(method) or {}).get("threshold")
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Cases a method flags: score above the threshold, or NaN (could not be scored)."""
+    return np.isnan(scores) | (scores > threshold)
+
+
+def group_rows(evaluation: Evaluation, method: str | None) -> list[dict[str, Any]]:
+    """One row per group but the ID validation cases, with ``method``'s flags."""
+    threshold = flag_threshold(evaluation, method) if method else math.nan
+    rows = []
+    for group in (g for g in evaluation.groups if g.spec.role != ID_VAL):
+        failed = group.dice < FAILURE_DICE
+        row = {"group": group.spec.name, "cases": len(group.cases), "mean_dice": float(np.mean(group.dice)),
+               "failures": int(failed.sum()), "flagged": math.nan, "caught": math.nan, "missed": math.nan}
+        if method and not math.isnan(threshold):
+            flags = flagged(group.score[method], threshold)
+            row.update(flagged=float(flags.mean()), caught=int((flags & failed).sum()),
+                       missed=int((~flags & failed).sum()))
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, kind: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if kind == "share":
+        return f"{value:.0%}"
+    return f"{value:.3f}" if kind == "dice" else str(value)
+
+
+def format_summary(evaluation: Evaluation) -> str:
+    """Markdown: the best methods, then the per-group table for the best failure predictor."""
+    best = best_methods(evaluation)
+    method = best["failure"]
+    lines = ["# OOD summary", ""]
+    if best["shift"]:
+        auroc = next(r["auroc"] for r in evaluation.rows if r["method"] == best["shift"] and r["domain"] == ALL_SHIFTED)
+        lines.append(f"- Best at detecting shifted cases: **{best['shift']}** (AUROC {auroc:.3f}, all shifted "
+                     "domains against the ID test cases).")
+    if method:
+        row = next(r for r in evaluation.rows if r["method"] == method and r["domain"] == ALL_SHIFTED)
+        lines.append(f"- Best at ranking failures: **{method}** (AURC {row['aurc']:.3f}, Spearman with 1 - Dice "
+                     f"{row['spearman']:.3f}); the table shows what its flag does.")
+    lines.append(f"- A failure is a segmentation with Dice < {FAILURE_DICE:g}; missed = failed and not flagged "
+                 "(a silent failure).")
+    header = ["group", "cases", "mean Dice", "failures", f"flagged by {method or '-'}", "failures caught",
+              "failures missed"]
+    kinds = ["text", "text", "dice", "text", "share", "text", "text"]
+    keys = ["group", "cases", "mean_dice", "failures", "flagged", "caught", "missed"]
+    lines += ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in group_rows(evaluation, method):
+        lines.append("| " + " | ".join(_cell(row[k], kind) for k, kind in zip(keys, kinds)) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,630 @@
+"""``nnUNetv2_evaluate_ood``: the papers' comparison table from prediction folders and ground-truth labels.
+
+Groups of cases:
+
+* ``id_test``: in-distribution test cases, the negatives of the AUROC;
+* ``id_val`` (optional): in-distribution validation cases, whose ``percentile``-th raw score percentile is the
+  threshold of FPR, TPR and detection error;
+* one group per shifted domain (the positives).
+
+Each group is one prediction folder of ``nnUNetv2_predict_ood`` (segmentations, ``ood_scores.csv``,
+``ood_scores.json``, ``dataset.json``) plus a folder with the reference label files; its cases are the cases of
+its ``ood_scores.csv``. Everything is read and checked by :func:`evaluate` before anything is written, and
+:func:`render_outputs` builds every output file in memory so that :func:`write_outputs` only writes.
+
+Scores are uncertainties: higher = worse. Risk = 1 - Dice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nnunet_ood.calibration import normalize_score
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.evaluation.metrics import aurc, auroc, e_aurc, esce, spearman, threshold_metrics
+from nnunet_ood.io.atomic import atomic_write_bytes
+from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
+
+ID_TEST = "id_test"
+ID_VAL = "id_val"
+DOMAIN = "domain"
+ALL_SHIFTED = "all shifted"
+MIN_CASES = 2  # distribution metrics need at least this many (scored) cases in every group they use
+FAILURE_DICE = 0.6  # below this Dice a segmentation counts as failed (silent failure when also accepted)
+PREDICT_COMMAND = "nnUNetv2_predict_ood"
+
+EVALUATION_CSV = "ood_evaluation.csv"
+EVALUATION_MD = "ood_evaluation.md"
+CASES_CSV = "ood_cases.csv"
+SCORE_PLOT = "score_distributions.png"
+CORRELATION_PLOT = "correlation_with_failure.png"
+
+METRIC_COLUMNS: tuple[str, ...] = ("method", "domain", "n_id", "n_domain", "n_unscored", "auroc", "fpr", "tpr",
+                                   "detection_error", "esce", "spearman", "aurc", "e_aurc", "mean_dice", "threshold")
+MARKDOWN_HEADERS: dict[str, str] = {
+    "method": "method", "domain": "domain", "n_id": "n_id", "n_domain": "n_domain", "n_unscored": "n_unscored",
+    "auroc": "AUROC", "fpr": "FPR", "tpr": "TPR", "detection_error": "det. error", "esce": "ESCE",
+    "spearman": "Spearman", "aurc": "AURC", "e_aurc": "e-AURC", "mean_dice": "mean Dice"}
+
+LabelOrRegion = int | tuple[int, ...]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One group of cases as given on the command line."""
+
+    name: str  # "id_test", "id_val" or the domain's name
+    role: str  # ID_TEST, ID_VAL or DOMAIN
+    prediction_folder: str
+    label_folder: str
+
+
+@dataclass(frozen=True)
+class LabelSetup:
+    """What to evaluate: foreground labels (int) or regions (tuple of labels), file ending, ignore label."""
+
+    labels_or_regions: list[LabelOrRegion]
+    file_ending: str
+    ignore_label: int | None = None
+
+
+@dataclass
+class ScoreTable:
+    """The ``ood_scores.csv`` (and, if present, the calibration of ``ood_scores.json``) of one prediction folder."""
+
+    folder: str
+    cases: list[str]
+    methods: list[str]
+    score: dict[str, dict[str, float]]  # method -> case -> raw score
+    normalized: dict[str, dict[str, float]]  # method -> case -> normalised score in [0, 1]
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {"low", "high", "threshold"}
+
+
+@dataclass(frozen=True)
+class CaseValues:
+    """Aligned per-case arrays of one set of cases for one method."""
+
+    score: np.ndarray
+    normalized: np.ndarray
+    dice: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.dice.size)
+
+    @property
+    def scored_mask(self) -> np.ndarray:
+        """Cases with a finite raw score (the others could not be scored).
+
+        The normalised score may still be NaN: methods without calibration (the fold-ensemble scores)
+        have none; only ESCE needs it.
+        """
+        return np.isfinite(self.score)
+
+    def scored(self) -> CaseValues:
+        keep = self.scored_mask
+        return CaseValues(self.score[keep], self.normalized[keep], self.dice[keep])
+
+    @staticmethod
+    def concat(parts: Sequence[CaseValues]) -> CaseValues:
+        return CaseValues(np.concatenate([p.score for p in parts]), np.concatenate([p.normalized for p in parts]),
+                          np.concatenate([p.dice for p in parts]))
+
+
+@dataclass
+class Group:
+    """A group with everything evaluated: its cases, their Dice and, per method, their scores."""
+
+    spec: GroupSpec
+    cases: list[str]
+    dice: np.ndarray
+    score: dict[str, np.ndarray]
+    normalized: dict[str, np.ndarray]
+
+    def values(self, method: str) -> CaseValues:
+        return CaseValues(self.score[method], self.normalized[method], self.dice)
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate`: the groups, the metric rows and the notes and warnings for the user."""
+
+    groups: list[Group]
+    methods: list[str]
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    warnings: list[str]
+    calibration: dict[str, dict[str, Any]]
+    percentile: float
+
+
+def _short_list(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def build_group_specs(id_test: Sequence[str], id_val: Sequence[str] | None,
+                      domains: Sequence[Sequence[str]]) -> list[GroupSpec]:
+    """Group specs from the ``--id_test``, ``--id_val`` and ``--domain`` values; checks names and folders."""
+    specs = [GroupSpec(ID_TEST, ID_TEST, id_test[0], id_test[1])]
+    if id_val is not None:
+        specs.append(GroupSpec(ID_VAL, ID_VAL, id_val[0], id_val[1]))
+    for name, prediction, labels in domains:
+        if name in (ID_TEST, ID_VAL, ALL_SHIFTED) or not name.strip():
+            raise OODInputError(f"--domain name {name!r} is reserved or empty; choose another name")
+        if name in [s.name for s in specs]:
+            raise OODInputError(f"--domain {name} is given twice; every shifted domain needs its own name")
+        specs.append(GroupSpec(name, DOMAIN, prediction, labels))
+    if not any(s.role == DOMAIN for s in specs):
+        raise OODInputError("no shifted domain given; add --domain NAME PRED_FOLDER LABEL_FOLDER")
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for kind, folder in (("prediction", spec.prediction_folder), ("label", spec.label_folder)):
+            if not os.path.isdir(folder):
+                raise OODInputError(f"{kind} folder {folder} of {spec.name} does not exist or is not a folder")
+        key = os.path.realpath(spec.prediction_folder)
+        if key in seen:
+            raise OODInputError(f"prediction folder {spec.prediction_folder} is given for both {seen[key]} and "
+                                f"{spec.name}; predict every group into its own folder with {PREDICT_COMMAND}")
+        seen[key] = spec.name
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def parse_label_arguments(values: Sequence[str]) -> list[LabelOrRegion]:
+    """``--labels`` values: ``2`` is label 2, ``1,2`` the region made of labels 1 and 2."""
+    out: list[LabelOrRegion] = []
+    for value in values:
+        try:
+            parts = tuple(int(p) for p in value.split(","))
+        except ValueError:
+            raise OODInputError(f"--labels takes integer labels or comma-separated regions like 1,2; got {value!r}")\
+                from None
+        if any(p <= 0 for p in parts):
+            raise OODInputError(f"--labels takes foreground labels (> 0); got {value!r}")
+        out.append(parts if len(parts) > 1 else parts[0])
+    return out
+
+
+def foreground_from_dataset_labels(labels: Mapping[str, Any]) -> list[LabelOrRegion]:
+    """Foreground labels of a ``dataset.json`` ``labels`` dict, or its regions (tuples) if it is region-based.
+
+    Background, the ignore label and regions made of background only are left out.
+    """
+    region_based = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+    out: list[LabelOrRegion] = []
+    for name, value in labels.items():
+        if name in ("background", "ignore"):
+            continue
+        try:
+            members = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+        except (TypeError, ValueError):
+            raise OODInputError(f"dataset.json label {name!r} has value {value!r}, not an integer or a list of "
+                                "integers") from None
+        if not members or set(members) == {0}:
+            continue
+        out.append(members if region_based else members[0])
+    return out
+
+
+def read_dataset_json(folder: str) -> dict[str, Any] | None:
+    """The ``dataset.json`` nnU-Net copies into a prediction folder, or None if there is none."""
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OODInputError(f"cannot read {path} ({e}); fix it or pass --labels and --file_ending") from None
+    if not isinstance(data, dict):
+        raise OODInputError(f"{path} is not a JSON object; fix it or pass --labels and --file_ending")
+    return data
+
+
+def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None,
+                        file_ending: str | None) -> LabelSetup:
+    """Labels and file ending from ``--labels``/``--file_ending``, else from the first dataset.json found."""
+    dataset = next((d for d in (read_dataset_json(s.prediction_folder) for s in specs) if d is not None), None)
+    if dataset is None and (labels is None or file_ending is None):
+        raise OODInputError("no dataset.json in the prediction folders (nnU-Net copies it there); pass --labels and "
+                            "--file_ending")
+    ignore = dataset.get("labels", {}).get("ignore") if dataset else None
+    if labels is not None:
+        labels_or_regions = parse_label_arguments(labels)
+    else:
+        if not isinstance(dataset.get("labels"), dict):
+            raise OODInputError("dataset.json in the prediction folder has no 'labels' dict; pass --labels")
+        labels_or_regions = foreground_from_dataset_labels(dataset["labels"])
+    if not labels_or_regions:
+        raise OODInputError("no foreground labels to evaluate; pass --labels")
+    ending = file_ending if file_ending is not None else dataset.get("file_ending")
+    if not isinstance(ending, str) or not ending:
+        raise OODInputError("dataset.json in the prediction folder has no 'file_ending'; pass --file_ending")
+    return LabelSetup(labels_or_regions, ending, int(ignore) if ignore is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+
+
+def _read_calibration(folder: str) -> dict[str, dict[str, Any]]:
+    """Per-method calibration from ``ood_scores.json`` (empty if the file is missing)."""
+    path = os.path.join(folder, JSON_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OODInputError(f"cannot read {path} ({e}); re-run {PREDICT_COMMAND} into {folder}") from None
+    calibration = document.get("calibration") if isinstance(document, dict) else None
+    return {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) else {}
+
+
+def load_score_table(folder: str) -> ScoreTable:
+    """Read and check the ``ood_scores.csv`` of a prediction folder (plus the calibration of ``ood_scores.json``)."""
+    path = os.path.join(folder, CSV_NAME)
+    if not os.path.isfile(path):
+        raise OODInputError(f"no {CSV_NAME} in {folder}; {PREDICT_COMMAND} writes it next to the segmentations")
+    try:
+        rows = read_score_csv(path)
+    except (KeyError, ValueError, TypeError, csv.Error) as e:
+        raise OODInputError(f"{path} is not a valid {CSV_NAME} ({type(e).__name__}: {e}); re-run "
+                            f"{PREDICT_COMMAND}") from None
+    if not rows:
+        raise OODInputError(f"{path} lists no cases; run {PREDICT_COMMAND} on this group's images into {folder}")
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    score: dict[str, dict[str, float]] = {m: {} for m in methods}
+    normalized: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for r in rows:
+        if r["case"] in score[r["method"]]:
+            raise OODInputError(f"{path} has two rows for case {r['case']}, method {r['method']}; re-run "
+                                f"{PREDICT_COMMAND}")
+        if r["normalized"] < 0 or r["normalized"] > 1:  # NaN passes: it marks an unscored case
+            raise OODInputError(f"{path}: normalized score {r['normalized']} of case {r['case']}, method "
+                                f"{r['method']} is outside [0, 1]; re-run {PREDICT_COMMAND}")
+        score[r["method"]][r["case"]] = r["score"]
+        normalized[r["method"]][r["case"]] = r["normalized"]
+    return ScoreTable(folder, cases, methods, score, normalized, _read_calibration(folder))
+
+
+def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Methods to evaluate and methods dropped because some folders lack them.
+
+    With ``requested`` every requested method must be in every folder. Without, the methods of all folders
+    (in the order of the first folder) are used and the others are reported as dropped.
+    """
+    if requested:
+        for table in tables:
+            missing = [m for m in requested if m not in table.methods]
+            if missing:
+                raise OODInputError(f"method(s) {', '.join(missing)} requested with --methods are not in "
+                                    f"{os.path.join(table.folder, CSV_NAME)} (it has: {', '.join(table.methods)}); "
+                                    f"predict with {PREDICT_COMMAND} --ood or drop them from --methods")
+        return list(dict.fromkeys(requested)), []
+    common = [m for m in tables[0].methods if all(m in t.methods for t in tables)]
+    every = list(dict.fromkeys(m for t in tables for m in t.methods))
+    dropped = [m for m in every if m not in common]
+    if not common:
+        raise OODInputError(f"no OOD method is in the {CSV_NAME} of every prediction folder (found: "
+                            f"{', '.join(every)}); predict every group with the same --ood methods")
+    return common, dropped
+
+
+# ----------------------------------------------------------------------------------------------- files and Dice
+
+
+def check_case_files(spec: GroupSpec, cases: Sequence[str], file_ending: str) -> None:
+    """Every case needs a segmentation in the prediction folder and a reference label file in the label folder."""
+    no_reference = [c for c in cases if not os.path.isfile(os.path.join(spec.label_folder, c + file_ending))]
+    if len(no_reference) == len(cases):
+        raise OODInputError(
+            f"label folder {spec.label_folder} of {spec.name} contains none of its {len(cases)} case(s) "
+            f"({_short_list(list(cases))}, as <case>{file_ending}); pass the folder with these cases' reference "
+            "labels (e.g. labelsTs) or check --file_ending")
+    no_prediction = [c for c in cases if not os.path.isfile(os.path.join(spec.prediction_folder, c + file_ending))]
+    if no_prediction:
+        raise OODInputError(
+            f"case(s) {_short_list(no_prediction)} of {spec.name} are in {CSV_NAME} but have no segmentation "
+            f"<case>{file_ending} in {spec.prediction_folder}; re-run {PREDICT_COMMAND} into that folder")
+    if no_reference:
+        raise OODInputError(
+            f"case(s) {_short_list(no_reference)} of {spec.name} have no reference label file <case>{file_ending} "
+            f"in {spec.label_folder}; add their labels or predict without them")
+
+
+def make_reader(file_ending: str, example_file: str) -> Any:
+    """nnU-Net's image reader/writer for the file ending (tried on one example file)."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    try:
+        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)()
+    except RuntimeError:
+        raise OODInputError(f"nnU-Net has no reader for {file_ending} files that can open {example_file}; check "
+                            "--file_ending") from None
+
+
+def case_dice(reference_file: str, prediction_file: str, reader: Any, labels_or_regions: Sequence[LabelOrRegion],
+              ignore_label: int | None = None) -> float:
+    """Mean Dice over foreground labels/regions with nnU-Net's ``compute_metrics``; empty in both counts as 1."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+
+    try:
+        result = compute_metrics(reference_file, prediction_file, reader, list(labels_or_regions), ignore_label)
+    except Exception as e:  # any reader or shape error means these two files cannot be compared
+        message = " ".join(str(e).split())
+        raise OODInputError(f"cannot compare segmentation {prediction_file} with reference {reference_file} "
+                            f"({type(e).__name__}: {message}); check that both belong to the same case") from None
+    dices = [result["metrics"][r]["Dice"] for r in labels_or_regions]
+    return float(np.mean([1.0 if np.isnan(d) else d for d in dices]))
+
+
+def load_group(spec: GroupSpec, table: ScoreTable, methods: Sequence[str], setup: LabelSetup, reader: Any) -> Group:
+    """Per-case Dice and scores of one group (a method without a row for a case gives NaN: unscored)."""
+    dice = np.array([case_dice(os.path.join(spec.label_folder, c + setup.file_ending),
+                               os.path.join(spec.prediction_folder, c + setup.file_ending), reader,
+                               setup.labels_or_regions, setup.ignore_label) for c in table.cases], dtype=np.float64)
+    score = {m: np.array([table.score[m].get(c, np.nan) for c in table.cases], dtype=np.float64) for m in methods}
+    normalized = {m: np.array([table.normalized[m].get(c, np.nan) for c in table.cases], dtype=np.float64)
+                  for m in methods}
+    return Group(spec, list(table.cases), dice, score, normalized)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def _nan_row(method: str, domain: str) -> dict[str, Any]:
+    return {c: float("nan") for c in METRIC_COLUMNS} | {"method": method, "domain": domain}
+
+
+def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues | None, shifted: CaseValues,
+               percentile: float = 95.0) -> dict[str, Any]:
+    """One row of the table: ``shifted`` (positives) against ``id_test`` (negatives) for one method.
+
+    * AUROC uses every case (NaN scores count as maximally uncertain); the other metrics use scored cases only,
+      ``n_unscored`` counts the ID test and shifted cases left out.
+    * Threshold = ``percentile``-th percentile of the scored ID validation raw scores; FPR, TPR and detection error
+      as in :func:`nnunet_ood.metrics.threshold_metrics`.
+    * ESCE (normalised scores), Spearman (raw score vs 1 - Dice), AURC and e-AURC (risk 1 - Dice) pool the scored
+      ID test and shifted cases.
+    * Every metric needs at least :data:`MIN_CASES` (scored) cases in each group it uses, else it is NaN.
+    """
+    row = _nan_row(method, domain)
+    id_scored, shifted_scored = id_test.scored(), shifted.scored()
+    row.update(n_id=id_test.n, n_domain=shifted.n,
+               n_unscored=(id_test.n - id_scored.n) + (shifted.n - shifted_scored.n),
+               mean_dice=float(shifted.dice.mean()) if shifted.n else float("nan"))
+    if id_test.n >= MIN_CASES and shifted.n >= MIN_CASES:
+        row["auroc"] = auroc(id_test.score, shifted.score)
+    val_scores = id_val.scored().score if id_val is not None else np.empty(0)
+    if val_scores.size >= MIN_CASES:
+        row["threshold"] = float(np.percentile(val_scores, percentile))
+        if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
+            t = threshold_metrics(val_scores, id_scored.score, shifted_scored.score, percentile)
+            row.update(fpr=t["fpr"], tpr=t["tpr"], detection_error=t["detection_error"])
+    if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
+        pooled = CaseValues.concat([id_scored, shifted_scored])
+        risk = 1.0 - pooled.dice
+        calibrated = np.isfinite(pooled.normalized)
+        if calibrated.all():  # ESCE is defined on the normalised scale only
+            row["esce"] = esce(pooled.normalized, pooled.dice)
+        row.update(spearman=spearman(pooled.score, risk), aurc=aurc(pooled.score, risk),
+                   e_aurc=e_aurc(pooled.score, risk))
+    return row
+
+
+def compute_metric_rows(groups: Sequence[Group], methods: Sequence[str], percentile: float) -> list[dict[str, Any]]:
+    """Rows for every method x (each shifted domain, then all shifted domains pooled)."""
+    id_test = next(g for g in groups if g.spec.role == ID_TEST)
+    id_val = next((g for g in groups if g.spec.role == ID_VAL), None)
+    domains = [g for g in groups if g.spec.role == DOMAIN]
+    rows = []
+    for method in methods:
+        val = id_val.values(method) if id_val is not None else None
+        for domain in domains:
+            rows.append(metric_row(method, domain.spec.name, id_test.values(method), val, domain.values(method),
+                                   percentile))
+        pooled = CaseValues.concat([d.values(method) for d in domains])
+        rows.append(metric_row(method, ALL_SHIFTED, id_test.values(method), val, pooled, percentile))
+    return rows
+
+
+def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequence[Mapping[str, Any]],
+                  percentile: float, dropped_methods: Sequence[str] = ()) -> list[str]:
+    """Notes under the table: definitions, and why a value is undefined ("-")."""
+    has_val = any(g.spec.role == ID_VAL for g in groups)
+    notes = [
+        "AUROC: each shifted domain (positive) against the ID test cases (negative); unscored (NaN) cases count as "
+        "maximally uncertain.",
+        f"Threshold: {percentile:g}th percentile of each method's raw score on the ID validation cases; TPR: share of "
+        "ID test cases at or below it; FPR: share of shifted cases at or below it (accepted although shifted); "
+        "detection error = 0.5 (1 - TPR) + 0.5 FPR.",
+        "ESCE (normalised scores), Spearman (raw score vs 1 - Dice), AURC and e-AURC (risk = 1 - Dice) pool the ID "
+        "test cases with the row's shifted cases; mean Dice is that of the shifted cases.",
+        f"A metric needs at least {MIN_CASES} (scored) cases in every group it uses; '-' marks an undefined value.",
+    ]
+    if dropped_methods:
+        notes.append(f"Method(s) {', '.join(dropped_methods)} are not in every prediction folder and were left out.")
+    if not has_val:
+        notes.append("No --id_val given: the threshold, FPR, TPR and detection error are undefined; pass --id_val "
+                     "PRED_FOLDER LABEL_FOLDER with ID validation cases.")
+    for g in groups:
+        if len(g.cases) < MIN_CASES:
+            notes.append(f"{g.spec.name} has only {len(g.cases)} case(s): the metrics that use it are undefined.")
+    for method in methods:
+        for g in groups:
+            unscored = int((~g.values(method).scored_mask).sum())
+            if unscored:
+                notes.append(f"{method}: {unscored} case(s) of {g.spec.name} could not be scored (NaN); they count "
+                             "as maximally uncertain for the AUROC and are left out of every other metric "
+                             "(column n_unscored).")
+    compared = [g for g in groups if g.spec.role != ID_VAL]
+    constant = [m for m in methods if _is_constant(np.concatenate([g.score[m] for g in compared]))]
+    for method in constant:
+        notes.append(f"{method}: all scores of the ID test and shifted cases are equal; AUROC is 0.5 by the rank "
+                     "formula and Spearman is undefined.")
+    for row in rows:
+        if row["method"] not in constant and np.isnan(row["spearman"]) and not np.isnan(row["aurc"]):
+            notes.append(f"{row['method']} / {row['domain']}: Spearman is undefined because the scores or the Dice "
+                         "values of the cases it uses are all equal.")
+    return notes
+
+
+def _is_constant(scores: np.ndarray) -> bool:
+    """True when the finite scores are all equal (and there are at least two)."""
+    finite = scores[np.isfinite(scores)]
+    return finite.size >= MIN_CASES and bool(np.all(finite == finite[0]))
+
+
+def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: Sequence[str] | None = None,
+             percentile: float = 95.0) -> Evaluation:
+    """Read and check every input, compute per-case Dice and all metric rows. Writes nothing."""
+    if not 0 < percentile <= 100:
+        raise OODInputError(f"--threshold_percentile must be in (0, 100], got {percentile:g}")
+    tables = [load_score_table(s.prediction_folder) for s in specs]
+    methods, dropped = resolve_methods(tables, requested_methods)
+    for spec, table in zip(specs, tables):
+        check_case_files(spec, table.cases, setup.file_ending)
+    example = os.path.join(specs[0].label_folder, tables[0].cases[0] + setup.file_ending)
+    reader = make_reader(setup.file_ending, example)
+    groups = [load_group(s, t, methods, setup, reader) for s, t in zip(specs, tables)]
+    rows = compute_metric_rows(groups, methods, percentile)
+    notes = collect_notes(groups, methods, rows, percentile, dropped)
+    warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
+                "dropped; pass --methods to require them"] if dropped else []
+    calibration: dict[str, dict[str, Any]] = {}
+    for table in tables:  # the ID test folder's calibration first, then any other folder's
+        for method, values in table.calibration.items():
+            calibration.setdefault(method, values)
+    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile)
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def normalized_threshold(calibration: Mapping[str, Any] | None) -> float | None:
+    """The plugin's threshold on the normalised scale (:func:`nnunet_ood.calibration.normalize_score`).
+
+    None when the calibration lacks one of the three numbers or its bounds are not finite and ordered.
+    """
+    if not calibration:
+        return None
+    try:
+        low, high, t = (float(calibration[k]) for k in ("low", "high", "threshold"))
+        return normalize_score(t, low, high) if math.isfinite(t) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _csv_cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    return str(value)
+
+
+def _md_cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def format_metrics_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """All rows and metrics as CSV (columns :data:`METRIC_COLUMNS`, NaN as an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(row[c]) for c in METRIC_COLUMNS])
+    return buffer.getvalue()
+
+
+def format_markdown(rows: Sequence[Mapping[str, Any]], notes: Sequence[str]) -> str:
+    """The comparison table (3 decimals, "-" for undefined) with the notes below it."""
+    columns = list(MARKDOWN_HEADERS)
+    lines = ["| " + " | ".join(MARKDOWN_HEADERS[c] for c in columns) + " |",
+             "|" + "|".join("---" if c in ("method", "domain") else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(_md_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "# OOD evaluation\n\n" + "\n".join(lines) + "\n\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def format_cases_csv(groups: Sequence[Group], methods: Sequence[str]) -> str:
+    """Per case: group, case, Dice and, per method, raw and normalised score (NaN as an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["group", "case", "dice", *(f"{m}_{k}" for m in methods for k in ("score", "normalized"))])
+    for g in groups:
+        for i, case in enumerate(g.cases):
+            values = [v for m in methods for v in (g.score[m][i], g.normalized[m][i])]
+            writer.writerow([g.spec.name, case, *(_csv_cell(float(v)) for v in (g.dice[i], *values))])
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def safe_file_part(name: str) -> str:
+    """``name`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def render_outputs(evaluation: Evaluation) -> dict[str, bytes]:
+    """Every output file (tables and plots) as bytes, keyed by file name."""
+    from nnunet_ood.evaluation.plots import (
+        correlation_png,
+        dice_vs_uncertainty_png,
+        group_color,
+        score_distributions_png,
+    )
+    from nnunet_ood.evaluation.summary import SUMMARY_MD, format_summary
+
+    shown = [g for g in evaluation.groups if g.spec.role != ID_VAL]
+    colors = {g.spec.name: group_color(i) for i, g in enumerate(evaluation.groups)} | {ALL_SHIFTED: "dimgray"}
+    files = {
+        EVALUATION_CSV: format_metrics_csv(evaluation.rows).encode(),
+        EVALUATION_MD: format_markdown(evaluation.rows, evaluation.notes).encode(),
+        CASES_CSV: format_cases_csv(evaluation.groups, evaluation.methods).encode(),
+    }
+    for method in evaluation.methods:
+        points = [(g.spec.name, g.normalized[method], g.dice) for g in shown]
+        threshold = normalized_threshold(evaluation.calibration.get(method))
+        files[f"dice_vs_uncertainty_{safe_file_part(method)}.png"] = dice_vs_uncertainty_png(method, points, threshold,
+                                                                                      FAILURE_DICE, colors)
+    distributions = {m: [(g.spec.name, g.normalized[m]) for g in evaluation.groups] for m in evaluation.methods}
+    files[SCORE_PLOT] = score_distributions_png(distributions, colors)
+    domains = list(dict.fromkeys(r["domain"] for r in evaluation.rows))
+    rho = {(r["method"], r["domain"]): r["spearman"] for r in evaluation.rows}
+    files[CORRELATION_PLOT] = correlation_png(evaluation.methods, domains, rho, colors)
+    files[SUMMARY_MD] = format_summary(evaluation).encode()
+    return files
+
+
+def check_output_folder(folder: str) -> None:
+    """The output folder must be a folder or not exist yet."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OODInputError(f"output folder {folder} exists and is not a folder; choose another -o")
+
+
+def write_outputs(folder: str, files: Mapping[str, bytes]) -> list[str]:
+    """Write every file atomically into ``folder`` (created if needed); returns the paths."""
+    paths = []
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        atomic_write_bytes(path, data)
+        paths.append(path)
+    return paths

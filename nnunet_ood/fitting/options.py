@@ -1,0 +1,98 @@
+"""``FitOptions``: everything a fit can be told, built in one place for the CLI and the trainer.
+
+``nnUNetv2_fit_ood`` builds it from its arguments (:meth:`FitOptions.from_args`); ``nnUNetTrainerOOD``
+holds one as the class attribute ``ood_fit_options``, so a trainer subclass can set every option the
+command line has. Importing this module imports neither torch nor nnU-Net.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nnunet_ood.calibration import CASE_AGGREGATIONS
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
+
+#: parts of the training cases for cross-fitted (out-of-sample) training scores
+CALIBRATION_PARTS = 5
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What and how to fit (see ``nnUNetv2_fit_ood --help`` for each option).
+
+    Args:
+        methods: methods to fit; partners are added (methods sharing the autoencoder), the order is the
+            registry's. Methods fitted earlier and not named are kept.
+        checkpoint: the checkpoint to fit on (predict later with the same ``-chk``).
+        device: ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``).
+        seed: seeds the AE training, the cross-fitting parts, the samplers and the dropout masks.
+        progress: show progress bars.
+        batch_size: patches per encoder pass when collecting features.
+        calibration_parts: training scores for the normalisation are cross-fitted over this many parts
+            of the training cases (1 = in-sample, as in the paper).
+        aggregations: method -> how its voxel map becomes its case score (``mean``, ``foreground_mean``,
+            ``max_patch``).
+        method_configs: options dataclass instances of the methods, by their ``key`` (e.g.
+            ``{"sd": SDTrainingConfig(max_epochs=20)}``); the defaults for those not given.
+    """
+
+    methods: tuple[str, ...] = DEFAULT_FIT_METHODS
+    checkpoint: str = "checkpoint_final.pth"
+    device: Any = "cpu"
+    seed: int = 0
+    progress: bool = True
+    batch_size: int = 4
+    calibration_parts: int = CALIBRATION_PARTS
+    aggregations: Mapping[str, str] = field(default_factory=dict)
+    method_configs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        methods = tuple(m.name for m in REGISTRY.resolve_fit(self.methods))
+        object.__setattr__(self, "methods", methods)
+        bad = {m: a for m, a in self.aggregations.items() if m not in methods or a not in CASE_AGGREGATIONS}
+        if bad:
+            raise OODInputError(f"cannot aggregate {bad}: methods must be among those fitted ({', '.join(methods)}) "
+                                f"and aggregations one of {', '.join(CASE_AGGREGATIONS)}")
+        if self.calibration_parts < 1:
+            raise OODInputError(f"--calibration_parts must be at least 1, got {self.calibration_parts}")
+        if self.batch_size < 1:
+            raise OODInputError(f"the fit's batch size must be at least 1, got {self.batch_size}")
+        classes = {c.key: c for c in REGISTRY.config_classes("fit")}
+        for key, config in self.method_configs.items():
+            if key not in classes or not isinstance(config, classes[key]):
+                expected = classes[key].__name__ if key in classes else "known key"
+                raise OODInputError(f"method_configs[{key!r}] must be a {expected}; known keys: {', '.join(classes)}")
+
+    def config(self, config_class: type) -> Any:
+        """The options instance of ``config_class`` (its defaults unless given)."""
+        return self.method_configs.get(config_class.key) or config_class()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The fit's flags: ``--ood``, ``--seed``, aggregation, cross-fitting and every method's options."""
+        parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD", help=REGISTRY.fit_help())
+        parser.add_argument("--calibration_parts", type=int, default=CALIBRATION_PARTS,
+                            help="training scores for the normalisation are cross-fitted over this many parts of the "
+                                 f"training cases (default: {CALIBRATION_PARTS}; 1 = in-sample, as in the paper; "
+                                 "memory grows with it)")
+        parser.add_argument("--ood_aggregation", nargs="+", default=[], metavar="METHOD=HOW",
+                            help="how a method's voxel map becomes its case score: mean (default, METHODS.md), "
+                                 "foreground_mean (over nnU-Net's predicted foreground) or max_patch (largest patch "
+                                 "mean), e.g. entropy=foreground_mean mahalanobis=max_patch; fixed at fit time")
+        parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        REGISTRY.add_config_arguments(parser, "fit")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> FitOptions:
+        """Options from parsed ``nnUNetv2_fit_ood`` arguments (checked; no heavy import)."""
+        pairs = [item.split("=", 1) for item in args.ood_aggregation]
+        if any(len(p) != 2 for p in pairs):
+            raise OODInputError(f"--ood_aggregation takes METHOD=HOW pairs, got {' '.join(args.ood_aggregation)}")
+        values = dict(methods=tuple(args.ood or DEFAULT_FIT_METHODS), checkpoint=args.chk, seed=args.seed,
+                      progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
+                      aggregations=dict(pairs), method_configs=REGISTRY.configs_from_args(args, "fit"))
+        return cls(**{**values, **overrides})

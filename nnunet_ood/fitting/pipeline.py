@@ -1,0 +1,213 @@
+"""``fit_fold``: fit, calibrate and store the OOD methods of one trained fold (shared by trainer and CLI).
+
+The passes (:mod:`nnunet_ood.fitting.passes`), in order:
+
+0. ``autoencoder``: with methods that require it, the SD autoencoder is trained through the frozen U-Net.
+1. ``parameters``: each method's own parameters (the temperature, the dropout configuration).
+2. ``feature statistics``: every training case of the fold goes through the same sliding window as at
+   inference, encoder only; feature vectors stream into one detector per part of the training cases;
+   the fold's detector is their exact merge.
+3. ``calibration``: training and validation cases are scored as at inference; their minimum and maximum
+   give the normalisation, the 95th percentile of the validation scores the ID threshold. Training
+   cases of the feature methods are scored by the detectors of the other parts (cross-fitting).
+4. ``reports``: checks recorded in the provenance (e.g. the SD autoencoder's agreement).
+
+The state is written atomically to ``fold_X/ood``; fitted methods not asked for this time are kept as
+they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+from nnunet_ood import __version__
+from nnunet_ood.calibration import THRESHOLD_PERCENTILE, MethodCalibration
+from nnunet_ood.detectors.cross_fitting import assign_parts, merge_parts
+from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
+from nnunet_ood.errors import OODError, OODInputError
+from nnunet_ood.fitting.options import FitOptions
+from nnunet_ood.fitting.passes import (
+    EncoderPass,
+    FitContext,
+    autoencoder_pass,
+    calibration_pass,
+    feature_statistics_pass,
+    parameter_pass,
+)
+from nnunet_ood.fitting.split import fold_split, preprocessed_folders
+from nnunet_ood.folds import Fold, parse_fold
+from nnunet_ood.inference.predictor import nnUNetOODPredictor
+from nnunet_ood.io.state import FoldOODState, load_fold_state, save_fold_state
+from nnunet_ood.methods import REGISTRY, FoldModels, Method, MethodKind
+
+#: provenance entries that hold one value per method (merged method by method on a partial refit)
+PER_METHOD_PROVENANCE = ("train_case_scores", "val_case_scores", "feature_dim")
+
+
+def _fold_predictor(model_folder: str, fold: Fold, options: FitOptions) -> nnUNetOODPredictor:
+    """The fold's network in a predictor without OOD state (sliding window as at inference, no mirroring)."""
+    predictor = nnUNetOODPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                   perform_everything_on_device=True, device=torch.device(options.device),
+                                   allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, [fold], options.checkpoint, load_ood_state=False)
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise OODInputError("cascaded configurations (3d_cascade_fullres) are not supported yet; fit 3d_fullres, "
+                            "3d_lowres or 2d instead")
+    return predictor
+
+
+def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: list[Method]) -> FoldOODState | None:
+    """The fold's existing state without the methods being re-fitted (None if absent or for another model)."""
+    try:
+        old = load_fold_state(fold_dir, predictor.fingerprint_for(0), device="cpu")
+    except OODError:
+        return None
+    refits_autoencoder = any(m.requires.autoencoder for m in refit)
+    keep = [m for m in old.methods if m not in {r.name for r in refit}
+            and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)]
+    if not keep:
+        return None
+    keeps_autoencoder = any(REGISTRY.get(m).requires.autoencoder for m in keep)
+    return FoldOODState(detectors={m: d for m, d in old.detectors.items() if m in keep},
+                        autoencoder=old.autoencoder if keeps_autoencoder else None,
+                        method_params={m: p for m, p in old.method_params.items() if m in keep},
+                        fingerprint=old.fingerprint, calibration={m: old.calibration[m] for m in keep},
+                        provenance=old.provenance)
+
+
+def _merge_kept(state: FoldOODState, kept: FoldOODState | None) -> FoldOODState:
+    """Add what was fitted before and not re-fitted now, exactly as it was; table order."""
+    if kept is None:
+        return state
+    calibration = {**kept.calibration, **state.calibration}
+    provenance = {**{k: v for k, v in kept.provenance.items() if k not in PER_METHOD_PROVENANCE}, **state.provenance}
+    for key in PER_METHOD_PROVENANCE:
+        old = kept.provenance.get(key)
+        old = {m: v for m, v in old.items() if m in kept.calibration} if isinstance(old, dict) else {}
+        provenance[key] = {**old, **state.provenance.get(key, {})}
+    return FoldOODState(detectors={**kept.detectors, **state.detectors},
+                        autoencoder=state.autoencoder or kept.autoencoder,
+                        method_params={**kept.method_params, **state.method_params},
+                        fingerprint=state.fingerprint,
+                        calibration={m.name: calibration[m.name] for m in REGISTRY if m.name in calibration},
+                        provenance=provenance)
+
+
+def _fit_context(model_folder: str, fold: Fold, options: FitOptions) -> FitContext:
+    """The fold's predictor and cases; one-line errors for a missing checkpoint or preprocessed data."""
+    fold_dir = join(model_folder, f"fold_{fold}")
+    if not isfile(join(fold_dir, options.checkpoint)):
+        raise OODInputError(f"no checkpoint {options.checkpoint} in {fold_dir}; "
+                            "train this fold first or pick another with -chk")
+    predictor = _fold_predictor(model_folder, fold, options)
+    base, data_folder = preprocessed_folders(predictor.plans_manager.dataset_name,
+                                             predictor.configuration_manager.data_identifier)
+    dataset_class = infer_dataset_class(data_folder)
+    train_keys, val_keys = fold_split(base, dataset_class.get_identifiers(data_folder), fold)
+    if fold == "all":
+        warnings.warn("fold 'all' has no held-out cases: the OOD threshold is the 95th percentile of training "
+                      "case scores, which underestimates the ID false-positive rate", stacklevel=3)
+    return FitContext(predictor, options, fold, dataset_class, data_folder, list(train_keys), list(val_keys))
+
+
+def _methods_to_fit(context: FitContext) -> list[Method]:
+    """The requested methods this model can have (methods needing mirrored passes need mirror axes)."""
+    methods = REGISTRY.in_order(context.options.methods)
+    if not context.predictor.allowed_mirroring_axes:
+        for m in [m for m in methods if m.requires.mirroring]:
+            context.log(f"this model has no mirror axes, so {m.name} (it needs mirrored passes) is not fitted")
+            methods.remove(m)
+    return methods
+
+
+def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels, dict, dict, int]:
+    """Every pass of the fit: ``(models, case scores, provenance, number of training patches)``."""
+    options, models, provenance = context.options, FoldModels(), {}
+    if any(m.requires.autoencoder for m in methods):
+        models.autoencoder, provenance["sd_training"] = autoencoder_pass(context)
+    models.method_params = parameter_pass(context, methods)
+    features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
+    parts = assign_parts(context.train_keys, options.calibration_parts if context.fold != "all" else 1, options.seed)
+    n_parts = max(parts.values()) + 1
+    encoder = EncoderPass(context)
+    try:
+        part_detectors, n_patches = feature_statistics_pass(context, encoder, features, models, parts, n_parts) \
+            if features else ({}, 0)
+        models.detectors = {m.name: merge_parts(part_detectors[m.name], m.new_detector(options, context.device))
+                            for m in features}
+        for name, detector in models.detectors.items():
+            if isinstance(detector, MahalanobisDetector) and detector.n_features_in_ > n_patches:
+                context.log(f"{name}: {n_patches} training patches for {detector.n_features_in_} features: the "
+                            "covariance rests on its shrinkage; more training cases (or patches) make the detector "
+                            "sharper")
+        case_scores = calibration_pass(context, encoder, methods, models, part_detectors, parts, n_parts,
+                                       dict(options.aggregations))
+    finally:
+        encoder.remove()
+    for m in methods:
+        provenance.update(m.fit_report(context, models))
+    provenance.update(calibration_parts=n_parts, n_train_patches=n_patches)
+    return models, case_scores, provenance, n_patches
+
+
+def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -> FoldOODState:
+    """Fit, calibrate and store (``fold_X/ood``) the OOD methods of one fold of a trained model.
+
+    Training case scores for the normalisation of the feature methods are cross-fitted over
+    ``options.calibration_parts`` parts of the training cases (see :mod:`nnunet_ood.detectors.cross_fitting`);
+    1 gives the paper's in-sample scores. Memory: one detector per part during the fit (for Mahalanobis,
+    K + 4 matrices of D x D float64). The autoencoder's training scores are in-sample (one AE per part
+    would multiply the training time). Methods already fitted for this model and not re-fitted are kept.
+    """
+    options = options or FitOptions()
+    fold = parse_fold(fold)
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    started = time.time()
+    context = _fit_context(model_folder, fold, options)
+    methods = _methods_to_fit(context)
+    fold_dir = join(model_folder, f"fold_{fold}")
+    kept = _kept_state(fold_dir, context.predictor, methods)
+    models, case_scores, provenance, n_patches = _run_passes(context, methods)
+    names, train, val = [m.name for m in methods], context.train_keys, context.val_keys
+    calibration = {m: MethodCalibration.from_scores([case_scores[k][m] for k in train],
+                                                    [case_scores[k][m] for k in val], THRESHOLD_PERCENTILE,
+                                                    options.aggregations.get(m, "mean")) for m in names}
+    state = FoldOODState(
+        detectors=models.detectors, autoencoder=models.autoencoder, method_params=models.method_params,
+        fingerprint=context.predictor.fingerprint_for(0), calibration=calibration,
+        provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(options.device),
+                    "host": platform.node(), "seed": options.seed, "n_train_cases": len(train),
+                    "n_val_cases": len(val), "threshold_percentile": THRESHOLD_PERCENTILE,
+                    "methods_fitted_now": names, "fit_seconds": round(time.time() - started, 2),
+                    "feature_dim": {m: d.n_features_in_ for m, d in models.detectors.items()},
+                    "train_case_scores": {m: {k: case_scores[k][m] for k in train} for m in names},
+                    "val_case_scores": {m: {k: case_scores[k][m] for k in val} for m in names},
+                    "options": _options_record(options), **provenance})
+    state = _merge_kept(state, kept)
+    where = save_fold_state(fold_dir, state)
+    for m in names:
+        c = calibration[m]
+        context.log(f"{m}: {n_patches} training patches from {len(train)} cases, threshold {c.threshold:.4g} "
+                    f"(95th percentile of {len(val)} validation cases), normalisation [{c.low:.4g}, "
+                    f"{c.high:.4g}] -> {where}")
+    return state
+
+
+def _options_record(options: FitOptions) -> dict:
+    """The fit options as JSON (method configs by key)."""
+    from nnunet_ood.methods.options import config_to_json
+
+    record = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "method_configs"}
+    record["device"] = str(record["device"])
+    record["aggregations"] = dict(record["aggregations"])
+    record["method_configs"] = {k: config_to_json(v) for k, v in options.method_configs.items()}
+    return record

@@ -1,0 +1,201 @@
+"""The files of an OOD prediction run: per-case records and maps, the score tables, resuming.
+
+Every scored case gets a JSON record in ``<output>/ood_cases/`` (and, with ``--save_ood_maps``, its maps)
+as soon as it is scored, so that ``--continue_prediction`` and ``-num_parts`` runs can rebuild the
+complete ``ood_scores.csv``/``.json`` from all records at the end of each run. In-memory prediction
+appends :class:`CaseOODResult` to the predictor's ``ood_results`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+from nnunet_ood import __version__
+from nnunet_ood.calibration import calibrated_scores
+from nnunet_ood.inference.case_scorer import CaseOutcome
+from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
+from nnunet_ood.io.scores import collect_records, has_case_record, write_case_record, write_score_tables
+
+if TYPE_CHECKING:
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+
+@dataclass
+class CaseOODResult:
+    """OOD outcome of one case: per method its score, normalised score, flag and threshold.
+
+    ``maps`` (in-memory prediction only): voxel maps in preprocessed space by method.
+    """
+
+    case: str
+    scores: dict[str, dict[str, Any]]
+    maps: dict[str, np.ndarray] | None = None
+    methods: list[str] = field(default_factory=list)
+
+
+class PredictionOutputs:
+    """Output files and bookkeeping of the predictor's runs over files (and its in-memory results)."""
+
+    def __init__(self, predictor: nnUNetOODPredictor) -> None:
+        self.predictor = predictor
+        self.current_case: dict | None = None  # nnU-Net's item of the case being predicted (ofile, properties)
+        self._run: dict[str, Any] | None = None
+        self._map_pool: ProcessPoolExecutor | None = None
+        self._map_futures: list[Future] = []
+
+    # ------------------------------------------------------------------ one case
+    def case_scored(self, outcome: CaseOutcome) -> CaseOODResult:
+        """Calibrate, flag and store the scores (and maps) of the case just predicted."""
+        p = self.predictor
+        case = self._case_name()
+        if not outcome.input_finite:
+            print(f"warning: {case} contains NaN or Inf after preprocessing; its OOD scores are NaN and it is "
+                  "flagged ood")
+        scores = calibrated_scores(outcome.scores, p.ood_calibration)
+        ofile = self.current_case["ofile"] if self.current_case else None
+        if ofile is None:
+            result = CaseOODResult(case, scores, {m: v.cpu().numpy() for m, v in outcome.maps.items()}, outcome.methods)
+            p.ood_results.append(result)
+            return result
+        if p.save_ood_maps:
+            args = (np.stack([v.cpu().numpy() for v in outcome.maps.values()]), list(outcome.maps),
+                    self.current_case["data_properties"], p.configuration_manager, p.plans_manager, p.dataset_json,
+                    ofile)
+            if self._map_pool is not None:
+                self._map_futures.append(self._map_pool.submit(export_ood_maps, *args))
+            else:
+                export_ood_maps(*args)
+        write_case_record(os.path.dirname(ofile) or ".", case, scores, self.run_signature())
+        result = CaseOODResult(case, scores, None, outcome.methods)
+        p.ood_results.append(result)
+        return result
+
+    def _case_name(self) -> str:
+        if self.current_case and self.current_case.get("ofile"):
+            return os.path.basename(self.current_case["ofile"])
+        return f"case_{len(self.predictor.ood_results)}"
+
+    @contextmanager
+    def map_workers(self, n: int):
+        """Map export in ``n`` spawned worker processes while nnU-Net exports segmentations."""
+        if self.predictor.save_ood_maps:
+            self._map_pool = ProcessPoolExecutor(max(1, n), mp_context=get_context("spawn"))
+        try:
+            yield
+            for future in self._map_futures:
+                future.result()  # re-raises export errors
+        finally:
+            self.current_case, self._map_futures = None, []
+            if self._map_pool is not None:
+                self._map_pool.shutdown(wait=True, cancel_futures=True)
+                self._map_pool = None
+
+    # ------------------------------------------------------------------ runs over files
+    def begin_run(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files) -> None:
+        """Remember which output folder and cases this run writes (for the tables at its end)."""
+        ending = self.predictor.dataset_json["file_ending"]
+        if isinstance(output_folder_or_list_of_truncated_output_files, str):
+            output_folder = output_folder_or_list_of_truncated_output_files
+            lists = create_lists_from_splitted_dataset_folder(list_of_lists_or_source_folder, ending) \
+                if isinstance(list_of_lists_or_source_folder, str) else list_of_lists_or_source_folder
+            cases = [os.path.basename(files[0])[:-(len(ending) + 5)] for files in lists]
+        elif isinstance(output_folder_or_list_of_truncated_output_files, list):
+            output_folder = os.path.dirname(output_folder_or_list_of_truncated_output_files[0]) or "."
+            cases = [os.path.basename(o) for o in output_folder_or_list_of_truncated_output_files]
+        else:
+            output_folder, cases = None, []
+        self._run = {"output_folder": output_folder, "cases": cases}
+
+    def end_run(self) -> None:
+        """Rebuild ``ood_scores.csv``/``.json`` from every record of this model in the output folder."""
+        run, self._run = self._run, None
+        if not run or run["output_folder"] is None:
+            return
+        records = collect_records(run["output_folder"], run["cases"], self.run_signature())
+        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, self.table_metadata())
+        print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
+
+    def unfinished(self, lists, outputs, prev, save_probabilities: bool):
+        """``--continue_prediction``: a case is done only when its segmentation, OOD record and maps all exist."""
+        keep = [i for i, o in enumerate(outputs) if not self._case_complete(o, save_probabilities)]
+        print(f"overwrite was set to False, so I am only working on cases whose segmentation or OOD outputs "
+              f"are missing. That's {len(keep)} cases.")
+        return [lists[i] for i in keep], [outputs[i] for i in keep], [prev[i] for i in keep]
+
+    def _case_complete(self, output_truncated: str, save_probabilities: bool) -> bool:
+        p = self.predictor
+        files = [output_truncated + p.dataset_json["file_ending"]] + \
+            ([output_truncated + ".npz"] if save_probabilities else [])
+        if p.save_ood_maps:
+            ending = map_file_ending(p.plans_manager, p.dataset_json)
+            files += [map_filename(output_truncated, m, ending) for m in p.ood_methods]
+        return all(isfile(f) for f in files) and has_case_record(
+            os.path.dirname(output_truncated) or ".", os.path.basename(output_truncated), self.run_signature())
+
+    # ------------------------------------------------------------------ provenance
+    def run_signature(self) -> str:
+        """Identifies model, folds, checkpoint and methods; records from other runs are not mixed in."""
+        p = self.predictor
+        payload = {"model": p.model_folder, "folds": [str(f) for f in p.use_folds], "checkpoint": p.checkpoint_name,
+                   "methods": p.ood_methods, "weights": [s.fingerprint["weights_sha256"] for s in p.ood_states]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def table_metadata(self) -> dict[str, Any]:
+        """Thresholds, normalisation and provenance stored in ``ood_scores.json``."""
+        p = self.predictor
+        return {
+            "plugin": "nnunet-ood", "plugin_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model_folder": p.model_folder, "folds": [str(f) for f in p.use_folds],
+            "checkpoint": p.checkpoint_name, "methods": p.ood_methods,
+            "configuration": p.ood_states[0].fingerprint["configuration"],
+            "plans": p.ood_states[0].fingerprint["plans_name"],
+            "tile_step_size": p.tile_step_size, "use_gaussian": p.use_gaussian,
+            "use_mirroring": bool(p.use_mirroring and p.allowed_mirroring_axes),
+            # ensemble methods have no calibration: their bounds and threshold are null
+            "calibration": {m: {k: None if isinstance(v, float) and v != v else v for k, v in c.to_json().items()}
+                            for m, c in p.ood_calibration.items()},
+            "calibration_per_fold": {str(f): {m: s.calibration[m].to_json() for m in p.ood_methods
+                                              if m in s.calibration} for f, s in zip(p.use_folds, p.ood_states)},
+            "run_signature": self.run_signature(),
+        }
+
+
+class RecordingPreprocessor:
+    """Wraps nnU-Net's preprocessor to hand each case's properties to the predictor (sequential mode)."""
+
+    def __init__(self, inner: Any, on_case: Any) -> None:
+        self._inner, self._on_case = inner, on_case
+
+    def run_case(self, image_files, *args, **kwargs):
+        data, seg, properties = self._inner.run_case(image_files, *args, **kwargs)
+        self._on_case(image_files, properties)
+        return data, seg, properties
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class RecordingConfigurationManager(ConfigurationManager):
+    """The same configuration, but its preprocessor reports the properties of every case it preprocesses."""
+
+    def __init__(self, configuration_manager: ConfigurationManager, on_case: Any) -> None:
+        super().__init__(configuration_manager.configuration)
+        self._on_case = on_case
+
+    @property
+    def preprocessor_class(self):
+        real_class, on_case = super().preprocessor_class, self._on_case
+        return lambda *args, **kwargs: RecordingPreprocessor(real_class(*args, **kwargs), on_case)

@@ -1,0 +1,103 @@
+"""Per-case OOD records and the ``ood_scores.csv`` / ``ood_scores.json`` tables of a prediction folder.
+
+Each predicted case gets a small JSON record in ``<output>/ood_cases/`` as soon as it is scored, so that
+``--continue_prediction`` and ``-num_parts`` runs can rebuild the complete tables from all records.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nnunet_ood.io.atomic import atomic_write_text
+
+RECORDS_DIRNAME = "ood_cases"
+CSV_NAME = "ood_scores.csv"
+JSON_NAME = "ood_scores.json"
+CSV_COLUMNS = ("case", "method", "score", "normalized", "ood")
+
+
+def _json_number(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def record_path(output_folder: str, case: str) -> str:
+    return os.path.join(output_folder, RECORDS_DIRNAME, f"{case}.json")
+
+
+def write_case_record(output_folder: str, case: str, scores: Mapping[str, Mapping[str, Any]],
+                      run_signature: str) -> str:
+    """Store one case's scores: ``{method: {score, normalized, ood, threshold}}``."""
+    os.makedirs(os.path.join(output_folder, RECORDS_DIRNAME), exist_ok=True)
+    payload = {"case": case, "run_signature": run_signature,
+               "methods": {m: {k: (_json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
+                           for m, d in scores.items()}}
+    path = record_path(output_folder, case)
+    atomic_write_text(path, json.dumps(payload, indent=1))
+    return path
+
+
+def has_case_record(output_folder: str, case: str, run_signature: str) -> bool:
+    """True if the case was already scored by a run with the same model, folds, checkpoint and methods."""
+    try:
+        with open(record_path(output_folder, case)) as f:
+            return json.load(f).get("run_signature") == run_signature
+    except (OSError, ValueError):
+        return False
+
+
+def collect_records(output_folder: str, cases: Iterable[str], run_signature: str) -> list[dict[str, Any]]:
+    """Records of ``cases`` written by runs with this signature (others are stale and ignored)."""
+    records = []
+    for case in cases:
+        try:
+            with open(record_path(output_folder, case)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if record.get("run_signature") == run_signature:
+            records.append(record)
+    return records
+
+
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def write_score_tables(output_folder: str, records: list[dict[str, Any]], methods: list[str],
+                       metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """Write the tidy CSV (``case,method,score,normalized,ood``) and the JSON with thresholds and provenance."""
+    rows = []
+    for record in sorted(records, key=lambda r: r["case"]):
+        for method in methods:
+            entry = record["methods"].get(method)
+            if entry is None:
+                continue
+            rows.append({"case": record["case"], "method": method, "score": _nan_if_none(entry["score"]),
+                         "normalized": _nan_if_none(entry["normalized"]), "ood": bool(entry["ood"])})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "score": repr(row["score"]), "normalized": repr(row["normalized"])})
+    csv_path = os.path.join(output_folder, CSV_NAME)
+    atomic_write_text(csv_path, buffer.getvalue())
+
+    document = dict(metadata)
+    document["scores"] = [{**r, "score": _json_number(r["score"]), "normalized": _json_number(r["normalized"])}
+                          for r in rows]
+    json_path = os.path.join(output_folder, JSON_NAME)
+    atomic_write_text(json_path, json.dumps(document, indent=2, default=str))
+    return csv_path, json_path
+
+
+def read_score_csv(path: str) -> list[dict[str, Any]]:
+    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``)."""
+    with open(path, newline="") as f:
+        return [{"case": r["case"], "method": r["method"], "score": float(r["score"]),
+                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True"} for r in csv.DictReader(f)]

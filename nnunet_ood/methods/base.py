@@ -1,0 +1,243 @@
+"""What every OOD method is: one object that says what it needs and provides, and how it is fitted and computed.
+
+A method has a name, a kind (where its numbers come from, :class:`MethodKind`), its requirements, an
+optional options dataclass (see :mod:`nnunet_ood.methods.options`) and the computations of its kind.
+The case scorer (:mod:`nnunet_ood.inference.case_scorer`), the fit (:mod:`nnunet_ood.fitting`) and
+the state files (:mod:`nnunet_ood.io.state`) only ever call these; none of them knows a method by name.
+
+Method modules are imported to build the command lines before anything heavy is loaded, so they must
+not import torch or nnU-Net at module level: computations import what they need inside the function
+that runs them, and heavy machinery (hooks on the network, detectors) is named by an import path
+(``"module:Class"``) and loaded when a method is used.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from nnunet_ood.detectors.base import FeatureDetector
+    from nnunet_ood.fitting.passes import FitContext
+
+
+class MethodKind(enum.Enum):
+    """Where a method's numbers come from; decides how the case scorer runs it."""
+
+    PATCH_FEATURES = "patch features"  # a fitted detector scores one feature vector per sliding-window patch
+    PATCH_MAP = "voxel map from a hook"  # a hook on the network gives a voxel map per patch
+    LOGITS = "final logits"  # a voxel map from the case's final (fold- and mirror-averaged) logits
+    FOLD_ENSEMBLE = "fold ensemble"  # compares the predictions of the folds in use
+    DERIVED = "derived from other methods' case scores"  # a case score computed from other case scores
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs beyond a trained model."""
+
+    mirroring: bool = False  # nnU-Net's mirrored passes (test-time mirroring on, a model with mirror axes)
+    several_folds: bool = False  # predictions of several folds (-f 0 1 2 3 4)
+    autoencoder: bool = False  # the Segmentation Distortion autoencoder (trained once per fold, shared)
+    methods: tuple[str, ...] = ()  # other methods whose case scores it uses (derived methods)
+
+
+def load_object(path: str) -> Any:
+    """The object named ``"package.module:attribute"``, imported on first use."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass
+class FoldModels:
+    """What the methods of one fold have fitted: feature detectors, the SD autoencoder, parameters.
+
+    The fit builds it step by step; :class:`nnunet_ood.io.state.FoldOODState` adds calibration,
+    fingerprint and provenance. The case scorer reads it, one per fold in use.
+    """
+
+    detectors: dict[str, FeatureDetector] = field(default_factory=dict)
+    autoencoder: Any = None  # nnunet_ood.methods.sd.autoencoder.BottleneckAutoencoder
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of every method. Subclass one of the kind classes below, set the class attributes.
+
+    Class attributes:
+        name: identifier in ``--ood``, the score tables and the state.
+        kind: a :class:`MethodKind`.
+        summary: one line, what it measures (shown in ``--help`` and the docs).
+        requires: :class:`Requirements`.
+        fit_by_default: fitted when ``--ood`` is not given (False for costly methods).
+        config: an options dataclass (:mod:`nnunet_ood.methods.options`) whose fields become
+            command-line flags of ``nnUNetv2_fit_ood`` (fit time) or ``nnUNetv2_predict_ood``
+            (``predict_config``, inference time); methods may share one.
+        tap: ``"module:Class"`` of the :class:`PatchTap` that listens to the network's forward passes
+            of each patch for this method; methods naming the same tap share one instance.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[MethodKind]
+    summary: ClassVar[str]
+    requires: ClassVar[Requirements] = Requirements()
+    fit_by_default: ClassVar[bool] = True
+    config: ClassVar[type | None] = None
+    predict_config: ClassVar[type | None] = None
+    tap: ClassVar[str | None] = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    @property
+    def fittable(self) -> bool:
+        """Fitted and calibrated per fold. Fold ensembles are not: they exist only for several folds."""
+        return self.kind is not MethodKind.FOLD_ENSEMBLE
+
+    # ------------------------------------------------------------------ fitting (one fold)
+    def fit_parameters(self, context: FitContext) -> dict[str, Any]:
+        """Fitted parameters, JSON-able, stored in the fold's manifest (none by default)."""
+        return {}
+
+    def fit_report(self, context: FitContext, models: FoldModels) -> dict[str, Any]:
+        """Provenance entries recorded after the fit (e.g. checks a user should read); none by default."""
+        return {}
+
+    # ------------------------------------------------------------------ state (one fold)
+    def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
+        """Write this method's files into ``folder``; return its manifest entry (without calibration)."""
+        return {"file": None, "class": "OutputScore", "config": models.method_params.get(self.name, {})}
+
+    def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
+        """Read this method's fitted state (files in ``folder``, manifest ``entry``) into ``models``."""
+        config = entry.get("config")
+        if config:
+            models.method_params[self.name] = dict(config)
+
+    # ------------------------------------------------------------------ case score
+    def case_score(self, voxel_map: Tensor, case: Any) -> float | None:
+        """The case score, if not the aggregation of the voxel map chosen at fit time (``None``)."""
+        return None
+
+
+class PatchFeatureMethod(Method):
+    """A detector fitted per fold scores one feature vector per sliding-window patch.
+
+    The patch scores (averaged over folds) are spread over each patch with nnU-Net's Gaussian
+    weighting into a voxel map. ``features`` turns the bottleneck activations of a batch of patches
+    into feature vectors; methods with the same ``feature_source`` share them.
+    """
+
+    kind = MethodKind.PATCH_FEATURES
+    tap = "nnunet_ood.features:BottleneckTap"
+    feature_source: ClassVar[str]
+    detector: ClassVar[str]  # "module:Class" of its FeatureDetector
+
+    def features(self, bottleneck: Tensor, models: FoldModels) -> Tensor:
+        """``(B, D)`` feature vectors of bottleneck activations ``(B, C, *spatial)``."""
+        raise NotImplementedError
+
+    def new_detector(self, options: Any, device: Any) -> FeatureDetector:
+        """A fresh, unfitted detector configured from the fit options."""
+        return load_object(self.detector)(device=device)
+
+    def can_score(self, detector: FeatureDetector) -> bool:
+        """Whether a (possibly held-out) detector has seen enough to score."""
+        return detector.is_fitted
+
+    def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
+        import os
+
+        detector = models.detectors[self.name]
+        return {"file": os.path.basename(detector.save(folder)), "class": type(detector).__name__,
+                "config": detector.get_config()}
+
+    def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
+        models.detectors[self.name] = load_object(self.detector).load(folder, device=device)
+
+
+class PatchMapMethod(Method):
+    """A hook (``tap``) gives a voxel map per patch; maps are Gaussian-weighted like nnU-Net's logits."""
+
+    kind = MethodKind.PATCH_MAP
+
+    def patch_map(self, tap: Any) -> Tensor:
+        """``(B, *patch)`` map of the patches the tap has just seen."""
+        raise NotImplementedError
+
+
+class LogitMethod(Method):
+    """A voxel map computed from the case's final logits; no extra forward pass."""
+
+    kind = MethodKind.LOGITS
+
+    def voxel_map(self, logits: Tensor, region_based: bool, fold_params: Sequence[Mapping[str, Any]]) -> Tensor:
+        """``(*spatial)`` float32 map from logits ``(C, *spatial)``; ``fold_params``: fitted parameters per fold."""
+        raise NotImplementedError
+
+
+class FoldEnsembleMethod(Method):
+    """Compares the folds' predictions of a case (:class:`nnunet_ood.methods.ensemble.FoldEnsemble`)."""
+
+    kind = MethodKind.FOLD_ENSEMBLE
+    requires = Requirements(several_folds=True)
+
+    def voxel_map(self, ensemble: Any) -> Tensor:
+        raise NotImplementedError
+
+
+class DerivedMethod(Method):
+    """A case score computed from the case scores of the methods in ``requires.methods``; no voxel map."""
+
+    kind = MethodKind.DERIVED
+
+    def derived_score(self, case_scores: Mapping[str, float], fold_params: Sequence[Mapping[str, Any]]) -> float:
+        raise NotImplementedError
+
+
+class PatchTap:
+    """Listens to nnU-Net's forward passes of one batch of patches; shared by the methods naming it.
+
+    The case scorer creates one per distinct ``Method.tap`` with a :class:`TapContext`, calls
+    :meth:`before_patch` before nnU-Net's passes of a patch and :meth:`after_patch` after them (taps that
+    run passes of their own, ``runs_extra_passes``, after every other tap), and :meth:`remove` at the end.
+    """
+
+    runs_extra_passes: ClassVar[bool] = False
+
+    def __init__(self, context: TapContext) -> None:
+        self.context = context
+
+    def before_patch(self, fold_index: int) -> None:
+        """Arm the hooks for the next forward passes."""
+
+    def after_patch(self, x: Tensor, patch_index: int) -> None:
+        """Collect what the passes of the patches ``x`` produced."""
+
+    def remove(self) -> None:
+        """Detach every hook from the network."""
+
+
+@dataclass
+class TapContext:
+    """What a tap may need: the network, the folds' fitted models, the prediction settings."""
+
+    network: Any
+    folds: Sequence[FoldModels]
+    fold_names: Sequence[str]
+    region_based: bool
+    mirror_axes: tuple[int, ...]  # nnU-Net's mirror axes (spatial), empty when mirroring is off
+    device: Any
+    method_params: Mapping[str, Mapping[str, Any]]  # fitted parameters of the methods in use (first fold)
+    predict_options: Mapping[str, Any]  # inference-time options by config key (Method.predict_config)
+    shape_of_bottleneck: Callable[[], tuple[int, ...]]  # (C, *spatial) of one patch's bottleneck
+
+    @functools.cached_property
+    def bottleneck_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)`` of the bottleneck of one patch (a dry run of the encoder, once)."""
+        return tuple(self.shape_of_bottleneck())

@@ -1,0 +1,87 @@
+"""Feature-detector methods: a detector fitted per fold scores one feature vector per patch.
+
+* ``mahalanobis``: Pooled Mahalanobis (González et al. 2022, METHODS.md §1): pooled bottleneck
+  features, squared Mahalanobis distance to a Gaussian of the training patches.
+* ``knn``: Euclidean distance of the same pooled features to the k-th nearest training patch
+  (Woodland et al. 2024).
+* ``latent_mahalanobis``: the Gaussian on the SD autoencoder's latent vectors (Lennartz & Schultz 2023).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.methods.base import FoldModels, PatchFeatureMethod, Requirements
+from nnunet_ood.methods.options import option
+from nnunet_ood.methods.sd import SDTrainingConfig
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from nnunet_ood.detectors.base import FeatureDetector
+
+
+class PooledBottleneckMethod(PatchFeatureMethod):
+    """Features: the bottleneck average-pooled until it has fewer than 1e4 entries (METHODS.md §1)."""
+
+    feature_source = "pooled bottleneck"
+
+    def features(self, bottleneck: Tensor, models: FoldModels) -> Tensor:
+        from nnunet_ood.features import pool_features
+
+        return pool_features(bottleneck)
+
+
+class Mahalanobis(PooledBottleneckMethod):
+    name = "mahalanobis"
+    summary = ("distance of pooled bottleneck features to the Gaussian of training patches (Pooled Mahalanobis, "
+               "González et al.)")
+    detector = "nnunet_ood.detectors.mahalanobis:MahalanobisDetector"
+
+
+@dataclass
+class KNNConfig:
+    """Options of the k-nearest-neighbour detector (``nnUNetv2_fit_ood --knn_*``)."""
+
+    key: ClassVar[str] = "knn"
+    title: ClassVar[str] = "k-nearest neighbours"
+
+    k: int = option(1, "--knn_k", "knn: distance to the k-th nearest training patch feature", type=int)
+    bank: int = option(50_000, "--knn_bank", "knn: at most this many training patch features are kept, a uniform "
+                       "random sample (memory 4 bytes x D per row)", type=int)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.bank < self.k:
+            raise OODInputError(f"--knn_k must be at least 1 and --knn_bank at least --knn_k, got {self.k} and "
+                                f"{self.bank}")
+
+
+class KNN(PooledBottleneckMethod):
+    name = "knn"
+    summary = ("Euclidean distance of the pooled bottleneck features to the k-th nearest training patch "
+               "(Woodland et al. 2024)")
+    config = KNNConfig
+    detector = "nnunet_ood.detectors.knn:KNNDetector"
+
+    def new_detector(self, options: Any, device: Any) -> FeatureDetector:
+        from nnunet_ood.detectors.knn import KNNDetector
+
+        config = options.config(KNNConfig)
+        return KNNDetector(k=config.k, max_bank_size=config.bank, device=device)
+
+    def can_score(self, detector: FeatureDetector) -> bool:
+        return detector.is_fitted and detector.bank_size_ >= detector.k
+
+
+class LatentMahalanobis(PatchFeatureMethod):
+    name = "latent_mahalanobis"
+    summary = "Mahalanobis distance of the SD autoencoder's latent vectors (Lennartz & Schultz)"
+    requires = Requirements(autoencoder=True)
+    config = SDTrainingConfig
+    feature_source = "autoencoder latent"
+    detector = "nnunet_ood.detectors.mahalanobis:LatentMahalanobisDetector"
+
+    def features(self, bottleneck: Tensor, models: FoldModels) -> Tensor:
+        return models.autoencoder.encode(bottleneck.float()).float()

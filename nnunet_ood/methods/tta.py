@@ -1,0 +1,95 @@
+"""``tta``: disagreement between nnU-Net's mirrored forward passes of a patch (METHODS.md §3).
+
+nnU-Net already runs, for every patch, the un-mirrored pass and one pass per combination of its mirror
+axes (combinations of increasing size, in axis order), flips each result back and averages the logits.
+A forward hook on the network sees each of those outputs; it flips it back the same way and streams
+the class probabilities into a running mean and mean of squares, so no extra forward pass and no
+stack of outputs is needed. Per voxel: the standard deviation over the passes, averaged over classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from nnunet_ood.methods.base import PatchMapMethod, PatchTap, Requirements, TapContext
+from nnunet_ood.segmentation import probabilities
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class ProbabilitySpread:
+    """Streams class probabilities of several predictions of the same patch; per voxel, their spread."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._sum: Tensor | None = None
+        self._sum_sq: Tensor | None = None
+
+    def add(self, p: Tensor) -> None:
+        """One prediction's probabilities ``(B, C, *patch)``."""
+        p = p.double()  # E[p^2] - E[p]^2 cancels badly in float32 when the passes agree closely
+        self._sum = p if self._sum is None else self._sum + p
+        self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
+        self.n += 1
+
+    def std_over_predictions(self) -> Tensor:
+        """``(B, *patch)``: population standard deviation over the predictions, averaged over classes."""
+        mean = self._sum / self.n
+        return (self._sum_sq / self.n - mean * mean).clamp_min(0).sqrt().mean(dim=1).float()
+
+
+def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Tensor axes flipped in nnU-Net's mirrored passes, in the order nnU-Net runs them (batch, channel first)."""
+    axes = [a + 2 for a in mirror_axes]
+    return [c for size in range(1, len(axes) + 1) for c in itertools.combinations(axes, size)]
+
+
+class MirroredPassTap(PatchTap):
+    """Forward hook on the network that turns the passes of one patch into the per-voxel ``spread``."""
+
+    def __init__(self, context: TapContext) -> None:
+        from nnunet_ood.features import unwrap_network
+
+        super().__init__(context)
+        self._combinations = mirror_axes_combinations(context.mirror_axes)
+        self._calls = -1  # -1: disarmed
+        self._spread = ProbabilitySpread()
+        self.spread: Tensor | None = None
+        self._handle = unwrap_network(context.network).register_forward_hook(self._hook)
+
+    def before_patch(self, fold_index: int) -> None:
+        """Watch the next 1 + (number of mirror combinations) network calls."""
+        self._calls, self._spread = 0, ProbabilitySpread()
+
+    def _hook(self, module: Any, inputs: tuple, output: Any) -> None:
+        if self._calls < 0 or self._calls > len(self._combinations):
+            return
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        if self._calls > 0:
+            logits = logits.flip(self._combinations[self._calls - 1])  # back to the patch's orientation
+        self._spread.add(probabilities(logits, self.context.region_based))
+        self._calls += 1
+
+    def after_patch(self, x: Tensor, patch_index: int) -> None:
+        """Per-voxel disagreement ``(B, *patch)``: population std over the passes, mean over classes."""
+        if self._calls < 2:
+            raise RuntimeError("tta needs the mirrored passes, but the network ran only once since arm()")
+        self.spread, self._calls, self._spread = self._spread.std_over_predictions(), -1, ProbabilitySpread()
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._calls = -1
+
+
+class TTA(PatchMapMethod):
+    name = "tta"
+    summary = ("standard deviation of the class probabilities over nnU-Net's mirrored passes, averaged over "
+               "classes, per voxel")
+    requires = Requirements(mirroring=True)
+    tap = "nnunet_ood.methods.tta:MirroredPassTap"
+
+    def patch_map(self, tap: MirroredPassTap) -> Tensor:
+        return tap.spread

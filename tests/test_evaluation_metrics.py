@@ -1,0 +1,137 @@
+"""Metrics against independent references (sklearn, scipy, brute-force counts)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from nnunet_ood.evaluation.metrics import (
+    aurc,
+    auroc,
+    average_ranks,
+    e_aurc,
+    esce,
+    spearman,
+    threshold_metrics,
+)
+
+
+def _sk_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    return float(roc_auc_score(y, np.r_[neg, pos]))
+
+
+# ---------------------------------------------------------------- ranks / AUROC
+def test_average_ranks_with_ties_and_inf() -> None:
+    np.testing.assert_allclose(average_ranks([3.0, 1.0, 3.0, np.inf, 2.0, np.inf]),
+                               [3.5, 1.0, 3.5, 5.5, 2.0, 5.5])
+
+
+def test_auroc_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        neg = rng.integers(0, 6, rng.integers(1, 15)).astype(float)
+        pos = rng.integers(2, 8, rng.integers(1, 15)).astype(float)
+        assert auroc(neg, pos) == pytest.approx(_sk_auroc(neg, pos))
+
+
+def test_auroc_extremes_and_all_tied() -> None:
+    assert auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert auroc([1.0, 1.0], [1.0]) == 0.5
+
+
+def test_auroc_nan_counts_as_maximally_uncertain() -> None:
+    neg = np.array([0.1, np.nan, 0.5, 0.3])
+    pos = np.array([0.4, np.nan, np.nan, 0.2, 0.9])
+    big = 1e12
+    expected = _sk_auroc(np.nan_to_num(neg, nan=big), np.nan_to_num(pos, nan=big))
+    assert auroc(neg, pos) == pytest.approx(expected)
+
+
+def test_auroc_empty_side_is_nan() -> None:
+    assert math.isnan(auroc([], [1.0]))
+    assert math.isnan(auroc([1.0], []))
+
+
+# ---------------------------------------------------------------- Spearman
+def test_spearman_matches_scipy_with_ties() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        n = int(rng.integers(3, 30))
+        x = rng.integers(0, 5, n).astype(float)
+        y = x + rng.integers(0, 4, n)
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            continue
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+
+
+def test_spearman_omits_nan_pairs_and_constant_is_nan() -> None:
+    x = np.array([1.0, 2.0, np.nan, 4.0, 5.0, 3.0])
+    y = np.array([2.0, 1.0, 3.0, np.nan, 5.0, 5.0])
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y, nan_policy="omit").statistic)
+    assert math.isnan(spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(spearman([1.0], [2.0]))
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def _aurc_brute_force(u, r):
+    """Selective risk at every coverage k/n: accept the k least uncertain, widened to whole tie groups."""
+    u, r = np.asarray(u, float), np.asarray(r, float)
+    n, total = len(u), 0.0
+    for k in range(1, n + 1):
+        threshold = np.sort(u)[k - 1]
+        accepted = u <= threshold  # a tie group is accepted as a whole
+        total += r[accepted].mean()
+    return total / n
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_aurc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 6, size=40).astype(float)  # many ties
+    r = rng.uniform(size=40)
+    assert aurc(u, r) == pytest.approx(_aurc_brute_force(u, r), rel=1e-12)
+    oracle = np.mean([np.sort(r)[:k].mean() for k in range(1, len(r) + 1)])  # the k lowest risks, each k
+    assert e_aurc(u, r) == pytest.approx(_aurc_brute_force(u, r) - oracle, rel=1e-12)
+    assert e_aurc(r, r) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_e_aurc_is_never_negative_with_tied_risks():
+    # many equal risks (e.g. Dice 0.5 on a whole domain): grouping them would make the oracle worse than
+    # a real ranking; the oracle accepts them one at a time
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        r = rng.choice([0.0, 0.1, 0.5, 1.0], size=30)
+        u = rng.integers(0, 4, size=30).astype(float)
+        assert e_aurc(u, r) >= -1e-15
+        assert e_aurc(r + 1e-9 * rng.uniform(size=30), r) >= -1e-15
+
+
+def test_aurc_hand_computed():
+    # accepted in order: risks 0, 1, then the tie group {0.5, 0.5}: risks 0, 1/2, 1/2, 1/2 at k = 1..4
+    assert aurc([0.1, 0.2, 0.3, 0.3], [0.0, 1.0, 0.5, 0.0]) == pytest.approx((0 + 0.5 + 0.375 + 0.375) / 4)
+
+
+def test_esce_hand_computed():
+    u = [0.05, 0.05, 0.55, 1.0]
+    d = [0.9, 0.7, 0.2, 0.1]
+    # bin 0: mean Dice 0.8, 1 - mean u 0.95 -> 0.15, weight 2/4; bin 5: |0.2 - 0.45| = 0.25, 1/4;
+    # bin 9 (u = 1 goes in the last bin): |0.1 - 0| = 0.1, 1/4
+    assert esce(u, d) == pytest.approx(0.5 * 0.15 + 0.25 * 0.25 + 0.25 * 0.1)
+    with pytest.raises(ValueError):
+        esce([1.5], [0.5])
+
+
+def test_threshold_metrics_hand_computed():
+    id_val = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21]
+    # numpy's linear 95th percentile of these 20 values: 19 + 0.05 * (21 - 19) = 19.1
+    out = threshold_metrics(id_val, id_test=[5, 19, 20, 30], ood=[19.1, 50, 60, 70, 80])
+    assert out["threshold"] == pytest.approx(19.1)
+    assert out["tpr"] == pytest.approx(0.5) and out["fpr"] == pytest.approx(0.2)
+    assert out["detection_error"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
+    assert math.isnan(threshold_metrics([], [1], [2])["tpr"])

@@ -1,0 +1,408 @@
+"""``nnUNetv2_evaluate_ood`` on tiny hand-made prediction/label folders with hand-computed expectations."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from nnunet_ood.cli.evaluate import main
+from nnunet_ood.evaluation.metrics import aurc, e_aurc, esce
+from nnunet_ood.evaluation.table import (
+    ALL_SHIFTED,
+    GroupSpec,
+    LabelSetup,
+    evaluate,
+    foreground_from_dataset_labels,
+    normalized_threshold,
+    parse_label_arguments,
+)
+
+LABELS = {"background": 0, "liver": 1, "tumor": 2}
+ENDING = ".nii.gz"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CALIBRATION = {"A": {"low": 0.0, "high": 10.0, "threshold": 2.4},
+               "B": {"low": 0.0, "high": 1.0, "threshold": 0.45},
+               "C": {"low": 5.0, "high": 5.0, "threshold": 5.0}}  # degenerate: no threshold line
+NAN = float("nan")
+# Raw scores per group and method; A's normalised score is score / 10, B's is the score, C is constant.
+SCORES = {
+    "id_test": {"A": [1.0, 2.0, 1.5, 3.0], "B": [0.2, 0.1, 0.4, 0.3], "C": [5.0] * 4},
+    "id_val": {"A": [1.0, 1.2, 2.5, 2.0, 1.8], "B": [0.25, 0.15, 0.35, 0.3, 0.2], "C": [5.0] * 5},
+    "scanner": {"A": [2.5, NAN, 4.0, 1.1], "B": [0.5, 0.35, 0.05, 0.6], "C": [5.0] * 4},
+    "single": {"A": [5.0], "B": [0.9], "C": [5.0]},
+}
+
+
+def normalize(method: str, score: float) -> float:
+    return {"A": score / 10.0, "B": score, "C": 0.5}[method] if not math.isnan(score) else NAN
+
+
+def make_cases(group: str, n: int, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(prediction, reference) label maps; the first ID test case has no label 2 at all (Dice of label 2 is 1),
+    the first scanner case predicts background only (a failure)."""
+    cases = {}
+    for i in range(n):
+        ref = rng.integers(0, 3, size=(6, 7)).astype(np.uint8)
+        pred = ref.copy()
+        flip = rng.random(ref.shape) < (0.15 if group.startswith("id") else 0.45)
+        pred[flip] = rng.integers(0, 3, size=int(flip.sum()))
+        if group == "id_test" and i == 0:
+            ref[ref == 2], pred[pred == 2] = 1, 1
+        if group == "scanner" and i == 0:
+            pred[:] = 0
+        cases[f"{group}_{i:03d}"] = (pred, ref)
+    return cases
+
+
+def write_label_map(path: Path, array: np.ndarray) -> None:
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def write_group(root: Path, group: str, cases: dict[str, tuple[np.ndarray, np.ndarray]],
+                scores: dict[str, list[float]], labels: dict | None = None) -> tuple[Path, Path]:
+    """A prediction folder (segmentations, ood_scores.csv/.json, dataset.json) and a label folder."""
+    pred_dir, label_dir = root / f"pred_{group}", root / f"labels_{group}"
+    pred_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    lines = ["case,method,score,normalized,ood"]
+    for i, (case, (pred, ref)) in enumerate(cases.items()):
+        write_label_map(pred_dir / f"{case}{ENDING}", pred)
+        write_label_map(label_dir / f"{case}{ENDING}", ref)
+        for method, values in scores.items():
+            s = values[i]
+            ood = math.isnan(s) or s > CALIBRATION[method]["threshold"]
+            lines.append(f"{case},{method},{s!r},{normalize(method, s)!r},{ood}")
+    (pred_dir / "ood_scores.csv").write_text("\n".join(lines) + "\n")
+    (pred_dir / "ood_scores.json").write_text(json.dumps({"methods": list(scores), "calibration": CALIBRATION}))
+    (pred_dir / "dataset.json").write_text(json.dumps({"labels": labels or LABELS, "file_ending": ENDING}))
+    return pred_dir, label_dir
+
+
+def numpy_dice(pred: np.ndarray, ref: np.ndarray, regions: list[tuple[int, ...]]) -> float:
+    """Mean Dice over regions (a label is a one-label region), 1 where a region is empty in both."""
+    values = []
+    for region in regions:
+        p, r = np.isin(pred, region), np.isin(ref, region)
+        total = p.sum() + r.sum()
+        values.append(1.0 if total == 0 else 2.0 * (p & r).sum() / total)
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict:
+    """Folders of four groups: ID test, ID val, a 4-case domain 'scanner' and a 1-case domain 'single'."""
+    root = tmp_path_factory.mktemp("evaluation")
+    rng = np.random.default_rng(0)
+    sizes = {"id_test": 4, "id_val": 5, "scanner": 4, "single": 1}
+    data = {"root": root, "cases": {}, "folders": {}}
+    for group, n in sizes.items():
+        data["cases"][group] = make_cases(group, n, rng)
+        data["folders"][group] = write_group(root, group, data["cases"][group], SCORES[group])
+    return data
+
+
+def group_args(project: dict, root: Path | None = None) -> list[str]:
+    def folders(group: str) -> list[str]:
+        pred, labels = project["folders"][group]
+        if root is not None:
+            pred, labels = root / pred.name, root / labels.name
+        return [str(pred), str(labels)]
+
+    return ["--id_test", *folders("id_test"), "--id_val", *folders("id_val"),
+            "--domain", "scanner", *folders("scanner"), "--domain", "single", *folders("single")]
+
+
+def expected_dice(project: dict, group: str, regions: list[tuple[int, ...]] = ((1,), (2,))) -> np.ndarray:
+    return np.array([numpy_dice(p, r, list(regions)) for p, r in project["cases"][group].values()])
+
+
+@pytest.fixture(scope="module")
+def run_output(project, tmp_path_factory) -> dict:
+    """One successful run of the command line; its stdout, stderr and output folder."""
+    out = tmp_path_factory.mktemp("out") / "evaluation"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        main([*group_args(project), "-o", str(out)])
+    return {"out": out, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def csv_row(rows: list[dict[str, str]], method: str, domain: str) -> dict[str, str]:
+    (row,) = [r for r in rows if r["method"] == method and r["domain"] == domain]
+    return row
+
+
+def markdown_row(text: str, method: str, domain: str) -> dict[str, str]:
+    header = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f"| {method} | {domain} |")]
+    return dict(zip(header, [c.strip() for c in line.strip("|").split("|")]))
+
+
+def as_float(cell: str) -> float:
+    return NAN if cell == "" else float(cell)
+
+
+# ------------------------------------------------------------------------------------------- (a) Dice
+
+
+def test_case_dice_matches_numpy(project, run_output) -> None:
+    rows = read_csv(run_output["out"] / "ood_cases.csv")
+    assert list(rows[0]) == ["group", "case", "dice", "A_score", "A_normalized", "B_score", "B_normalized",
+                             "C_score", "C_normalized"]
+    for group in ("id_test", "id_val", "scanner", "single"):
+        got = np.array([float(r["dice"]) for r in rows if r["group"] == group])
+        np.testing.assert_allclose(got, expected_dice(project, group), rtol=0, atol=1e-12)
+    first_id = next(r for r in rows if r["group"] == "id_test")
+    assert 0 < float(first_id["dice"]) < 1  # label 2 empty in both counts as 1, label 1 is imperfect
+    assert float(next(r for r in rows if r["group"] == "scanner")["dice"]) == 0.0
+    unscored = [r for r in rows if r["group"] == "scanner" and r["A_score"] == ""]
+    assert len(unscored) == 1 and unscored[0]["A_normalized"] == ""
+
+
+def test_region_based_dataset_json_and_labels_override(project, tmp_path) -> None:
+    regions = {"background": 0, "whole": [1, 2], "tumor": [2]}
+    assert foreground_from_dataset_labels(regions) == [(1, 2), (2,)]
+    assert foreground_from_dataset_labels(LABELS) == [1, 2]
+    assert parse_label_arguments(["1", "1,2"]) == [1, (1, 2)]
+    specs = []
+    for group, role in (("id_test", "id_test"), ("scanner", "domain")):
+        pred, labels = write_group(tmp_path, group, project["cases"][group], SCORES[group], labels=regions)
+        specs.append(GroupSpec(group, role, str(pred), str(labels)))
+    result = evaluate(specs, LabelSetup(foreground_from_dataset_labels(regions), ENDING))
+    np.testing.assert_allclose(result.groups[1].dice, expected_dice(project, "scanner", [(1, 2), (2,)]), atol=1e-12)
+    result = evaluate(specs, LabelSetup(parse_label_arguments(["1"]), ENDING))
+    np.testing.assert_allclose(result.groups[0].dice, expected_dice(project, "id_test", [(1,)]), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- (b) metrics
+
+
+def expected_arrays(project: dict, method: str, domains: list[str]) -> dict[str, np.ndarray]:
+    id_score = np.array(SCORES["id_test"][method])
+    sh_score = np.concatenate([SCORES[d][method] for d in domains])
+    id_dice = expected_dice(project, "id_test")
+    sh_dice = np.concatenate([expected_dice(project, d) for d in domains])
+    return {"id_score": id_score, "sh_score": sh_score, "id_dice": id_dice, "sh_dice": sh_dice,
+            "val_score": np.array(SCORES["id_val"][method])}
+
+
+@pytest.mark.parametrize("method,domain", [("A", "scanner"), ("B", "scanner"), ("A", ALL_SHIFTED),
+                                           ("B", ALL_SHIFTED)])
+def test_metric_rows_match_hand_computation(project, run_output, method, domain) -> None:
+    domains = ["scanner", "single"] if domain == ALL_SHIFTED else [domain]
+    e = expected_arrays(project, method, domains)
+    row = {k: as_float(v) if k not in ("method", "domain") else v
+           for k, v in csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), method, domain).items()}
+
+    # AUROC: all cases, an unscored (NaN) case ranks as the most uncertain
+    both = np.concatenate([e["id_score"], e["sh_score"]])
+    filled = np.where(np.isnan(both), np.nanmax(both) + 1.0, both)
+    truth = np.r_[np.zeros(e["id_score"].size), np.ones(e["sh_score"].size)]
+    assert row["auroc"] == pytest.approx(roc_auc_score(truth, filled))
+
+    # every other metric: scored cases only
+    keep = ~np.isnan(e["sh_score"])
+    sh_score, sh_dice = e["sh_score"][keep], e["sh_dice"][keep]
+    assert row["n_id"] == 4 and row["n_domain"] == e["sh_score"].size and row["n_unscored"] == (~keep).sum()
+    t = np.percentile(e["val_score"], 95)
+    tpr, fpr = np.mean(e["id_score"] <= t), np.mean(sh_score <= t)
+    assert row["threshold"] == pytest.approx(t)
+    assert (row["tpr"], row["fpr"]) == (pytest.approx(tpr), pytest.approx(fpr))
+    assert row["detection_error"] == pytest.approx(0.5 * (1 - tpr) + 0.5 * fpr)
+
+    score = np.concatenate([e["id_score"], sh_score])
+    dice = np.concatenate([e["id_dice"], sh_dice])
+    norm = np.array([normalize(method, s) for s in score])
+    assert row["spearman"] == pytest.approx(spearmanr(score, 1 - dice).statistic)
+    assert row["esce"] == pytest.approx(esce(norm, dice))
+    assert row["aurc"] == pytest.approx(aurc(score, 1 - dice))
+    assert row["e_aurc"] == pytest.approx(e_aurc(score, 1 - dice))
+    assert row["mean_dice"] == pytest.approx(e["sh_dice"].mean())
+
+    md = markdown_row((run_output["out"] / "ood_evaluation.md").read_text(), method, domain)
+    assert md["AUROC"] == f"{row['auroc']:.3f}" and md["Spearman"] == f"{row['spearman']:.3f}"
+    assert md["n_unscored"] == str(int(row["n_unscored"]))
+
+
+def test_aurc_against_definition_without_ties(project, run_output) -> None:
+    e = expected_arrays(project, "B", ["scanner"])
+    score, risk = np.concatenate([e["id_score"], e["sh_score"]]), 1 - np.concatenate([e["id_dice"], e["sh_dice"]])
+    sorted_risk = risk[np.argsort(score)]
+    by_definition = np.mean([sorted_risk[:k].mean() for k in range(1, risk.size + 1)])
+    row = csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "B", "scanner")
+    assert float(row["aurc"]) == pytest.approx(by_definition)
+
+
+def test_constant_scores_keep_auroc_half_and_spearman_undefined(run_output) -> None:
+    row = csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "C", "scanner")
+    assert float(row["auroc"]) == 0.5 and row["spearman"] == ""
+    text = (run_output["out"] / "ood_evaluation.md").read_text()
+    assert markdown_row(text, "C", "scanner")["Spearman"] == "-"
+    assert "C: all scores of the ID test and shifted cases are equal" in text
+
+
+# ------------------------------------------------------------------------------------------- (e) one case
+
+
+def test_domain_with_one_case_is_undefined_not_invented(project, run_output) -> None:
+    row = csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "A", "single")
+    for metric in ("auroc", "fpr", "tpr", "detection_error", "esce", "spearman", "aurc", "e_aurc"):
+        assert row[metric] == "", metric
+    assert row["n_domain"] == "1"
+    assert float(row["mean_dice"]) == pytest.approx(expected_dice(project, "single")[0])
+    text = (run_output["out"] / "ood_evaluation.md").read_text()
+    md = markdown_row(text, "A", "single")
+    assert [md[c] for c in ("AUROC", "FPR", "TPR", "det. error", "ESCE", "Spearman", "AURC", "e-AURC")] == ["-"] * 8
+    assert "single has only 1 case(s)" in text
+
+
+def test_without_id_val_threshold_metrics_are_undefined(project) -> None:
+    specs = [GroupSpec("id_test", "id_test", *map(str, project["folders"]["id_test"])),
+             GroupSpec("scanner", "domain", *map(str, project["folders"]["scanner"]))]
+    result = evaluate(specs, LabelSetup([1, 2], ENDING))
+    for row in result.rows:
+        assert all(math.isnan(row[k]) for k in ("threshold", "fpr", "tpr", "detection_error"))
+        assert not math.isnan(row["auroc"])
+    assert any("No --id_val" in n for n in result.notes)
+
+
+# ------------------------------------------------------------------------------------------- (d) outputs
+
+
+def test_outputs_and_plots_are_written(run_output) -> None:
+    out = run_output["out"]
+    for name in ("dice_vs_uncertainty_A.png", "dice_vs_uncertainty_B.png", "dice_vs_uncertainty_C.png",
+                 "score_distributions.png", "correlation_with_failure.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
+    rows = read_csv(out / "ood_evaluation.csv")
+    assert [(r["method"], r["domain"]) for r in rows] == [
+        (m, d) for m in "ABC" for d in ("scanner", "single", ALL_SHIFTED)]
+    assert "| method | domain |" in run_output["stdout"] and "Notes:" in run_output["stdout"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert run_output["stderr"] == ""
+
+
+def test_normalized_threshold_from_calibration() -> None:
+    assert normalized_threshold(CALIBRATION["A"]) == pytest.approx(0.24)
+    assert normalized_threshold({"low": 0.0, "high": 1.0, "threshold": 3.0}) == 1.0
+    # degenerate bounds (high == low) normalise as a step: a threshold at the bound sits at 0
+    assert normalized_threshold(CALIBRATION["C"]) == 0.0
+    assert normalized_threshold({"threshold": 1.0}) is None
+
+
+# ------------------------------------------------------------------------------------------- (c) bad input
+
+
+@pytest.fixture()
+def broken(project, tmp_path) -> Path:
+    """A private copy of the project's folders that a test may break."""
+    for pred, labels in project["folders"].values():
+        shutil.copytree(pred, tmp_path / pred.name)
+        shutil.copytree(labels, tmp_path / labels.name)
+    return tmp_path
+
+
+def evaluation_fails(fails_with, argv: list[str], out: Path, *needles: str) -> str:
+    message = fails_with(main, argv, *needles)
+    assert not out.exists() or not any(out.iterdir()), "nothing may be written on error"
+    return message
+
+
+def test_case_without_segmentation(project, broken, fails_with) -> None:
+    (broken / "pred_scanner" / f"scanner_001{ENDING}").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, "scanner_001", "pred_scanner",
+               "nnUNetv2_predict_ood")
+
+
+def test_case_without_reference(project, broken, fails_with) -> None:
+    (broken / "labels_id_val" / f"id_val_002{ENDING}").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, "id_val_002", "labels_id_val")
+
+
+def test_reference_folder_with_none_of_the_cases(project, broken, fails_with) -> None:
+    argv = group_args(project, broken)
+    argv[argv.index(str(broken / "labels_scanner"))] = str(broken / "labels_id_test")
+    out = broken / "out"
+    evaluation_fails(fails_with, [*argv, "-o", str(out)], out, "contains none", "scanner_000", "labels_id_test")
+
+
+def test_missing_score_csv(project, broken, fails_with) -> None:
+    (broken / "pred_single" / "ood_scores.csv").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, "ood_scores.csv", "pred_single",
+               "nnUNetv2_predict_ood")
+
+
+def test_requested_method_missing_in_a_folder(project, broken, fails_with) -> None:
+    csv_path = broken / "pred_scanner" / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if ",B," not in ln))
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--methods", "A", "B"], out,
+                     "B", "pred_scanner", "--methods")
+
+
+def test_method_missing_in_a_folder_is_dropped_with_a_warning(project, broken, capsys) -> None:
+    csv_path = broken / "pred_scanner" / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if ",B," not in ln))
+    out = broken / "out"
+    main([*group_args(project, broken), "-o", str(out), "--methods", "A"])  # requested subset: fine, no warning
+    assert "warning" not in capsys.readouterr().err
+    main([*group_args(project, broken), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "B" in err[0], err
+    assert {r["method"] for r in read_csv(out / "ood_evaluation.csv")} == {"A", "C"}
+
+
+def test_same_prediction_folder_twice(project, broken, fails_with) -> None:
+    argv = group_args(project, broken)
+    argv[argv.index(str(broken / "pred_single"))] = str(broken / "pred_scanner")
+    out = broken / "out"
+    evaluation_fails(fails_with, [*argv, "-o", str(out)], out, "pred_scanner", "own folder")
+
+
+def test_no_dataset_json_needs_labels_and_file_ending(project, broken, fails_with) -> None:
+    for group in project["folders"]:
+        (broken / f"pred_{group}" / "dataset.json").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, "dataset.json", "--labels")
+    main([*group_args(project, broken), "-o", str(out), "--labels", "1", "2", "--file_ending", ENDING,
+          "--methods", "B"])
+    assert (out / "ood_evaluation.csv").is_file()
+
+
+def test_uncalibrated_method_keeps_rank_metrics_and_leaves_esce_undefined(project, run_output, tmp_path) -> None:
+    # fold-ensemble scores have no calibration: normalized is NaN but the raw scores rank cases
+    for group in ("id_test", "id_val", "scanner", "single"):
+        for folder in project["folders"][group]:
+            shutil.copytree(folder, tmp_path / folder.name)
+        csv_path = tmp_path / project["folders"][group][0].name / "ood_scores.csv"
+        lines = csv_path.read_text().splitlines()
+        rewritten = [lines[0]] + [",".join(p[:3] + ["nan"] + p[4:]) if p[1] == "B" else line
+                                  for line, p in ((line, line.split(",")) for line in lines[1:])]
+        csv_path.write_text("\n".join(rewritten) + "\n")
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        main([*group_args(project, tmp_path), "-o", str(out)])
+    before = csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "B", "scanner")
+    after = csv_row(read_csv(out / "ood_evaluation.csv"), "B", "scanner")
+    assert after["esce"] == "" and before["esce"] != ""
+    for metric in ("auroc", "spearman", "aurc", "e_aurc", "fpr", "tpr"):
+        assert as_float(after[metric]) == pytest.approx(as_float(before[metric]))
