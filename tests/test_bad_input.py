@@ -116,3 +116,222 @@ def test_nan_image_is_predicted_scored_nan_and_flagged(tiny_project, tmp_path, s
     rows = {r["case"]: r for r in read_score_csv(str(out / "ood_scores.csv"))}
     assert np.isnan(rows["broken_000"]["score"]) and rows["broken_000"]["ood"] is True
     assert len(rows) == 3 and all(np.isfinite(r["score"]) for c, r in rows.items() if c != "broken_000")
+
+
+# ----------------------------------------------------------------------------------------------- methods alone
+
+def test_every_fitted_method_alone_and_in_every_pair_gives_the_same_scores(preprocessed_case):
+    """Each method's score is the same whatever else is computed (``--ood latent_mahalanobis`` alone crashed)."""
+    import itertools
+
+    from nnunet_ood.methods import DEFAULT_FIT_METHODS
+
+    predictor, data = preprocessed_case(None, "shift_mild")
+    predictor.predict_logits_from_preprocessed_data(data)
+    reference = {m: s["score"] for m, s in predictor.ood_results[-1].scores.items()}
+    assert list(reference) == list(DEFAULT_FIT_METHODS)
+    for combination in [*([m] for m in reference), *itertools.combinations(reference, 2)]:
+        predictor.requested_ood_methods = list(combination)
+        predictor.load_ood_state()
+        predictor.predict_logits_from_preprocessed_data(data)
+        result = predictor.ood_results[-1]
+        assert list(result.scores) == list(combination) == list(result.maps)
+        for method in combination:
+            assert result.scores[method]["score"] == pytest.approx(reference[method], rel=1e-6), combination
+
+
+def test_latent_mahalanobis_alone_from_the_command_line(tiny_project, test_images, tmp_path, predict_argv):
+    out = tmp_path / "out"
+    predict_entry.main(predict_argv(test_images, out, OOD_TRAINER, "--ood", "latent_mahalanobis", "-npp", "0",
+                                    "-nps", "0"))
+    rows = read_score_csv(str(out / "ood_scores.csv"))
+    assert {r["method"] for r in rows} == {"latent_mahalanobis"} and len(rows) == len(list(test_images.iterdir()))
+
+
+# ----------------------------------------------------------------------------------------------- inputs, outputs
+
+def _one_case_folder(tiny_project, folder: Path, names: list[str]) -> Path:
+    """An input folder with copies of the first ID test image under the given case names."""
+    folder.mkdir()
+    source = sorted(Path(tiny_project.dataset.images_ts["id"]).iterdir())[0]
+    for name in names:
+        shutil.copy(source, folder / f"{name}_0000.nii.gz")
+    return folder
+
+
+def test_map_file_that_would_overwrite_another_case_is_refused(tiny_project, tmp_path, fails_with, predict_argv):
+    inp = _one_case_folder(tiny_project, tmp_path / "input", ["foo", "foo_ood_mahalanobis"])
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(inp, out, OOD_TRAINER, "--save_ood_maps"),
+               "case foo", "foo_ood_mahalanobis", "--save_ood_maps")
+    assert not out.exists()
+    predict_entry.main(predict_argv(inp, out, OOD_TRAINER))  # without maps the names are fine
+    assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == {"foo", "foo_ood_mahalanobis"}
+
+
+def test_api_refuses_map_collisions_too(tiny_project, tmp_path):
+    import torch
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    inp = _one_case_folder(tiny_project, tmp_path / "input", ["bar", "bar_ood_knn"])
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False, save_ood_maps=True)
+    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
+    with pytest.raises(OODInputError, match="would overwrite the outputs of case bar_ood_knn"):
+        predictor.predict_from_files_sequential(str(inp), str(tmp_path / "out"))
+
+
+def _write_image(path: Path, array: np.ndarray, spacing=None, sform=None) -> None:
+    import SimpleITK as sitk
+
+    if sform is not None:  # nibabel writes any affine, also ones ITK refuses to read
+        image = nib.Nifti1Image(array.T[..., None].astype(np.float32), sform)
+        image.set_qform(None)
+        image.set_sform(sform, code=1)
+        nib.save(image, str(path))
+        return
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("text", ("cannot read input file", "bad_000_0000.nii.gz", "as an image")),
+    ("empty", ("bad_000_0000.nii.gz", "is empty")),
+    ("spacing", ("case bad_000", "resample to", "fix the image header's spacing")),
+    ("shear", ("case bad_000", "orthonormal")),
+])
+def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, fails_with, predict_argv, kind,
+                                                        needles):
+    inp = _one_case_folder(tiny_project, tmp_path / "input", ["good_000"])
+    bad = inp / "bad_000_0000.nii.gz"
+    if kind == "text":
+        bad.write_text("this is not an image\n")
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "spacing":
+        _write_image(bad, np.ones((32, 32)), spacing=(100.0, 0.001))
+    else:
+        _write_image(bad, np.ones((32, 32)), sform=np.array([[1, 0.6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                             [0, 0, 0, 1.0]]))
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(inp, out), *needles)
+    assert not out.exists()
+
+
+def test_output_folders_that_cannot_work_are_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv):
+    existing_file = tmp_path / "a_file"
+    existing_file.write_text("x")
+    fails_with(predict_entry.main, predict_argv(test_images, existing_file), "is not a folder")
+    before = sorted(p.name for p in test_images.iterdir())
+    fails_with(predict_entry.main, predict_argv(test_images, test_images), "is the input folder")
+    assert sorted(p.name for p in test_images.iterdir()) == before
+    fails_with(predict_entry.main, predict_argv(test_images, Path("/sys/nnunet_ood_test_out")), "cannot write to",
+               "writable -o")
+    fails_with(predict_entry.main, predict_argv(test_images, existing_file / "sub"), "is not a folder")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["-step_size", "0"], "-step_size"), (["-step_size", "2"], "-step_size"), (["-step_size", "-0.5"], "-step_size"),
+    (["-num_parts", "0"], "-num_parts must be at least 1"),
+    (["-num_parts", "2", "-part_id", "1", "-npp", "0", "-nps", "0"], "multiprocessing"),
+    (["--ood", "foo"], "unknown OOD method 'foo'; the known methods are mahalanobis"),
+    (["-device", "tpu"], "-device"),
+])
+def test_argument_errors(tiny_project, test_images, tmp_path, fails_with, predict_argv, extra, needle):
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out, OOD_TRAINER, *extra), needle)
+    assert not out.exists()
+
+
+def test_empty_segmentation_file_is_redone_by_continue_prediction(tiny_project, test_images, tmp_path, predict_argv):
+    out = tmp_path / "out"
+    predict_entry.main(predict_argv(test_images, out))
+    victim = sorted(out.glob("*.nii.gz"))[0]
+    victim.write_bytes(b"")  # what a writer killed mid-way leaves
+    predict_entry.main(predict_argv(test_images, out, OOD_TRAINER, "--continue_prediction"))
+    assert victim.stat().st_size > 0
+
+
+def test_a_case_failing_inside_nnunet_is_named_and_the_tables_of_the_others_are_written(
+        tiny_project, test_images, tmp_path, fails_with, predict_argv, monkeypatch):
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in test_images.iterdir())
+    original = nnUNetOODPredictor.predict_logits_from_preprocessed_data
+    calls = []
+
+    def fail_on_third(self, data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure inside nnU-Net")
+        return original(self, data)
+
+    monkeypatch.setattr(nnUNetOODPredictor, "predict_logits_from_preprocessed_data", fail_on_third)
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out, OOD_TRAINER, "-npp", "0", "-nps", "0"),
+               f"prediction stopped at case {cases[2]}", "simulated failure", "--continue_prediction")
+    assert sorted({r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))}) == cases[:2]
+
+
+def test_killed_prediction_leaves_no_worker_processes(tiny_project, test_images, tmp_path, predict_argv):
+    """SIGKILL of nnUNetv2_predict_ood takes its preprocessing, manager and export workers with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid: int) -> set[int]:
+        found = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    found.add(int(entry))
+        return found
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    source = next(test_images.iterdir())
+    for i in range(60):  # enough cases that the workers are busy when the command is killed
+        shutil.copy(source, test_images / f"extra_{i:03d}_0000.nii.gz")
+    exe = str(Path(sys.executable).parent / "nnUNetv2_predict_ood")
+    argv = predict_argv(test_images, tmp_path / "out", OOD_TRAINER, "-npp", "3", "-nps", "3", "--save_ood_maps")
+    proc = subprocess.Popen([exe, *argv], env=tiny_project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(workers) < 7 and proc.poll() is None:  # tracker, 3 + 3 workers, manager
+        workers |= children(proc.pid)
+        time.sleep(0.2)
+    time.sleep(1)
+    workers |= children(proc.pid)
+    assert proc.poll() is None and len(workers) >= 7, f"the workers did not start: {workers}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = {pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"}
+        time.sleep(0.2)
+    assert not alive, f"orphaned worker processes: {sorted(alive)}"
+
+
+def test_trainer_folder_is_found_without_the_export(tiny_project, test_images, tmp_path, predict_argv, monkeypatch):
+    import torch
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    with pytest.raises(OODInputError, match="cannot find the trainer class .*nnUNetv2_ood_trainer_dir"):
+        predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
+    predict_entry.main(predict_argv(test_images, tmp_path / "out"))  # the command adds the folder itself
+    assert (tmp_path / "out" / "ood_scores.csv").is_file()

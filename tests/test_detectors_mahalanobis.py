@@ -205,7 +205,8 @@ def test_unfitted_and_mismatched_use_raise(data) -> None:
     x, y = data
     with pytest.raises(OODStateError, match="nnUNetv2_fit_ood"):
         MahalanobisDetector().score(y)
-    with pytest.raises(OODStateError):
+    # one sample: say how many it has and how many it needs, not "not fitted"
+    with pytest.raises(OODStateError, match="needs at least 2 finite training feature vectors, has 1"):
         MahalanobisDetector().fit(x[:1]).score(y)
     with pytest.raises(OODStateError, match="40"):
         MahalanobisDetector().fit(x).score(y[:, :39])
@@ -216,3 +217,14 @@ def test_unfitted_and_mismatched_use_raise(data) -> None:
             MahalanobisDetector(shrinkage=bad)
     with pytest.raises(OODInputError):
         MahalanobisDetector(chunk_size=0)
+
+
+def test_save_into_a_file_path_is_a_one_line_error(tmp_path, data) -> None:
+    x, _ = data
+    target = tmp_path / "a_file"
+    target.write_text("not a folder")
+    with pytest.raises(OODInputError, match="is a file, not a folder"):
+        MahalanobisDetector().fit(x).save(target)
+    with pytest.raises(OODInputError, match="is a file, not a folder"):
+        MahalanobisDetector().fit(x).save(target / "deeper")
+    assert target.read_text() == "not a folder"

@@ -371,6 +371,19 @@ def test_method_missing_in_a_folder_is_dropped_with_a_warning(project, broken, c
     assert {r["method"] for r in read_csv(out / "ood_evaluation.csv")} == {"A", "C"}
 
 
+def test_folders_of_different_models_give_a_warning(project, broken, capsys) -> None:
+    for group, model in (("id_test", "/m/A"), ("id_val", "/m/A"), ("scanner", "/m/B"), ("single", "/m/A")):
+        path = broken / f"pred_{group}" / "ood_scores.json"
+        document = json.loads(path.read_text())
+        document.update(model_folder=model, folds=["0"], checkpoint="checkpoint_final.pth")
+        path.write_text(json.dumps(document))
+    out = broken / "out"
+    main([*group_args(project, broken), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "different model folders" in err[0], err
+    assert "scanner: /m/B" in err[0] and "not comparable" in err[0]
+
+
 def test_same_prediction_folder_twice(project, broken, fails_with) -> None:
     argv = group_args(project, broken)
     argv[argv.index(str(broken / "pred_single"))] = str(broken / "pred_scanner")

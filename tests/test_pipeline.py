@@ -152,6 +152,7 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     # adding sd later keeps the fitted mahalanobis state as it is
     ood = model / "fold_0" / "ood"
     before = load_file(str(ood / "mahalanobis.safetensors"))
+    kept_provenance = json.loads((ood / "ood_state.json").read_text())["provenance"]["train_case_scores"]
     run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
          "--disable_progress_bar", "--ood", "sd", "--sd_latent", "8", "--sd_iterations", "5", "--sd_max_epochs", "2",
          "--sd_val_batches", "1"], tiny_project.env)
@@ -159,6 +160,9 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     assert list(manifest["methods"]) == ["mahalanobis", "sd", "latent_mahalanobis"]
     after = load_file(str(ood / "mahalanobis.safetensors"))
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # ... and its provenance: the training case scores of mahalanobis are those of its own fit
+    assert manifest["provenance"]["train_case_scores"]["mahalanobis"] == kept_provenance["mahalanobis"]
+    assert set(manifest["provenance"]["train_case_scores"]) == {"mahalanobis", "sd", "latent_mahalanobis"}
     assert manifest["provenance"]["sd_training"]["config"]["latent_dim"] == 8
     assert manifest["provenance"]["sd_training"]["epochs_run"] == 2
 

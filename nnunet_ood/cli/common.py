@@ -45,6 +45,15 @@ def resolve_device(name: str | None) -> Any:
     return torch.device(name)
 
 
+def add_trainer_path() -> None:
+    """Let nnU-Net find nnUNetTrainerOOD and its variants without an exported ``nnUNet_extTrainer``."""
+    from nnunet_ood.cli.trainer_dir import trainer_dir
+
+    folders = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if trainer_dir() not in folders:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*folders, trainer_dir()])
+
+
 def locate_model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> str:
     """nnU-Net's ``Trainer__Plans__Configuration`` folder of a trained model, or a one-line error."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder

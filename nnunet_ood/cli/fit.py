@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import dataclasses
 
-    from nnunet_ood.cli.common import resolve_device
+    from nnunet_ood.cli.common import add_trainer_path, resolve_device
     from nnunet_ood.fitting import fit_fold
 
+    add_trainer_path()
     options = dataclasses.replace(options, device=resolve_device(args.device))
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
     for fold in folds:

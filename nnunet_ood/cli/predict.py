@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-from collections import Counter
 
-from nnunet_ood.cli.common import DEVICE_HELP, check_device_name, locate_model_folder, one_line_errors, resolve_device
-from nnunet_ood.errors import OODInputError
+from nnunet_ood.cli.children import guard_if_spawned_worker, guard_worker_processes
+from nnunet_ood.cli.common import (
+    DEVICE_HELP,
+    add_trainer_path,
+    check_device_name,
+    locate_model_folder,
+    one_line_errors,
+    resolve_device,
+)
+from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.folds import parse_folds
+from nnunet_ood.io.inputs import (
+    check_image_headers,
+    check_map_collisions,
+    check_output_folder,
+    configuration_spacing,
+    count_channels,
+    input_cases,
+)
 from nnunet_ood.methods import REGISTRY
+
+guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
 
 
 def _env_int(name: str, default: int) -> int:
@@ -59,28 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_input_folder(folder: str, file_ending: str, num_channels: int) -> list[str]:
-    """Case identifiers in an nnU-Net input folder; one-line errors for empty folders and wrong channels."""
-    if not os.path.isdir(folder):
-        raise OODInputError(f"input folder {folder} does not exist")
-    pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(file_ending) + "$")
-    matches = [pattern.match(f) for f in sorted(os.listdir(folder)) if f.endswith(file_ending)]
-    if not matches:
-        raise OODInputError(f"no input images ending in {file_ending} in {folder}; nnU-Net expects "
-                            f"CASE_0000{file_ending} (one file per channel)")
-    unnamed = [m for m in matches if m is None]
-    if unnamed:
-        raise OODInputError(f"{len(unnamed)} file(s) in {folder} lack the _XXXX channel suffix nnU-Net needs, "
-                            f"e.g. rename image{file_ending} to image_0000{file_ending}")
-    channels = Counter(m.group(1) for m in matches)
-    for case, count in channels.items():
-        found = sorted(int(m.group(2)) for m in matches if m.group(1) == case)
-        if count != num_channels or found != list(range(num_channels)):
-            raise OODInputError(f"case {case} has channel files {found} but the model expects {num_channels} "
-                                f"input channel(s) _0000.._{num_channels - 1:04d}; fix the input folder")
-    return sorted(channels)
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model is loaded (and before torch is imported)."""
     check_device_name(args.device)
@@ -95,6 +89,24 @@ def check_arguments(args: argparse.Namespace) -> None:
         REGISTRY.get(name)
 
 
+def check_model_and_folders(args: argparse.Namespace, folds: list) -> str:
+    """The model's folds, the input images and the output folder; returns the model folder."""
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+
+    model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
+    for fold in folds:
+        if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
+            raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
+    dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
+    cases = input_cases(args.i, dataset_json["file_ending"], count_channels(dataset_json))
+    check_output_folder(args.o, args.i)
+    if args.save_ood_maps:
+        check_map_collisions(cases, REGISTRY.names)
+    check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
+                        plans.get("transpose_forward", [0, 1, 2]))
+    return model_folder
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnUNetv2_predict_ood``."""
@@ -102,15 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     check_arguments(args)
     folds = parse_folds(args.f)
     predict_options = REGISTRY.configs_from_args(args, "predict")
-    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, maybe_mkdir_p
-
-    model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
-    for fold in folds:
-        if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
-            raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
-    dataset_json = load_json(join(model_folder, "dataset.json"))
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    check_input_folder(args.i, dataset_json["file_ending"], n_channels)
+    model_folder = check_model_and_folders(args, folds)
+    guard_worker_processes()
+    add_trainer_path()
 
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
 
@@ -122,7 +128,28 @@ def main(argv: list[str] | None = None) -> None:
                                    allow_tqdm=not args.disable_progress_bar, ood_methods=args.ood,
                                    save_ood_maps=args.save_ood_maps, predict_options=predict_options)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
-    maybe_mkdir_p(args.o)
+    try:
+        os.makedirs(args.o, exist_ok=True)
+    except OSError as e:
+        raise OODInputError(f"cannot create output folder {args.o} ({e.strerror}); choose a writable -o") from None
+    try:
+        run_prediction(predictor, args)
+    except OODError:
+        raise
+    except Exception as e:  # a case nnU-Net cannot process: name it; the tables of the cases done are written
+        case = predictor.outputs.unfinished_case
+        if case is None:
+            raise
+        raise OODInputError(f"prediction stopped at case {case} ({type(e).__name__}: {' '.join(str(e).split())[:200]});"
+                            f" the score tables list the cases done; fix or remove {case} and re-run with "
+                            "--continue_prediction") from e
+    flagged = sum(1 for r in predictor.ood_results for s in r.scores.values() if s["ood"])
+    print(f"OOD: {len(predictor.ood_results)} case(s) scored in this run, {flagged} method flag(s) raised; "
+          f"see {os.path.join(args.o, 'ood_scores.csv')}")
+
+
+def run_prediction(predictor, args: argparse.Namespace) -> None:
+    """nnU-Net's prediction over files: sequential with ``-npp 0 -nps 0``, else with its worker processes."""
     if args.nps == 0 and args.npp == 0:
         print("Running in non-multiprocessing mode")
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
@@ -135,9 +162,6 @@ def main(argv: list[str] | None = None) -> None:
                                      num_processes_segmentation_export=max(1, args.nps),
                                      folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                                      num_parts=args.num_parts, part_id=args.part_id)
-    flagged = sum(1 for r in predictor.ood_results for s in r.scores.values() if s["ood"])
-    print(f"OOD: {len(predictor.ood_results)} case(s) scored in this run, {flagged} method flag(s) raised; "
-          f"see {join(args.o, 'ood_scores.csv')}")
 
 
 if __name__ == "__main__":

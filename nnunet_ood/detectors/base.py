@@ -95,6 +95,14 @@ class FeatureDetector(ABC):
     def device(self) -> torch.device:
         """Device on which the fitted state lives and scoring runs."""
 
+    def _check_fitted(self) -> None:
+        """Raise a one-line error saying why the detector cannot score yet."""
+        if not self.is_fitted:
+            raise OODStateError(
+                f"the {self.name} detector is not fitted; fit it or load a fitted state "
+                f"(run nnUNetv2_fit_ood) before scoring"
+            )
+
     # ------------------------------------------------------------------ scoring
     def _prepare_scoring(self) -> None:
         """Hook run once per :meth:`score` call before the chunks (e.g. to factorise lazily)."""
@@ -111,11 +119,7 @@ class FeatureDetector(ABC):
         broken patch is visible instead of silently skewing a case score.
         """
         X = as_feature_tensor(X)
-        if not self.is_fitted:
-            raise OODStateError(
-                f"the {self.name} detector is not fitted; fit it or load a fitted state "
-                f"(run nnUNetv2_fit_ood) before scoring"
-            )
+        self._check_fitted()
         if X.shape[1] != self.n_features_in_:
             raise OODStateError(
                 f"features have {X.shape[1]} columns but the {self.name} detector was fitted on "

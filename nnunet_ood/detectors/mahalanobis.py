@@ -170,7 +170,7 @@ class MahalanobisDetector(FeatureDetector):
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise OODStateError(
-                f"the mahalanobis detector needs at least 2 finite training feature vectors, has "
+                f"the {self.name} detector needs at least 2 finite training feature vectors, has "
                 f"{self.statistics.count}; fit it on more training patches (nnUNetv2_fit_ood)"
             )
 

@@ -91,6 +91,7 @@ class ScoreTable:
     score: dict[str, dict[str, float]]  # method -> case -> raw score
     normalized: dict[str, dict[str, float]]  # method -> case -> normalised score in [0, 1]
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {"low", "high", "threshold"}
+    provenance: dict[str, Any] = field(default_factory=dict)  # the model that predicted it (PROVENANCE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -262,18 +263,38 @@ def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None
 # ----------------------------------------------------------------------------------------------- scores
 
 
-def _read_calibration(folder: str) -> dict[str, dict[str, Any]]:
-    """Per-method calibration from ``ood_scores.json`` (empty if the file is missing)."""
+#: entries of ``ood_scores.json`` that say which model made a prediction folder
+PROVENANCE_KEYS = ("model_folder", "configuration", "plans", "folds", "checkpoint")
+
+
+def _read_score_document(folder: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-method calibration and the model's provenance from ``ood_scores.json`` (empty if missing)."""
     path = os.path.join(folder, JSON_NAME)
     if not os.path.isfile(path):
-        return {}
+        return {}, {}
     try:
         with open(path) as f:
             document = json.load(f)
     except (OSError, ValueError) as e:
         raise OODInputError(f"cannot read {path} ({e}); re-run {PREDICT_COMMAND} into {folder}") from None
-    calibration = document.get("calibration") if isinstance(document, dict) else None
-    return {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) else {}
+    if not isinstance(document, dict):
+        return {}, {}
+    calibration = document.get("calibration")
+    calibration = {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) \
+        else {}
+    return calibration, {k: document[k] for k in PROVENANCE_KEYS if k in document}
+
+
+def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]) -> list[str]:
+    """One warning per provenance entry that differs between the prediction folders."""
+    warnings = []
+    for key in PROVENANCE_KEYS:
+        values = {spec.name: table.provenance[key] for spec, table in zip(specs, tables) if key in table.provenance}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            shown = "; ".join(f"{name}: {value}" for name, value in values.items())
+            warnings.append(f"the prediction folders were made with different {key.replace('_', ' ')}s ({shown}); "
+                            "their scores are not comparable: predict every group with the same model")
+    return warnings
 
 
 def load_score_table(folder: str) -> ScoreTable:
@@ -301,7 +322,7 @@ def load_score_table(folder: str) -> ScoreTable:
                                 f"{r['method']} is outside [0, 1]; re-run {PREDICT_COMMAND}")
         score[r["method"]][r["case"]] = r["score"]
         normalized[r["method"]][r["case"]] = r["normalized"]
-    return ScoreTable(folder, cases, methods, score, normalized, _read_calibration(folder))
+    return ScoreTable(folder, cases, methods, score, normalized, *_read_score_document(folder))
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -508,6 +529,7 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     notes = collect_notes(groups, methods, rows, percentile, dropped)
     warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
                 "dropped; pass --methods to require them"] if dropped else []
+    warnings += provenance_warnings(tables, specs)
     calibration: dict[str, dict[str, Any]] = {}
     for table in tables:  # the ID test folder's calibration first, then any other folder's
         for method, values in table.calibration.items():

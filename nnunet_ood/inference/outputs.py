@@ -26,6 +26,7 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from nnunet_ood import __version__
 from nnunet_ood.calibration import calibrated_scores
 from nnunet_ood.inference.case_scorer import CaseOutcome
+from nnunet_ood.io.inputs import check_map_collisions
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
 from nnunet_ood.io.scores import collect_records, has_case_record, write_case_record, write_score_tables
 
@@ -51,12 +52,24 @@ class PredictionOutputs:
 
     def __init__(self, predictor: nnUNetOODPredictor) -> None:
         self.predictor = predictor
-        self.current_case: dict | None = None  # nnU-Net's item of the case being predicted (ofile, properties)
+        self._current_case: dict | None = None
+        self.unfinished_case: str | None = None  # the case being predicted, until it is scored
         self._run: dict[str, Any] | None = None
         self._map_pool: ProcessPoolExecutor | None = None
         self._map_futures: list[Future] = []
 
     # ------------------------------------------------------------------ one case
+    @property
+    def current_case(self) -> dict | None:
+        """nnU-Net's item of the case being predicted (``ofile``, ``data_properties``)."""
+        return self._current_case
+
+    @current_case.setter
+    def current_case(self, item: dict | None) -> None:
+        self._current_case = item
+        if item is not None:
+            self.unfinished_case = self._case_name()
+
     def case_scored(self, outcome: CaseOutcome) -> CaseOODResult:
         """Calibrate, flag and store the scores (and maps) of the case just predicted."""
         p = self.predictor
@@ -69,6 +82,7 @@ class PredictionOutputs:
         if ofile is None:
             result = CaseOODResult(case, scores, {m: v.cpu().numpy() for m, v in outcome.maps.items()}, outcome.methods)
             p.ood_results.append(result)
+            self.unfinished_case = None
             return result
         if p.save_ood_maps:
             args = (np.stack([v.cpu().numpy() for v in outcome.maps.values()]), list(outcome.maps),
@@ -79,6 +93,7 @@ class PredictionOutputs:
             else:
                 export_ood_maps(*args)
         write_case_record(os.path.dirname(ofile) or ".", case, scores, self.run_signature())
+        self.unfinished_case = None
         result = CaseOODResult(case, scores, None, outcome.methods)
         p.ood_results.append(result)
         return result
@@ -117,7 +132,10 @@ class PredictionOutputs:
             cases = [os.path.basename(o) for o in output_folder_or_list_of_truncated_output_files]
         else:
             output_folder, cases = None, []
+        if self.predictor.save_ood_maps:
+            check_map_collisions(cases, self.predictor.ood_methods)
         self._run = {"output_folder": output_folder, "cases": cases}
+        self.unfinished_case = None
 
     def end_run(self) -> None:
         """Rebuild ``ood_scores.csv``/``.json`` from every record of this model in the output folder."""
@@ -142,7 +160,8 @@ class PredictionOutputs:
         if p.save_ood_maps:
             ending = map_file_ending(p.plans_manager, p.dataset_json)
             files += [map_filename(output_truncated, m, ending) for m in p.ood_methods]
-        return all(isfile(f) for f in files) and has_case_record(
+        # a file of 0 bytes is what a killed writer leaves: not finished
+        return all(isfile(f) and os.path.getsize(f) > 0 for f in files) and has_case_record(
             os.path.dirname(output_truncated) or ".", os.path.basename(output_truncated), self.run_signature())
 
     # ------------------------------------------------------------------ provenance

@@ -26,7 +26,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from nnunet_ood.calibration import MethodCalibration, combine_calibrations
-from nnunet_ood.errors import OODStateError
+from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.features import bottleneck_shape
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.inference.case_scorer import CaseScorer
@@ -79,7 +79,14 @@ class nnUNetOODPredictor(nnUNetPredictor):
         if use_folds is None:
             use_folds = nnUNetPredictor.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         self.use_folds = parse_folds(use_folds)
-        super().initialize_from_trained_model_folder(model_training_output_dir, self.use_folds, checkpoint_name)
+        try:
+            super().initialize_from_trained_model_folder(model_training_output_dir, self.use_folds, checkpoint_name)
+        except RuntimeError as e:
+            if "Could not find requested nnunet trainer" not in str(e):
+                raise
+            raise OODInputError(f"nnU-Net cannot find the trainer class of {model_training_output_dir}; put the "
+                                "folder of its module in nnUNet_extTrainer (for nnUNetTrainerOOD: export "
+                                "nnUNet_extTrainer=$(nnUNetv2_ood_trainer_dir))") from None
         self.model_folder = os.path.abspath(model_training_output_dir)
         self.checkpoint_name = checkpoint_name
         if load_ood_state:
@@ -234,12 +241,14 @@ class nnUNetOODPredictor(nnUNetPredictor):
                            folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
         if self.ood_enabled:
             self.outputs.begin_run(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
-        ret = super().predict_from_files(list_of_lists_or_source_folder,
-                                         output_folder_or_list_of_truncated_output_files, save_probabilities,
-                                         overwrite, num_processes_preprocessing, num_processes_segmentation_export,
-                                         folder_with_segs_from_prev_stage, num_parts, part_id)
-        self.outputs.end_run()
-        return ret
+        try:
+            return super().predict_from_files(list_of_lists_or_source_folder,
+                                              output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                              overwrite, num_processes_preprocessing,
+                                              num_processes_segmentation_export, folder_with_segs_from_prev_stage,
+                                              num_parts, part_id)
+        finally:  # also after a failure: the tables list every case scored so far
+            self.outputs.end_run()
 
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = default_num_processes):
@@ -282,11 +291,11 @@ class nnUNetOODPredictor(nnUNetPredictor):
         original = self.configuration_manager
         self.configuration_manager = RecordingConfigurationManager(original, on_case)
         try:
-            ret = super().predict_from_files_sequential(list_of_lists_or_source_folder,
-                                                        output_folder_or_list_of_truncated_output_files,
-                                                        save_probabilities, overwrite, folder_with_segs_from_prev_stage)
-        finally:
+            return super().predict_from_files_sequential(list_of_lists_or_source_folder,
+                                                         output_folder_or_list_of_truncated_output_files,
+                                                         save_probabilities, overwrite,
+                                                         folder_with_segs_from_prev_stage)
+        finally:  # also after a failure: the tables list every case scored so far
             self.configuration_manager = original
             self.outputs.current_case = None
-        self.outputs.end_run()
-        return ret
+            self.outputs.end_run()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from nnunet_ood.errors import OODInputError
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)  # the only portable way to read the umask is to set it
@@ -19,6 +21,11 @@ def _current_umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (parent folders are created)."""
     path = Path(path)
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OODInputError(f"cannot write {path}: {folder} is a file, not a folder; choose another path")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -1,0 +1,175 @@
+"""Checks of a prediction's input and output folders, before the model is loaded (no torch, no nnU-Net).
+
+Every problem is a one-line :class:`~nnunet_ood.errors.OODInputError` naming the case or folder and the
+fix, raised before anything is written:
+
+* the input folder: cases named ``CASE_XXXX<ending>``, the model's number of channels;
+* every image header: readable as an image, a direction nnU-Net's readers accept, a spacing that
+  nnU-Net's resampling to the model's spacing does not shrink to zero voxels along an axis;
+* the output folder: not a file, not the input folder, writable;
+* map files that would overwrite another case's outputs (``foo`` and ``foo_ood_mahalanobis``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from nnunet_ood.errors import OODInputError
+
+#: file endings whose headers SimpleITK reads (the others are left to nnU-Net's own readers)
+HEADER_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz")
+
+
+def input_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
+    """``{case: [channel files]}`` of an nnU-Net input folder; one-line errors for empty folders and wrong channels."""
+    if not os.path.isdir(folder):
+        raise OODInputError(f"input folder {folder} does not exist")
+    pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(file_ending) + "$")
+    names = [f for f in sorted(os.listdir(folder)) if f.endswith(file_ending)]
+    if not names:
+        raise OODInputError(f"no input images ending in {file_ending} in {folder}; nnU-Net expects "
+                            f"CASE_0000{file_ending} (one file per channel)")
+    unnamed = [f for f in names if pattern.match(f) is None]
+    if unnamed:
+        raise OODInputError(f"{len(unnamed)} file(s) in {folder} lack the _XXXX channel suffix nnU-Net needs, "
+                            f"e.g. rename {unnamed[0]} to {unnamed[0][:-len(file_ending)]}_0000{file_ending}")
+    files: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        files[pattern.match(name).group(1)].append(name)
+    for case, channel_files in files.items():
+        found = sorted(int(pattern.match(f).group(2)) for f in channel_files)
+        if found != list(range(num_channels)):
+            raise OODInputError(f"case {case} has channel files {found} but the model expects {num_channels} "
+                                f"input channel(s) _0000.._{num_channels - 1:04d}; fix the input folder")
+    return {case: [os.path.join(folder, f) for f in sorted(channel_files)] for case, channel_files in files.items()}
+
+
+def configuration_spacing(plans: Mapping[str, Any], configuration: str) -> list[float] | None:
+    """The target spacing of a configuration in the plans (following ``inherits_from``), or None."""
+    configurations = plans.get("configurations", {})
+    seen = set()
+    while configuration in configurations and configuration not in seen:
+        seen.add(configuration)
+        config = configurations[configuration]
+        if "spacing" in config:
+            return [float(s) for s in config["spacing"]]
+        configuration = config.get("inherits_from")
+    return None
+
+
+def resampled_shape(size_xyz: Sequence[int], spacing_xyz: Sequence[float], target_spacing: Sequence[float],
+                    transpose_forward: Sequence[int]) -> list[int]:
+    """The array shape nnU-Net resamples an image to (before cropping), as its readers and preprocessor do.
+
+    SimpleITK sizes and spacings are (x, y, z); nnU-Net's arrays (z, y, x), with a 2D image as one slice of
+    spacing 999. A 2D configuration keeps the first (slice) axis and resamples the other two.
+    """
+    shape, spacing = list(size_xyz)[::-1], list(spacing_xyz)[::-1]
+    if len(shape) == 2:
+        shape, spacing = [1, *shape], [999.0, *spacing]
+    shape = [shape[i] for i in transpose_forward]
+    spacing = [spacing[i] for i in transpose_forward]
+    target = list(target_spacing) if len(target_spacing) == len(shape) else [spacing[0], *target_spacing]
+    return [int(round(sp / t * s)) for s, sp, t in zip(shape, spacing, target)]
+
+
+def _sitk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ValueError(" ".join(str(e).split()).split("ERROR: ")[-1][:200]) from None
+    return reader.GetSize(), reader.GetSpacing()
+
+
+def _nibabel_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    import nibabel
+
+    try:
+        header = nibabel.load(path).header  # reads the header only
+    except Exception as e:  # nibabel raises several types for files that are not images
+        raise ValueError(" ".join(str(e).split())[:200]) from None
+    return tuple(int(s) for s in header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
+
+
+#: header readers by nnU-Net reader/writer class (the plans' ``image_reader_writer``); others are not checked
+HEADER_READERS = {"SimpleITKIO": _sitk_header, "SimpleITKIOWithReorient": _sitk_header,
+                  "NibabelIO": _nibabel_header, "NibabelIOWithReorient": _nibabel_header}
+
+
+def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
+                        target_spacing: Sequence[float] | None, transpose_forward: Sequence[int]) -> None:
+    """Read every image's header with (the header part of) the model's reader: it must be an image that
+    nnU-Net can read and resample. ``reader``: the plans' ``image_reader_writer`` (None: SimpleITK)."""
+    read_header = HEADER_READERS.get(reader or "SimpleITKIO")
+    for case, files in cases.items():
+        for path in files:
+            if os.path.getsize(path) == 0:
+                raise OODInputError(f"input file {path} of case {case} is empty; replace or remove the case")
+            if read_header is None or not path.endswith(HEADER_ENDINGS):
+                continue
+            try:
+                size, spacing = read_header(path)
+            except ValueError as e:
+                raise OODInputError(f"cannot read input file {path} of case {case} as an image ({e}); "
+                                    "replace or remove the case") from None
+            if not all(math.isfinite(s) and s > 0 for s in spacing):
+                raise OODInputError(f"input file {path} of case {case} has spacing {spacing}; spacings must be "
+                                    "positive: fix the image header")
+            if target_spacing is not None and len(size) in (2, 3) and len(spacing) == len(size):
+                shape = resampled_shape(size, spacing, target_spacing, transpose_forward)
+                if min(shape) < 1:
+                    raise OODInputError(f"case {case}: spacing {tuple(round(s, 6) for s in spacing)} and size "
+                                        f"{tuple(size)} resample to {shape} voxels at the model's spacing "
+                                        f"{tuple(target_spacing)}; fix the image header's spacing")
+
+
+def check_output_folder(output: str, input_folder: str | None = None) -> None:
+    """The output folder must not be a file nor the input folder, and must be creatable and writable."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise OODInputError(f"output folder {output} exists and is not a folder; choose another -o")
+    if input_folder is not None and os.path.realpath(output) == os.path.realpath(input_folder):
+        raise OODInputError(f"output folder {output} is the input folder; write predictions to another -o "
+                            "(nnU-Net would mix its outputs with the inputs)")
+    ancestor = os.path.abspath(output)
+    while not os.path.isdir(ancestor):
+        if os.path.exists(ancestor):
+            raise OODInputError(f"output folder {output} cannot be created: {ancestor} is not a folder; choose "
+                                "another -o")
+        ancestor = os.path.dirname(ancestor)
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise OODInputError(f"cannot write to {ancestor} ({e.strerror}); choose a writable -o") from None
+
+
+def map_collisions(cases: Iterable[str], methods: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs ``(case, other case)`` where the other case is named like one of ``case``'s map files."""
+    names = set(cases)
+    return [(case, f"{case}_ood_{m}") for case in sorted(names) for m in methods if f"{case}_ood_{m}" in names]
+
+
+def check_map_collisions(cases: Iterable[str], methods: Iterable[str]) -> None:
+    """One-line error when a map file ``<case>_ood_<method>`` would overwrite another case's outputs."""
+    clashes = map_collisions(cases, methods)
+    if clashes:
+        case, other = clashes[0]
+        raise OODInputError(f"the OOD map files of case {case} ({other}<ending>) would overwrite the outputs of "
+                            f"case {other}; rename case {other} or predict without --save_ood_maps")
+
+
+def count_channels(dataset_json: Mapping[str, Any]) -> int:
+    """Input channels of a model from its ``dataset.json``."""
+    return len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+
+
