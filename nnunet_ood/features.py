@@ -14,6 +14,9 @@ from nnunet_ood.methods.base import PatchTap, TapContext
 
 #: González et al. pool until the flattened feature vector of a patch has fewer entries than this.
 MAX_POOLED_FEATURES = 10_000
+#: Version of the pooled features. 1: floor-mode pooling (the last slice of odd axes was dropped);
+#: 2: partial windows at the borders averaged over their valid voxels, so that every voxel contributes.
+FEATURE_FORMAT = 2
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -49,13 +52,14 @@ def pooling_kernels(channels: int, spatial_shape: Sequence[int],
 
     Axes already of size 1 get kernel 1 (pooling them would be undefined); if every spatial axis is 1
     and the channel count alone exceeds ``max_features``, pooling stops there (channels are never pooled).
+    An odd axis of size s pools to ceil(s / 2): its last window is partial (see :func:`pool_features`).
     """
     shape = list(spatial_shape)
     kernels: list[tuple[int, ...]] = []
     while channels * math.prod(shape) >= max_features and any(s >= 2 for s in shape):
         kernel = tuple(2 if s >= 2 else 1 for s in shape)
         kernels.append(kernel)
-        shape = [s // k for s, k in zip(shape, kernel)]
+        shape = [math.ceil(s / k) for s, k in zip(shape, kernel)]
     return kernels
 
 
@@ -64,7 +68,7 @@ def pooled_shape(channels: int, spatial_shape: Sequence[int],
     """Spatial shape after :func:`pooling_kernels` has been applied."""
     shape = list(spatial_shape)
     for kernel in pooling_kernels(channels, spatial_shape, max_features):
-        shape = [s // k for s, k in zip(shape, kernel)]
+        shape = [math.ceil(s / k) for s, k in zip(shape, kernel)]
     return tuple(shape)
 
 
@@ -72,7 +76,9 @@ def pool_features(bottleneck: torch.Tensor, max_features: int = MAX_POOLED_FEATU
     """Project bottleneck activations ``(B, C, *spatial)`` to flat per-patch vectors ``(B, D)`` in float32.
 
     Average pooling with kernel 2 and stride 2 over the spatial axes only, repeated until
-    D = C * prod(spatial) < ``max_features`` (METHODS.md §1).
+    D = C * prod(spatial) < ``max_features`` (METHODS.md §1). On an odd axis the last window is partial
+    and averaged over the voxels it has (``ceil_mode``, no padding), so every voxel of the bottleneck
+    contributes (:data:`FEATURE_FORMAT` 2; floor-mode pooling dropped the last slice of odd axes).
     """
     if bottleneck.ndim not in (4, 5):
         raise OODInputError("expected bottleneck activations of shape (B, C, X, Y[, Z]), "
@@ -80,7 +86,7 @@ def pool_features(bottleneck: torch.Tensor, max_features: int = MAX_POOLED_FEATU
     x = bottleneck.float()
     pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
     for kernel in pooling_kernels(x.shape[1], x.shape[2:], max_features):
-        x = pool(x, kernel_size=kernel, stride=kernel)
+        x = pool(x, kernel_size=kernel, stride=kernel, ceil_mode=True)
     return x.flatten(1)
 
 

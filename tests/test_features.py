@@ -20,15 +20,15 @@ from nnunet_ood.features import (
 
 
 def numpy_pool2(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
-    """Average pooling with kernel == stride, floor mode, by reshaping (independent of torch)."""
+    """Average pooling with kernel == stride by loops over output cells; a window cut by the border is
+    averaged over the voxels it has (independent of torch)."""
     b, c, *spatial = x.shape
-    out = [s // k for s, k in zip(spatial, kernel)]
-    x = x[(slice(None), slice(None), *[slice(0, o * k) for o, k in zip(out, kernel)])]
-    shape = [b, c]
-    for o, k in zip(out, kernel):
-        shape += [o, k]
-    x = x.reshape(shape)
-    return x.mean(axis=tuple(range(3, 3 + 2 * len(out), 2)))
+    out_shape = [math.ceil(s / k) for s, k in zip(spatial, kernel)]
+    out = np.zeros((b, c, *out_shape))
+    for cell in np.ndindex(*out_shape):
+        window = tuple(slice(i * k, min((i + 1) * k, s)) for i, k, s in zip(cell, kernel, spatial))
+        out[(slice(None), slice(None), *cell)] = x[(slice(None), slice(None), *window)].reshape(b, c, -1).mean(-1)
+    return out
 
 
 @pytest.mark.parametrize("channels,spatial,expected", [
@@ -36,7 +36,7 @@ def numpy_pool2(x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     (320, (8, 8, 8), (2, 2, 2)),      # 163840 -> 20480 -> 2560
     (320, (4, 8, 8), (1, 2, 2)),      # 81920 -> 10240 (still >= 1e4) -> 1280
     (320, (1, 8, 8), (1, 4, 4)),      # size-1 axis keeps kernel 1
-    (320, (5, 7, 9), (2, 3, 4)),      # odd sizes floor like torch: 100800 -> 7680
+    (320, (5, 7, 9), (2, 2, 3)),      # odd sizes round up: 100800 -> 19200 -> 3840
     (20000, (1, 1), (1, 1)),          # channels alone exceed the limit: never pool channels
 ])
 def test_pooling_dimensions(channels, spatial, expected):
@@ -57,6 +57,29 @@ def test_pooling_values_match_numpy():
         reference = numpy_pool2(reference, kernel)
     got = pool_features(torch.from_numpy(x)).double().numpy()
     np.testing.assert_allclose(got, reference.reshape(3, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [(4, 5, 5), (5, 7, 7), (3, 6, 6), (7, 4, 4), (5, 7), (3, 9), (9, 4)])
+def test_every_bottleneck_voxel_reaches_the_features(spatial):
+    """An activation on any single voxel, edges of odd axes included, changes the pooled features."""
+    limit = 2 * math.prod(spatial)  # 2 channels reach the limit: at least one pooling step
+    assert pooling_kernels(2, spatial, limit)
+    for voxel in np.ndindex(*spatial):
+        x = torch.zeros(1, 2, *spatial)
+        x[(0, 1, *voxel)] = 1.0
+        assert float(pool_features(x, max_features=limit).abs().sum()) > 0, voxel
+    # activations on the last slice of every axis only (floor-mode pooling gave exactly 0): as numpy pools
+    x = torch.zeros(1, 2, *spatial)
+    for axis, size in enumerate(spatial):
+        index = [slice(None)] * len(spatial)
+        index[axis] = slice(size - 1, size)
+        x[(slice(None), slice(None), *index)] = 2.0
+    reference = x.double().numpy()
+    for kernel in pooling_kernels(2, spatial, limit):
+        reference = numpy_pool2(reference, kernel)
+    got = pool_features(x, max_features=limit).double().numpy()
+    np.testing.assert_allclose(got, reference.reshape(1, -1), rtol=1e-6)
+    assert got.max() > 0
 
 
 def _networks():

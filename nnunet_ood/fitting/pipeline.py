@@ -45,7 +45,7 @@ from nnunet_ood.fitting.passes import (
 from nnunet_ood.fitting.split import fold_split, preprocessed_folders
 from nnunet_ood.folds import Fold, parse_fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
-from nnunet_ood.io.state import FoldOODState, load_fold_state, save_fold_state
+from nnunet_ood.io.state import FoldOODState, check_fingerprint, load_fold_state, read_manifest, save_fold_state
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, MethodKind
 
 #: provenance entries that hold one value per method (merged method by method on a partial refit)
@@ -65,22 +65,28 @@ def _fold_predictor(model_folder: str, fold: Fold, options: FitOptions) -> nnUNe
 
 
 def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: list[Method]) -> FoldOODState | None:
-    """The fold's existing state without the methods being re-fitted (None if absent or for another model)."""
+    """The fold's existing state without the methods being re-fitted (None if absent or for another model).
+
+    Methods whose state can no longer be read (e.g. an older feature format) are not kept; a note says so.
+    """
     try:
-        old = load_fold_state(fold_dir, predictor.fingerprint_for(0), device="cpu")
+        manifest = read_manifest(fold_dir)
+        check_fingerprint(manifest["fingerprint"], predictor.fingerprint_for(0), fold_dir)
     except OODError:
         return None
     refits_autoencoder = any(m.requires.autoencoder for m in refit)
-    keep = [m for m in old.methods if m not in {r.name for r in refit}
-            and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)]
+    candidates = [m for m in manifest["methods"] if m not in {r.name for r in refit}
+                  and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)]
+    keep = []
+    for name in candidates:
+        try:
+            load_fold_state(fold_dir, None, [name], device="cpu")
+            keep.append(name)
+        except OODError as e:
+            print(f"{fold_dir}: the fitted {name} is dropped ({e})")
     if not keep:
         return None
-    keeps_autoencoder = any(REGISTRY.get(m).requires.autoencoder for m in keep)
-    return FoldOODState(detectors={m: d for m, d in old.detectors.items() if m in keep},
-                        autoencoder=old.autoencoder if keeps_autoencoder else None,
-                        method_params={m: p for m, p in old.method_params.items() if m in keep},
-                        fingerprint=old.fingerprint, calibration={m: old.calibration[m] for m in keep},
-                        provenance=old.provenance)
+    return load_fold_state(fold_dir, None, keep, device="cpu")
 
 
 def _merge_kept(state: FoldOODState, kept: FoldOODState | None) -> FoldOODState:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.methods.base import (
+    FIT_COMMAND,
     DerivedMethod,
     FoldEnsembleMethod,
     FoldModels,
@@ -31,9 +32,10 @@ from nnunet_ood.methods.base import (
 )
 from nnunet_ood.methods.options import add_config_arguments, config_from_args, distinct
 
-__all__ = ["DEFAULT_FIT_METHODS", "FITTABLE_METHODS", "REGISTRY", "DerivedMethod", "FoldEnsembleMethod", "FoldModels",
-           "LogitMethod", "Method", "MethodKind", "MethodRegistry", "PatchFeatureMethod", "PatchMapMethod", "PatchTap",
-           "Requirements", "TapContext", "get_method", "resolve_fit_methods"]
+__all__ = ["DEFAULT_FIT_METHODS", "FITTABLE_METHODS", "FIT_COMMAND", "REGISTRY", "DerivedMethod",
+           "FoldEnsembleMethod", "FoldModels", "LogitMethod", "Method", "MethodKind", "MethodRegistry",
+           "PatchFeatureMethod", "PatchMapMethod", "PatchTap", "Requirements", "TapContext", "get_method",
+           "resolve_fit_methods"]
 
 #: every method, in the order of the score tables: "module:Class", one line each
 _METHODS: tuple[str, ...] = (
@@ -52,8 +54,6 @@ _METHODS: tuple[str, ...] = (
     "nnunet_ood.methods.ensemble:EnsembleMI",
     "nnunet_ood.methods.ensemble:PairwiseDice",
 )
-
-FIT_COMMAND = "nnUNetv2_fit_ood -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER"
 
 
 def _names(methods: Iterable[Method]) -> str:

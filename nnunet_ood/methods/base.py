@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from nnunet_ood.fitting.passes import FitContext
 
 
+#: the command that fits a fold's state (named in error messages)
+FIT_COMMAND = "nnUNetv2_fit_ood -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER"
+
+
 class MethodKind(enum.Enum):
     """Where a method's numbers come from; decides how the case scorer runs it."""
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import FoldModels, PatchFeatureMethod, Requirements
+from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.methods.base import FIT_COMMAND, FoldModels, PatchFeatureMethod, Requirements
 from nnunet_ood.methods.options import option
 from nnunet_ood.methods.sd import SDTrainingConfig
 
@@ -32,6 +32,21 @@ class PooledBottleneckMethod(PatchFeatureMethod):
         from nnunet_ood.features import pool_features
 
         return pool_features(bottleneck)
+
+    def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
+        from nnunet_ood.features import FEATURE_FORMAT
+
+        return {**super().state_entry(models, folder), "feature_format": FEATURE_FORMAT}
+
+    def load_state(self, entry: Any, folder: str, models: FoldModels, device: Any) -> None:
+        from nnunet_ood.features import FEATURE_FORMAT
+
+        found = entry.get("feature_format", 1)  # states written before the format was recorded pooled in floor mode
+        if found != FEATURE_FORMAT:
+            raise OODStateError(f"{self.name} was fitted on pooled features of format {found} (floor-mode pooling, "
+                                "which left out the last slice of odd bottleneck axes); this version pools every "
+                                f"voxel (format {FEATURE_FORMAT}): re-fit it with {FIT_COMMAND} --ood {self.name}")
+        super().load_state(entry, folder, models, device)
 
 
 class Mahalanobis(PooledBottleneckMethod):
