@@ -135,3 +135,6 @@ def test_threshold_metrics_hand_computed():
     assert out["tpr"] == pytest.approx(0.5) and out["fpr"] == pytest.approx(0.2)
     assert out["detection_error"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.2)
     assert math.isnan(threshold_metrics([], [1], [2])["tpr"])
+    # a NaN score is rejected: it lowers the TPR and never counts as an accepted shifted case
+    out = threshold_metrics(id_val, id_test=[5, 19, math.nan, 30], ood=[19.1, math.nan, 60, 70, 80])
+    assert out["tpr"] == pytest.approx(0.5) and out["fpr"] == pytest.approx(0.2)

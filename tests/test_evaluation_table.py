@@ -220,7 +220,8 @@ def test_metric_rows_match_hand_computation(project, run_output, method, domain)
     sh_score, sh_dice = e["sh_score"][keep], e["sh_dice"][keep]
     assert row["n_id"] == 4 and row["n_domain"] == e["sh_score"].size and row["n_unscored"] == (~keep).sum()
     t = np.percentile(e["val_score"], 95)
-    tpr, fpr = np.mean(e["id_score"] <= t), np.mean(sh_score <= t)
+    # threshold metrics use every case: an unscored (NaN) case is rejected (never "<= t")
+    tpr, fpr = np.mean(e["id_score"] <= t), np.mean(e["sh_score"] <= t)
     assert row["threshold"] == pytest.approx(t)
     assert (row["tpr"], row["fpr"]) == (pytest.approx(tpr), pytest.approx(fpr))
     assert row["detection_error"] == pytest.approx(0.5 * (1 - tpr) + 0.5 * fpr)
@@ -296,6 +297,32 @@ def test_outputs_and_plots_are_written(run_output) -> None:
     assert "| method | domain |" in run_output["stdout"] and "Notes:" in run_output["stdout"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert run_output["stderr"] == ""
+
+
+def test_plots_use_the_tables_threshold(project, tmp_path, monkeypatch) -> None:
+    """The threshold line and the silent-failure count of the plots are the table's (ID validation percentile)."""
+    import nnunet_ood.evaluation.plots as plots
+    from nnunet_ood.evaluation.table import build_group_specs, render_outputs, resolve_label_setup
+
+    captured = {}
+    original = plots.dice_vs_uncertainty_png
+
+    def capture(method, groups, threshold, *args, **kwargs):
+        captured[method] = (threshold, groups)
+        return original(method, groups, threshold, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "dice_vs_uncertainty_png", capture)
+    specs = build_group_specs(*(project["folders"][g] for g in ("id_test", "id_val")),
+                              [("scanner", *map(str, project["folders"]["scanner"])),
+                               ("single", *map(str, project["folders"]["single"]))])
+    evaluation = evaluate(specs, resolve_label_setup(specs, None, None))
+    render_outputs(evaluation)
+    t = float(np.percentile(SCORES["id_val"]["A"], 95))  # the table's threshold, not the plugin's 2.4
+    threshold, groups = captured["A"]
+    assert threshold == pytest.approx(t / 10.0)  # A's normalised score is score / 10
+    scanner = next(g for g in groups if g[0] == "scanner")
+    expected = np.array([math.isnan(s) or s > t for s in SCORES["scanner"]["A"]])
+    np.testing.assert_array_equal(scanner[3], expected)
 
 
 def test_normalized_threshold_from_calibration() -> None:

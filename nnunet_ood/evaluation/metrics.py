@@ -77,14 +77,17 @@ def threshold_metrics(id_val: ArrayLike, id_test: ArrayLike, ood: ArrayLike,
 
     t = ``percentile``-th percentile (numpy's linear interpolation) of the ID validation
     uncertainties; TPR = share of ID test cases with u <= t; FPR = share of OOD cases with u <= t
-    (accepted although OOD); detection error = 0.5 (1 - TPR) + 0.5 FPR. Empty groups give NaN.
+    (accepted although OOD); detection error = 0.5 (1 - TPR) + 0.5 FPR. A NaN uncertainty (a case
+    that could not be scored) is rejected: it is never "<= t", in either group, so it stays in the
+    denominators. The threshold comes from the finite validation values. Empty groups give NaN.
     """
-    id_val, id_test, ood = (_finite_1d(v, n) for v, n in ((id_val, "id_val"), (id_test, "id_test"), (ood, "ood")))
+    id_val = _finite_1d(id_val, "id_val")
+    id_test, ood = (np.asarray(v, dtype=np.float64).ravel() for v in (id_test, ood))
     if id_val.size == 0:
         nan = float("nan")
         return {"threshold": nan, "tpr": nan, "fpr": nan, "detection_error": nan}
     t = float(np.percentile(id_val, percentile))
-    tpr = float(np.mean(id_test <= t)) if id_test.size else float("nan")
+    tpr = float(np.mean(id_test <= t)) if id_test.size else float("nan")  # NaN <= t is False: rejected
     fpr = float(np.mean(ood <= t)) if ood.size else float("nan")
     return {"threshold": t, "tpr": tpr, "fpr": fpr, "detection_error": 0.5 * (1 - tpr) + 0.5 * fpr}
 

@@ -35,27 +35,28 @@ def _png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def dice_vs_uncertainty_png(method: str, groups: Sequence[tuple[str, np.ndarray, np.ndarray]],
+def dice_vs_uncertainty_png(method: str, groups: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
                             threshold: float | None, failure_dice: float = 0.6,
                             colors: Mapping[str, str] | None = None) -> bytes:
     """Dice (y) against normalised uncertainty (x) of one method, one colour per group.
 
-    ``groups``: (name, normalised scores, Dice) per group. ``threshold``: the method's threshold on the normalised
-    scale (None: no line and no shaded region). Cases with Dice below ``failure_dice`` that the threshold accepts
-    (x <= threshold) are silent failures; their region is shaded. Unscored cases are crosses at x = 1.05.
+    ``groups``: (name, normalised scores, Dice, flagged) per group, ``flagged`` the cases the threshold rejects
+    (computed on the raw scores, as the table and the summary do). ``threshold``: that threshold on the
+    normalised scale (None: no line and no shaded region). Failures (Dice below ``failure_dice``) that are not
+    flagged are silent failures; their region is shaded and counted. Unscored cases are crosses at x = 1.05.
     ``colors``: group name -> colour (default: by position).
     """
     fig = Figure(figsize=(8.8, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     silent = 0
-    for i, (name, normalized, dice) in enumerate(groups):
+    for i, (name, normalized, dice, flags) in enumerate(groups):
         x, y = np.asarray(normalized, dtype=np.float64), np.asarray(dice, dtype=np.float64)
         scored, color = np.isfinite(x), _color(name, i, colors)
         ax.scatter(x[scored], y[scored], s=28, alpha=0.8, color=color, label=f"{name} (n={x.size})")
         if (~scored).any():
             ax.scatter(np.full(int((~scored).sum()), UNSCORED_X), y[~scored], s=40, marker="x", color=color)
-        if threshold is not None:
-            silent += int(np.sum(scored & (x <= threshold) & (y < failure_dice)))
+        if threshold is not None and flags is not None:
+            silent += int(np.sum(~np.asarray(flags) & (y < failure_dice)))
     ax.axhline(failure_dice, color="gray", linestyle=":", linewidth=1)
     if threshold is not None:
         ax.fill_between([-0.03, threshold], -0.03, failure_dice, color="red", alpha=0.12, linewidth=0,

@@ -418,8 +418,8 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
                percentile: float = 95.0) -> dict[str, Any]:
     """One row of the table: ``shifted`` (positives) against ``id_test`` (negatives) for one method.
 
-    * AUROC uses every case (NaN scores count as maximally uncertain); the other metrics use scored cases only,
-      ``n_unscored`` counts the ID test and shifted cases left out.
+    * AUROC and the threshold metrics use every case (a NaN score counts as maximally uncertain, i.e. rejected);
+      the other metrics use scored cases only, ``n_unscored`` counts the ID test and shifted cases left out.
     * Threshold = ``percentile``-th percentile of the scored ID validation raw scores; FPR, TPR and detection error
       as in :func:`nnunet_ood.metrics.threshold_metrics`.
     * ESCE (normalised scores), Spearman (raw score vs 1 - Dice), AURC and e-AURC (risk 1 - Dice) pool the scored
@@ -436,8 +436,8 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
     val_scores = id_val.scored().score if id_val is not None else np.empty(0)
     if val_scores.size >= MIN_CASES:
         row["threshold"] = float(np.percentile(val_scores, percentile))
-        if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
-            t = threshold_metrics(val_scores, id_scored.score, shifted_scored.score, percentile)
+        if id_test.n >= MIN_CASES and shifted.n >= MIN_CASES:  # NaN scores count as rejected
+            t = threshold_metrics(val_scores, id_test.score, shifted.score, percentile)
             row.update(fpr=t["fpr"], tpr=t["tpr"], detection_error=t["detection_error"])
     if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
         pooled = CaseValues.concat([id_scored, shifted_scored])
@@ -540,15 +540,17 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
 # ----------------------------------------------------------------------------------------------- tables
 
 
-def normalized_threshold(calibration: Mapping[str, Any] | None) -> float | None:
-    """The plugin's threshold on the normalised scale (:func:`nnunet_ood.calibration.normalize_score`).
+def normalized_threshold(calibration: Mapping[str, Any] | None, threshold: float | None = None) -> float | None:
+    """A raw threshold (default: the plugin's, from ``calibration``) on the normalised scale of ``calibration``
+    (:func:`nnunet_ood.calibration.normalize_score`).
 
-    None when the calibration lacks one of the three numbers or its bounds are not finite and ordered.
+    None when the calibration lacks the bounds, the threshold is missing, or the bounds are not finite and ordered.
     """
     if not calibration:
         return None
     try:
-        low, high, t = (float(calibration[k]) for k in ("low", "high", "threshold"))
+        low, high = float(calibration["low"]), float(calibration["high"])
+        t = float(calibration["threshold"] if threshold is None else threshold)
         return normalize_score(t, low, high) if math.isfinite(t) else None
     except (KeyError, TypeError, ValueError):
         return None
@@ -613,7 +615,7 @@ def render_outputs(evaluation: Evaluation) -> dict[str, bytes]:
         group_color,
         score_distributions_png,
     )
-    from nnunet_ood.evaluation.summary import SUMMARY_MD, format_summary
+    from nnunet_ood.evaluation.summary import SUMMARY_MD, flag_threshold, flagged, format_summary
 
     shown = [g for g in evaluation.groups if g.spec.role != ID_VAL]
     colors = {g.spec.name: group_color(i) for i, g in enumerate(evaluation.groups)} | {ALL_SHIFTED: "dimgray"}
@@ -622,9 +624,11 @@ def render_outputs(evaluation: Evaluation) -> dict[str, bytes]:
         EVALUATION_MD: format_markdown(evaluation.rows, evaluation.notes).encode(),
         CASES_CSV: format_cases_csv(evaluation.groups, evaluation.methods).encode(),
     }
-    for method in evaluation.methods:
-        points = [(g.spec.name, g.normalized[method], g.dice) for g in shown]
-        threshold = normalized_threshold(evaluation.calibration.get(method))
+    for method in evaluation.methods:  # the table's threshold, as in the summary's flags
+        raw = flag_threshold(evaluation, method)
+        threshold = normalized_threshold(evaluation.calibration.get(method), raw)
+        points = [(g.spec.name, g.normalized[method], g.dice, flagged(g.score[method], raw) if threshold is not None
+                   else None) for g in shown]
         files[f"dice_vs_uncertainty_{safe_file_part(method)}.png"] = dice_vs_uncertainty_png(method, points, threshold,
                                                                                       FAILURE_DICE, colors)
     distributions = {m: [(g.spec.name, g.normalized[m]) for g in evaluation.groups] for m in evaluation.methods}
