@@ -1,10 +1,14 @@
 """Per-method calibration: display normalisation, ID threshold and case aggregation (no torch, no nnU-Net).
 
 A method's case scores are put on a common scale (``normalized``, [0, 1]) and flagged ``ood`` above a
-threshold. Both numbers come from in-distribution cases at fit time (METHODS.md §1): ``low`` = the
-smallest and ``high`` = twice the largest training-case score, the threshold = the 95th percentile of
-the validation-case scores. :func:`normalize_score` is the one normalisation of the package; the
-evaluation uses it too.
+threshold. Both numbers come from in-distribution cases (METHODS.md §1): ``low`` = the smallest and
+``high`` = twice the largest training-case score, and the threshold from the validation-case scores (at
+fit time) or from a site's own cases (``nnUNetv2_calibrate_ood``). :func:`normalize_score` is the one
+normalisation of the package; the evaluation uses it too.
+
+Thresholds are finite-sample quantiles (:func:`conformal_threshold`): for a false-alarm rate a on n
+calibration cases, the ceil((n + 1)(1 - a))-th smallest score, so that a new case exchangeable with the
+calibration cases is flagged with probability at most a.
 """
 
 from __future__ import annotations
@@ -14,14 +18,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import numpy as np
-
 from nnunet_ood.errors import OODStateError
 
 #: how a method's voxel map becomes its case score (chosen at fit time, stored with the calibration)
 CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
-#: the ID threshold is this percentile of the fold's validation case scores
-THRESHOLD_PERCENTILE = 95.0
+#: default share of in-distribution cases the ``ood`` flag may reject (the false-alarm rate)
+FALSE_ALARM_RATE = 0.05
 REFIT = "re-fit it with nnUNetv2_fit_ood"
 
 
@@ -40,6 +42,32 @@ def normalize_score(score: float, low: float, high: float) -> float:
     return (min(max(score, low), high) - low) / (high - low)
 
 
+def conformal_rank(n: int, false_alarm_rate: float) -> int:
+    """The rank k = ceil((n + 1)(1 - a)) of the threshold among n sorted calibration scores (1-based)."""
+    if not 0 < false_alarm_rate < 1:
+        raise ValueError(f"the false-alarm rate must be in (0, 1), got {false_alarm_rate}")
+    return math.ceil((n + 1) * (1 - false_alarm_rate) - 1e-9)  # the tolerance keeps exact products exact
+
+
+def min_cases_for(false_alarm_rate: float) -> int:
+    """The fewest calibration cases for which the rank exists: ceil((n + 1)(1 - a)) <= n."""
+    return next(n for n in range(1, 10**7) if conformal_rank(n, false_alarm_rate) <= n)
+
+
+def conformal_threshold(scores: Sequence[float], false_alarm_rate: float = FALSE_ALARM_RATE) -> tuple[float, bool]:
+    """``(threshold, enough)``: the ceil((n + 1)(1 - a))-th smallest finite score.
+
+    A new case exchangeable with the calibration cases scores above it with probability at most a
+    (split-conformal quantile). With too few cases for the rate (rank above n), the threshold is the largest
+    score and ``enough`` is False: the false-alarm rate is then only bounded by 1 / (n + 1).
+    """
+    finite = sorted(s for s in scores if math.isfinite(s))
+    if not finite:
+        raise ValueError("no finite scores to take a threshold from")
+    rank = conformal_rank(len(finite), false_alarm_rate)
+    return finite[min(rank, len(finite)) - 1], rank <= len(finite)
+
+
 def normalization_bounds(train_scores: Sequence[float]) -> tuple[float, float]:
     """``[min, 2 max]`` of training case scores (METHODS.md); scores that can be negative (energy,
     kl_uniform) get the same headroom above the minimum: ``[min, max + (max - min)]``."""
@@ -53,10 +81,11 @@ class MethodCalibration:
 
     low: float  # min of ID training case scores
     high: float  # 2 * max of ID training case scores (max + (max - min) if some are negative)
-    threshold: float  # 95th percentile of the fold's validation case scores
+    threshold: float  # finite-sample quantile of the calibration case scores (conformal_threshold)
     n_train_cases: int = 0
     n_val_cases: int = 0
     aggregation: str = "mean"  # how the voxel map becomes the case score (nnunet_ood.aggregation)
+    false_alarm_rate: float = FALSE_ALARM_RATE  # the rate the threshold was chosen for
 
     @property
     def calibrated(self) -> bool:
@@ -105,7 +134,7 @@ class MethodCalibration:
 
     @classmethod
     def from_scores(cls, train_scores: Sequence[float], val_scores: Sequence[float],
-                    percentile: float = THRESHOLD_PERCENTILE, aggregation: str = "mean") -> MethodCalibration:
+                    false_alarm_rate: float = FALSE_ALARM_RATE, aggregation: str = "mean") -> MethodCalibration:
         """Normalisation from training case scores, threshold from validation case scores (NaNs ignored)."""
         train = [s for s in train_scores if math.isfinite(s)]
         val = [s for s in val_scores if math.isfinite(s)]
@@ -113,8 +142,9 @@ class MethodCalibration:
             raise OODStateError("no finite OOD scores on the fold's training or validation cases; "
                                 "check the preprocessed data for NaN/Inf and re-run nnUNetv2_fit_ood")
         low, high = normalization_bounds(train)
-        return cls(low=low, high=high, threshold=float(np.percentile(np.asarray(val, dtype=np.float64), percentile)),
-                   n_train_cases=len(train_scores), n_val_cases=len(val_scores), aggregation=aggregation)
+        threshold, _ = conformal_threshold(val, false_alarm_rate)
+        return cls(low=low, high=high, threshold=threshold, n_train_cases=len(train_scores),
+                   n_val_cases=len(val_scores), aggregation=aggregation, false_alarm_rate=false_alarm_rate)
 
 
 def combine_calibrations(calibrations: Sequence[MethodCalibration]) -> MethodCalibration:
@@ -127,7 +157,8 @@ def combine_calibrations(calibrations: Sequence[MethodCalibration]) -> MethodCal
                              threshold=sum(c.threshold for c in calibrations) / n,
                              n_train_cases=sum(c.n_train_cases for c in calibrations),
                              n_val_cases=sum(c.n_val_cases for c in calibrations),
-                             aggregation=calibrations[0].aggregation)
+                             aggregation=calibrations[0].aggregation,
+                             false_alarm_rate=calibrations[0].false_alarm_rate)
 
 
 def calibrated_scores(scores: dict[str, float], calibration: dict[str, MethodCalibration]) -> dict[str, dict[str, Any]]:

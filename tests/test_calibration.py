@@ -11,6 +11,8 @@ from nnunet_ood.calibration import (
     MethodCalibration,
     calibrated_scores,
     combine_calibrations,
+    conformal_threshold,
+    min_cases_for,
     normalization_bounds,
     normalize_score,
 )
@@ -37,8 +39,12 @@ def test_from_scores_against_numpy() -> None:
     train, val = rng.gamma(2.0, 3.0, 40), rng.gamma(2.0, 3.0, 17)
     c = MethodCalibration.from_scores([*train, math.nan], [*val, math.inf], aggregation="max_patch")
     assert (c.low, c.high) == (pytest.approx(train.min()), pytest.approx(2 * train.max()))
-    assert c.threshold == pytest.approx(np.percentile(val, 95), rel=1e-12)
+    # 17 finite validation scores are too few for a = 0.05 (rank 18 > 17): the threshold is the largest
+    assert math.ceil((len(val) + 1) * 0.95) == 18 and c.threshold == max(val) and c.false_alarm_rate == 0.05
     assert (c.n_train_cases, c.n_val_cases, c.aggregation) == (41, 18, "max_patch")
+    c = MethodCalibration.from_scores(train, list(val) + list(train), false_alarm_rate=0.2)
+    both = sorted([*val, *train])
+    assert c.threshold == both[math.ceil((len(both) + 1) * 0.8) - 1]
     # scores that can be negative get the same headroom above the minimum
     assert normalization_bounds([-3.0, -1.0, 2.0]) == (-3.0, 7.0)
     with pytest.raises(OODStateError, match="no finite OOD scores"):
@@ -77,3 +83,33 @@ def test_manifest_entries_of_the_wrong_type_are_refused(entry, needle) -> None:
         MethodCalibration.from_json(entry, "somewhere")
     good = MethodCalibration(0.0, 1.0, 0.5, 3, 2, "foreground_mean")
     assert MethodCalibration.from_json(good.to_json(), "somewhere") == good
+
+
+def test_conformal_threshold_is_the_rank_rule() -> None:
+    rng = np.random.default_rng(3)
+    for n in (1, 5, 19, 20, 57, 200):
+        scores = list(rng.normal(size=n))
+        for a in (0.05, 0.1, 0.3):
+            k = math.ceil((n + 1) * (1 - a))  # 1-based rank among the sorted scores
+            t, enough = conformal_threshold(scores + [math.nan], a)
+            assert enough == (k <= n)
+            assert t == sorted(scores)[min(k, n) - 1]
+    assert min_cases_for(0.05) == 19 and min_cases_for(0.1) == 9
+    # exact products are not pushed up by rounding: n = 99, a = 0.05 -> rank 95
+    assert conformal_threshold(list(range(1, 100)), 0.05)[0] == 95
+
+
+def test_conformal_threshold_keeps_the_false_alarm_rate_over_random_splits() -> None:
+    """Simulation: over many calibration/new-case draws, a new ID case is flagged with probability <= a."""
+    rng = np.random.default_rng(0)
+    for n, a in ((30, 0.05), (100, 0.1), (19, 0.05)):
+        flags = []
+        for _ in range(4000):
+            scores = rng.gamma(2.0, 1.0, n + 1)
+            t, _ = conformal_threshold(list(scores[:n]), a)
+            flags.append(scores[n] > t)
+        rate = float(np.mean(flags))
+        # the exact rate is 1 - k / (n + 1) <= a; allow three binomial standard errors of sampling noise
+        k = math.ceil((n + 1) * (1 - a))
+        assert abs(rate - (1 - k / (n + 1))) < 3 * math.sqrt(a * (1 - a) / 4000)
+        assert rate <= a + 3 * math.sqrt(a * (1 - a) / 4000)

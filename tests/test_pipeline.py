@@ -51,7 +51,8 @@ def test_trainer_fits_state_at_end_of_training(tiny_project):
     val = list(manifest["provenance"]["val_case_scores"]["mahalanobis"].values())
     assert calibration["low"] == pytest.approx(min(train))
     assert calibration["high"] == pytest.approx(2 * max(train))
-    assert calibration["threshold"] == pytest.approx(float(np.percentile(val, 95)))
+    rank = min(math.ceil((len(val) + 1) * 0.95), len(val))  # finite-sample quantile of the validation scores
+    assert calibration["threshold"] == sorted(val)[rank - 1]
     assert manifest["provenance"]["calibration_parts"] == 5  # training scores are cross-fitted
 
 
@@ -177,3 +178,43 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     predict_ood(tmp_path / "agg", test_images, "--ood", "entropy", "knn", trainer=STOCK_TRAINER)
     document = json.loads((tmp_path / "agg" / "ood_scores.json").read_text())
     assert document["calibration"]["entropy"]["aggregation"] == "foreground_mean"
+
+
+def test_site_calibration_end_to_end(tiny_project, test_images, tmp_path, capsys):
+    """nnUNetv2_calibrate_ood on a site's ID images; nnUNetv2_predict_ood --calibration flags with its thresholds."""
+    from nnunet_ood.cli import calibrate
+
+    site_images = tmp_path / "site"
+    shutil.copytree(tiny_project.dataset.images_ts["id"], site_images)
+    for f in sorted(Path(tiny_project.dataset.images_ts["shift_mild"]).iterdir()):  # more cases for the rank rule
+        shutil.copy(f, site_images / f"mild_{f.name}")
+    common = ["-d", "501", "-c", "2d", "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1",
+              "--disable_progress_bar"]
+    calibrate.main(["-i", str(site_images), "--name", "siteA", "--false_alarm_rate", "0.1",
+                    "-o", str(tmp_path / "cal"), *common])
+    out = capsys.readouterr().out
+    assert "calibration siteA written to" in out and "too few for a false-alarm rate of 0.1 (needs 9)" in out
+    stored = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "siteA.json").read_text())
+    cal_rows = read_score_csv(str(tmp_path / "cal" / "ood_scores.csv"))
+    scores = sorted(r["score"] for r in cal_rows if r["method"] == "mahalanobis")
+    assert len(scores) == 6 and stored["model"]["folds"] == ["0"] and stored["settings"]["tile_step_size"] == 0.5
+    rank = min(math.ceil(7 * 0.9), 6)  # 7 > 6 cases: too few for 0.1, the largest score
+    assert stored["calibration"]["mahalanobis"]["threshold"] == scores[rank - 1]
+    assert stored["calibration"]["mahalanobis"]["low"] == scores[0]
+
+    predict_ood(tmp_path / "pred", test_images, "--calibration", "siteA")
+    document = json.loads((tmp_path / "pred" / "ood_scores.json").read_text())
+    assert document["calibration_source"] == "siteA"
+    assert document["calibration"]["mahalanobis"]["threshold"] == scores[rank - 1]
+    rows = read_score_csv(str(tmp_path / "pred" / "ood_scores.csv"))
+    assert all(r["ood"] == (r["score"] > document["calibration"][r["method"]]["threshold"]) for r in rows)
+    capsys.readouterr()
+    predict_ood(tmp_path / "pred2", test_images, "--calibration", "siteA", "-step_size", "0.25")
+    assert "warning: predicting with other settings than calibration siteA (tile_step_size 0.5 -> 0.25)" in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predict_ood(tmp_path / "pred3", test_images, "--calibration", "nope")
+    assert "no calibration named nope" in capsys.readouterr().err and not (tmp_path / "pred3").exists()
+    with pytest.raises(SystemExit):  # an existing name is not replaced silently
+        calibrate.main(["-i", str(site_images), "--name", "siteA", *common])
+    assert "pass --overwrite" in capsys.readouterr().err

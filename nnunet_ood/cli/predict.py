@@ -24,6 +24,7 @@ from nnunet_ood.io.inputs import (
     count_channels,
     input_cases,
 )
+from nnunet_ood.io.site_calibration import check_name
 from nnunet_ood.methods import REGISTRY
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
@@ -36,21 +37,19 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every flag of ``nnUNetv2_predict`` under the same name and default, plus the OOD flags."""
-    p = argparse.ArgumentParser(
-        description="nnUNetv2_predict plus out-of-distribution scores: writes the same segmentations and, in "
-                    "the output folder, ood_scores.csv / ood_scores.json (and maps with --save_ood_maps).")
+def add_prediction_arguments(p: argparse.ArgumentParser, output_required: bool = True,
+                             output_help: str = "output folder (created if missing)") -> None:
+    """Every flag of ``nnUNetv2_predict`` under the same name and default, plus ``--ood`` and the methods' options."""
     p.add_argument("-i", required=True, help="input folder (files named CASE_XXXX<ending>, as for nnUNetv2_predict)")
-    p.add_argument("-o", required=True, help="output folder (created if missing)")
+    p.add_argument("-o", required=output_required, default=None, help=output_help)
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer used for training (default: nnUNetTrainer)")
     p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
     p.add_argument("-f", nargs="+", default=(0, 1, 2, 3, 4), help="folds to use (default: 0 1 2 3 4)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step size (default: 0.5)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring (OOD scores do not change: they come "
-                   "from the un-mirrored pass)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring (feature scores and sd do not change: "
+                   "they come from the un-mirrored pass)")
     p.add_argument("--verbose", action="store_true", help="talk a lot")
     p.add_argument("--save_probabilities", action="store_true", help="also export class probabilities (.npz)")
     p.add_argument("--continue_prediction", action="store_true",
@@ -69,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", nargs="+", default=None, metavar="METHOD",
                    help="OOD methods to compute (default: every method fitted for the model, plus the fold-ensemble "
                         f"methods with several folds); known: {' '.join(REGISTRY.names)}")
+    REGISTRY.add_config_arguments(p, "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="nnUNetv2_predict plus out-of-distribution scores: writes the same segmentations and, in "
+                    "the output folder, ood_scores.csv / ood_scores.json (and maps with --save_ood_maps).")
+    add_prediction_arguments(p)
     p.add_argument("--save_ood_maps", action="store_true",
                    help="write one float32 map per case and method, <case>_ood_<method>, in the input geometry")
-    REGISTRY.add_config_arguments(p, "predict")
+    p.add_argument("--calibration", default=None, metavar="NAME",
+                   help="flag with the named calibration made by nnUNetv2_calibrate_ood on the site's own cases "
+                        "(default: the folds' own calibration from the fit)")
     return p
 
 
@@ -87,9 +96,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise OODInputError("-num_parts needs multiprocessing mode in nnU-Net; drop -npp 0 -nps 0")
     for name in args.ood or ():
         REGISTRY.get(name)
+    if getattr(args, "calibration", None) is not None:
+        check_name(args.calibration)
 
 
-def check_model_and_folders(args: argparse.Namespace, folds: list) -> str:
+def check_model_and_folders(args: argparse.Namespace, folds: list, output: str | None,
+                            save_ood_maps: bool) -> str:
     """The model's folds, the input images and the output folder; returns the model folder."""
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
@@ -99,25 +111,20 @@ def check_model_and_folders(args: argparse.Namespace, folds: list) -> str:
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
     dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
     cases = input_cases(args.i, dataset_json["file_ending"], count_channels(dataset_json))
-    check_output_folder(args.o, args.i)
-    if args.save_ood_maps:
+    if output is not None:
+        check_output_folder(output, args.i)
+    if save_ood_maps:
         check_map_collisions(cases, REGISTRY.names)
     check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
                         plans.get("transpose_forward", [0, 1, 2]))
     return model_folder
 
 
-@one_line_errors
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``nnUNetv2_predict_ood``."""
-    args = build_parser().parse_args(argv)
-    check_arguments(args)
-    folds = parse_folds(args.f)
-    predict_options = REGISTRY.configs_from_args(args, "predict")
-    model_folder = check_model_and_folders(args, folds)
+def make_predictor(args: argparse.Namespace, model_folder: str, folds: list, save_ood_maps: bool = False,
+                   calibration: str | None = None):
+    """An nnUNetOODPredictor with the command's settings, its folds and OOD state loaded."""
     guard_worker_processes()
     add_trainer_path()
-
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
 
     device = resolve_device(args.device)
@@ -126,42 +133,55 @@ def main(argv: list[str] | None = None) -> None:
                                    perform_everything_on_device=not args.not_on_device, device=device,
                                    verbose=args.verbose, verbose_preprocessing=args.verbose,
                                    allow_tqdm=not args.disable_progress_bar, ood_methods=args.ood,
-                                   save_ood_maps=args.save_ood_maps, predict_options=predict_options)
+                                   save_ood_maps=save_ood_maps, calibration=calibration,
+                                   predict_options=REGISTRY.configs_from_args(args, "predict"))
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    return predictor
+
+
+def run_prediction(predictor, args: argparse.Namespace, output: str) -> None:
+    """nnU-Net's prediction over files into ``output`` (sequential with ``-npp 0 -nps 0``); a case that fails
+    inside nnU-Net is named, and the score tables of the cases done are written."""
     try:
-        os.makedirs(args.o, exist_ok=True)
+        os.makedirs(output, exist_ok=True)
     except OSError as e:
-        raise OODInputError(f"cannot create output folder {args.o} ({e.strerror}); choose a writable -o") from None
+        raise OODInputError(f"cannot create output folder {output} ({e.strerror}); choose a writable -o") from None
     try:
-        run_prediction(predictor, args)
+        if args.nps == 0 and args.npp == 0:
+            print("Running in non-multiprocessing mode")
+            predictor.predict_from_files_sequential(args.i, output, save_probabilities=args.save_probabilities,
+                                                    overwrite=not args.continue_prediction,
+                                                    folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+        else:
+            predictor.predict_from_files(args.i, output, save_probabilities=args.save_probabilities,
+                                         overwrite=not args.continue_prediction,
+                                         num_processes_preprocessing=max(1, args.npp),
+                                         num_processes_segmentation_export=max(1, args.nps),
+                                         folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                         num_parts=args.num_parts, part_id=args.part_id)
     except OODError:
         raise
-    except Exception as e:  # a case nnU-Net cannot process: name it; the tables of the cases done are written
+    except Exception as e:
         case = predictor.outputs.unfinished_case
         if case is None:
             raise
         raise OODInputError(f"prediction stopped at case {case} ({type(e).__name__}: {' '.join(str(e).split())[:200]});"
                             f" the score tables list the cases done; fix or remove {case} and re-run with "
                             "--continue_prediction") from e
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``nnUNetv2_predict_ood``."""
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    folds = parse_folds(args.f)
+    model_folder = check_model_and_folders(args, folds, args.o, args.save_ood_maps)
+    predictor = make_predictor(args, model_folder, folds, args.save_ood_maps, args.calibration)
+    run_prediction(predictor, args, args.o)
     flagged = sum(1 for r in predictor.ood_results for s in r.scores.values() if s["ood"])
     print(f"OOD: {len(predictor.ood_results)} case(s) scored in this run, {flagged} method flag(s) raised; "
           f"see {os.path.join(args.o, 'ood_scores.csv')}")
-
-
-def run_prediction(predictor, args: argparse.Namespace) -> None:
-    """nnU-Net's prediction over files: sequential with ``-npp 0 -nps 0``, else with its worker processes."""
-    if args.nps == 0 and args.npp == 0:
-        print("Running in non-multiprocessing mode")
-        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
-                                                overwrite=not args.continue_prediction,
-                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
-    else:
-        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
-                                     overwrite=not args.continue_prediction,
-                                     num_processes_preprocessing=max(1, args.npp),
-                                     num_processes_segmentation_export=max(1, args.nps),
-                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-                                     num_parts=args.num_parts, part_id=args.part_id)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunet_ood import __version__
-from nnunet_ood.calibration import THRESHOLD_PERCENTILE, MethodCalibration
+from nnunet_ood.calibration import FALSE_ALARM_RATE, MethodCalibration, min_cases_for
 from nnunet_ood.detectors.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
 from nnunet_ood.errors import OODError, OODInputError
@@ -185,14 +185,18 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     models, case_scores, provenance, n_patches = _run_passes(context, methods)
     names, train, val = [m.name for m in methods], context.train_keys, context.val_keys
     calibration = {m: MethodCalibration.from_scores([case_scores[k][m] for k in train],
-                                                    [case_scores[k][m] for k in val], THRESHOLD_PERCENTILE,
+                                                    [case_scores[k][m] for k in val], FALSE_ALARM_RATE,
                                                     options.aggregations.get(m, "mean")) for m in names}
+    if len(val) < min_cases_for(FALSE_ALARM_RATE):
+        context.log(f"has {len(val)} validation cases, too few for a false-alarm rate of {FALSE_ALARM_RATE:g} (needs "
+                    f"{min_cases_for(FALSE_ALARM_RATE)}): thresholds are the largest validation score, bounding the "
+                    f"rate by 1/{len(val) + 1} only; calibrate on more cases with nnUNetv2_calibrate_ood")
     state = FoldOODState(
         detectors=models.detectors, autoencoder=models.autoencoder, method_params=models.method_params,
         fingerprint=context.predictor.fingerprint_for(0), calibration=calibration,
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(options.device),
                     "host": platform.node(), "seed": options.seed, "n_train_cases": len(train),
-                    "n_val_cases": len(val), "threshold_percentile": THRESHOLD_PERCENTILE,
+                    "n_val_cases": len(val), "false_alarm_rate": FALSE_ALARM_RATE,
                     "methods_fitted_now": names, "fit_seconds": round(time.time() - started, 2),
                     "feature_dim": {m: d.n_features_in_ for m, d in models.detectors.items()},
                     "train_case_scores": {m: {k: case_scores[k][m] for k in train} for m in names},
@@ -203,8 +207,8 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     for m in names:
         c = calibration[m]
         context.log(f"{m}: {n_patches} training patches from {len(train)} cases, threshold {c.threshold:.4g} "
-                    f"(95th percentile of {len(val)} validation cases), normalisation [{c.low:.4g}, "
-                    f"{c.high:.4g}] -> {where}")
+                    f"(false-alarm rate {FALSE_ALARM_RATE:g} on {len(val)} validation cases), normalisation "
+                    f"[{c.low:.4g}, {c.high:.4g}] -> {where}")
     return state
 
 

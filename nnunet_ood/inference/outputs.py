@@ -170,6 +170,8 @@ class PredictionOutputs:
         p = self.predictor
         payload = {"model": p.model_folder, "folds": [str(f) for f in p.use_folds], "checkpoint": p.checkpoint_name,
                    "methods": p.ood_methods, "weights": [s.fingerprint["weights_sha256"] for s in p.ood_states]}
+        if p.calibration_name is not None:  # records flagged with another calibration are not mixed in
+            payload["calibration"] = p.calibration_name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def table_metadata(self) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class PredictionOutputs:
             "plans": p.ood_states[0].fingerprint["plans_name"],
             "tile_step_size": p.tile_step_size, "use_gaussian": p.use_gaussian,
             "use_mirroring": bool(p.use_mirroring and p.allowed_mirroring_axes),
+            "calibration_source": p.calibration_name or "fit",
             # ensemble methods have no calibration: their bounds and threshold are null
             "calibration": {m: {k: None if isinstance(v, float) and v != v else v for k, v in c.to_json().items()}
                             for m, c in p.ood_calibration.items()},

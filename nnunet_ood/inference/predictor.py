@@ -23,22 +23,22 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_ood.calibration import MethodCalibration, combine_calibrations
+from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.features import bottleneck_shape
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.inference.case_scorer import CaseScorer
+from nnunet_ood.inference.identity import ModelIdentity
 from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, RecordingConfigurationManager
-from nnunet_ood.io.state import FoldOODState, load_fold_state, model_fingerprint
+from nnunet_ood.inference.thresholds import fit_setting_notes, fold_calibration, named_calibration
+from nnunet_ood.io.state import FoldOODState, load_fold_state
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
 from nnunet_ood.sliding_window import revert_padding_slicer
 
 __all__ = ["CaseOODResult", "nnUNetOODPredictor"]
 
 
-class nnUNetOODPredictor(nnUNetPredictor):
+class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
     """nnUNetPredictor that also produces per-case OOD scores and, optionally, per-voxel OOD maps.
 
     Use it exactly like ``nnUNetPredictor``. After ``initialize_from_trained_model_folder`` the fitted
@@ -46,19 +46,21 @@ class nnUNetOODPredictor(nnUNetPredictor):
     ``ood_scores.csv``/``.json`` in the output folder; with in-memory prediction they are appended to
     ``self.ood_results``. ``ood_methods`` selects methods (default: every fitted one, plus the fold
     ensembles with several folds); ``predict_options`` holds methods' inference options by key
-    (e.g. ``{"sd_predict": SDPredictConfig(batched_decoder=True)}``).
+    (e.g. ``{"sd_predict": SDPredictConfig(batched_decoder=True)}``); ``calibration`` the name of a calibration
+    made by ``nnUNetv2_calibrate_ood`` (default: the folds' own).
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  ood_methods: Sequence[str] | None = None, save_ood_maps: bool = False,
-                 predict_options: Mapping[str, Any] | None = None) -> None:
+                 predict_options: Mapping[str, Any] | None = None, calibration: str | None = None) -> None:
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         self.requested_ood_methods = list(ood_methods) if ood_methods else None
         self.save_ood_maps = save_ood_maps
         self.predict_options = dict(predict_options or {})
+        self.calibration_name = calibration  # a named calibration of the model folder (nnUNetv2_calibrate_ood)
         self.ood_states: list[FoldOODState] = []
         self.ood_methods: list[str] = []
         self.ood_calibration: dict[str, MethodCalibration] = {}
@@ -108,8 +110,15 @@ class nnUNetOODPredictor(nnUNetPredictor):
         for note in notes:
             print(note)
         self.ood_states, self.ood_methods = states, [m.name for m in methods]
-        self.ood_calibration = {m.name: combine_calibrations([s.calibration[m.name] for s in states]) if m.fittable
-                                else MethodCalibration.uncalibrated() for m in methods}
+        self.ood_calibration = fold_calibration(methods, states)
+        if self.calibration_name is None:
+            notes = fit_setting_notes(methods, self.score_settings(), n_folds)
+        else:
+            named, notes = named_calibration(self.model_folder, self.calibration_name, methods, self.model_identity(),
+                                             self.score_settings())
+            self.ood_calibration.update(named)
+        for note in notes:
+            print(note)
         if self._scorer is not None:
             self._scorer.remove()
         self._scorer = self.make_scorer(methods, states, {m: c.aggregation for m, c in self.ood_calibration.items()})
@@ -143,34 +152,6 @@ class nnUNetOODPredictor(nnUNetPredictor):
             yield scorer
         finally:
             self._scorer = previous
-
-    def bottleneck_shape(self) -> tuple[int, ...]:
-        """``(C, *spatial)`` of the bottleneck for one patch, from a dry run of the encoder on zeros."""
-        self.network = self.network.to(self.device)
-        return bottleneck_shape(self.network, self.num_input_channels, self.configuration_manager.patch_size,
-                                self.device)
-
-    @property
-    def num_input_channels(self) -> int:
-        return determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
-
-    def fingerprint_for(self, fold_index: int) -> dict[str, Any]:
-        """The model fingerprint of the ``fold_index``-th loaded fold (what its OOD state must match)."""
-        return model_fingerprint(self.plans_manager.plans, self.configuration_name, self.use_folds[fold_index],
-                                 self.num_input_channels, self.label_manager.num_segmentation_heads,
-                                 self.checkpoint_name, self.list_of_parameters[fold_index])
-
-    @property
-    def configuration_name(self) -> str:
-        """Name of the configuration in use (nnU-Net keeps only its resolved dict)."""
-        candidates = [name for name in self.plans_manager.plans["configurations"]
-                      if self.plans_manager.get_configuration(name).configuration ==
-                      self.configuration_manager.configuration]
-        if not candidates:
-            raise OODStateError("cannot tell which configuration of the plans this model uses")
-        # identical configurations can only be told apart by nnU-Net's folder name Trainer__Plans__Configuration
-        from_folder = os.path.basename(self.model_folder or "").split("__")[-1]
-        return from_folder if from_folder in candidates else candidates[0]
 
     # ------------------------------------------------------------------ hooks into nnU-Net's inference
     @property

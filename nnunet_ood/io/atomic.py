@@ -6,10 +6,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from nnunet_ood.errors import OODInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _current_umask() -> int:

@@ -1,0 +1,77 @@
+"""Named site calibrations: thresholds from the cases' scores, safe JSON, refusal of other models or names."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.io.site_calibration import (
+    SiteCalibration,
+    available_calibrations,
+    calibration_path,
+    load_site_calibration,
+    model_identity,
+    save_site_calibration,
+    score_settings,
+)
+
+MODEL = model_identity("2d", "nnUNetPlans", [0, 1], "checkpoint_final.pth", ["a" * 64, "b" * 64])
+SETTINGS = score_settings(0.5, True, True)
+
+
+@pytest.fixture()
+def site() -> SiteCalibration:
+    rng = np.random.default_rng(0)
+    scores = {"mahalanobis": {f"c{i}": float(v) for i, v in enumerate(rng.gamma(3.0, 10.0, 40))},
+              "pairwise_dice": {f"c{i}": float(v) for i, v in enumerate(rng.uniform(0, 0.2, 40))}}
+    scores["mahalanobis"]["c7"] = math.nan  # an unscored case
+    return SiteCalibration.from_scores("scanner_b", MODEL, SETTINGS, scores, {"mahalanobis": "max_patch"}, 0.1)
+
+
+def test_thresholds_and_bounds_from_the_cases(site):
+    values = sorted(v for v in site.case_scores["mahalanobis"].values() if math.isfinite(v))
+    c = site.calibration["mahalanobis"]
+    assert c.threshold == values[math.ceil((len(values) + 1) * 0.9) - 1]
+    assert (c.low, c.high) == (values[0], 2 * values[-1]) and c.aggregation == "max_patch"
+    assert site.calibration["pairwise_dice"].calibrated  # fold ensembles get a threshold here
+    assert site.n_cases == 40
+
+
+def test_round_trip_and_lookup(tmp_path, site):
+    path = save_site_calibration(str(tmp_path), site)
+    assert path == calibration_path(str(tmp_path), "scanner_b")
+    assert available_calibrations(str(tmp_path)) == ["scanner_b"]
+    loaded = load_site_calibration(str(tmp_path), "scanner_b")
+    assert loaded.calibration == site.calibration and loaded.model == site.model
+    assert math.isnan(loaded.case_scores["mahalanobis"]["c7"])
+    with pytest.raises(OODInputError, match=r"named other for this model \(known: scanner_b\).*--name other"):
+        load_site_calibration(str(tmp_path), "other")
+    with pytest.raises(OODInputError, match="--name"):
+        load_site_calibration(str(tmp_path), "../escape")
+
+
+def test_other_models_and_settings_are_told(site):
+    site.check_model(MODEL)
+    with pytest.raises(OODStateError, match="folds differs .*'0', '1'.*'0'.* nnUNetv2_calibrate_ood"):
+        site.check_model(dict(MODEL, folds=["0"]))
+    with pytest.raises(OODStateError, match="weights_sha256 differs;"):
+        site.check_model(dict(MODEL, weights_sha256=["c" * 64, "b" * 64]))
+    assert site.setting_differences(SETTINGS) == []
+    assert site.setting_differences(score_settings(0.25, False, True)) == ["tile_step_size 0.5 -> 0.25",
+                                                                           "use_mirroring True -> False"]
+
+
+def test_malformed_files_are_refused(tmp_path, site):
+    path = save_site_calibration(str(tmp_path), site)
+    document = json.loads(open(path).read())
+    document["calibration"]["mahalanobis"]["threshold"] = "high"
+    open(path, "w").write(json.dumps(document))
+    with pytest.raises(OODStateError, match="threshold"):
+        load_site_calibration(str(tmp_path), "scanner_b")
+    open(path, "w").write("{")
+    with pytest.raises(OODStateError, match="corrupted calibration"):
+        load_site_calibration(str(tmp_path), "scanner_b")
