@@ -134,6 +134,19 @@ def tiny_project(tmp_path_factory) -> TinyProject:
     os.environ.update(old)
 
 
+@pytest.fixture(scope="session")
+def fit_context(tiny_project):
+    """A FitContext of fold 0 of the stock model (only mahalanobis), as fit_fold builds it."""
+    from nnunet_ood.fitting.options import FitOptions
+    from nnunet_ood.fitting.pipeline import _fit_context
+
+    def make(**options):
+        return _fit_context(str(tiny_project.model("nnUNetTrainer_1epoch")), 0,
+                            FitOptions(**{"methods": ("mahalanobis",), "progress": False, **options}))
+
+    return make
+
+
 @pytest.fixture()
 def test_images(tiny_project, tmp_path) -> Path:
     """All test domains' images in one input folder (a fresh copy per test)."""

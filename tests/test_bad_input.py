@@ -90,6 +90,26 @@ def test_unknown_fold_and_method(tiny_project, tmp_path, fails_with, predict_arg
                             "-device", "cpu", "--calibration_parts", "0"], "--calibration_parts")
     fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "NoSuchTrainer",
                             "-device", "cpu"], "no trained model")
+    for flag, value in (("--max_patches", "0"), ("--normalization_cases", "-1")):
+        fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                              "-device", "cpu", flag, value], flag)
+    for flag, value in (("--sd_loss", "l1"), ("--sd_augmentation", "heavy")):  # argparse's choices: its own line
+        with pytest.raises(SystemExit) as info:
+            fit.main(["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER, flag, value])
+        assert info.value.code == 2
+
+
+def test_calibration_arguments(tiny_project, test_images, tmp_path, fails_with):
+    """nnUNetv2_calibrate_ood: a bad rate, a name that is a path, -num_parts; nothing written anywhere."""
+    from nnunet_ood.cli import calibrate
+
+    common = ["-i", str(test_images), "-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+              "-device", "cpu", "-o", str(tmp_path / "cal")]
+    fails_with(calibrate.main, [*common, "--name", "a", "--false_alarm_rate", "1.5"], "--false_alarm_rate", "(0, 1)")
+    fails_with(calibrate.main, [*common, "--name", "../../evil"], "--name")
+    fails_with(calibrate.main, [*common, "--name", "a", "-num_parts", "2", "-part_id", "0"], "-num_parts")
+    assert not (tmp_path / "cal").exists()
+    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "a.json").exists()
 
 
 def test_nan_image_is_predicted_scored_nan_and_flagged(tiny_project, tmp_path, scratch_model, predict_argv):

@@ -11,7 +11,6 @@ import torch
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.detectors import MahalanobisDetector
 from nnunet_ood.detectors.cross_fitting import assign_parts
-from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.fitting.split import fold_split
 from nnunet_ood.io.state import FoldOODState
 from nnunet_ood.methods import REGISTRY, FoldModels
@@ -30,53 +29,78 @@ def test_fold_split_follows_the_splits_file_and_nnunets_fallback(tmp_path):
     assert fold_split(str(tmp_path), keys, "all") == (keys, keys)
 
 
-def test_calibration_pass_cross_fits_the_training_cases(tiny_project):
-    """Each training case is scored by a detector fitted from scratch on the other parts' cases."""
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
+def test_training_cases_are_cross_fitted(fit_context):
+    """Each kept training case is scored by a detector fitted from scratch on the other parts' cases."""
     from nnunet_ood.aggregation import importance_weights, patch_scores_to_maps
-    from nnunet_ood.fitting.passes import EncoderPass, FitContext, calibration_pass, feature_statistics_pass
-    from nnunet_ood.fitting.pipeline import _fold_predictor
-    from nnunet_ood.fitting.split import preprocessed_folders
+    from nnunet_ood.detectors.cross_fitting import merge_parts
+    from nnunet_ood.fitting.passes import EncoderPass, feature_statistics_pass, training_case_scores
     from nnunet_ood.methods.features import Mahalanobis
     from nnunet_ood.sliding_window import pad_and_layout
 
-    options = FitOptions(methods=("mahalanobis",), calibration_parts=3, progress=False)
-    predictor = _fold_predictor(str(tiny_project.model("nnUNetTrainer_1epoch")), 0, options)
-    base, folder = preprocessed_folders(predictor.plans_manager.dataset_name,
-                                        predictor.configuration_manager.data_identifier)
-    dataset_class = infer_dataset_class(folder)
-    train, val = fold_split(base, dataset_class.get_identifiers(folder), 0)
-    context = FitContext(predictor, options, 0, dataset_class, folder, list(train), list(val))
-    parts = assign_parts(train, 3, options.seed)
-    encoder = EncoderPass(context)
-    method = Mahalanobis()
+    context = fit_context(calibration_parts=3)
+    train, val = context.train_keys, context.val_keys
+    parts = assign_parts(train, 3, 0)
+    kept = set(train[::2])  # half of the training cases are scored for the normalisation
+    encoder, method = EncoderPass(context), Mahalanobis()
     try:
-        part_detectors, n_patches = feature_statistics_pass(context, encoder, [method], FoldModels(), parts, 3)
-        from nnunet_ood.detectors.cross_fitting import merge_parts
-
-        models = FoldModels(detectors={"mahalanobis": merge_parts(part_detectors["mahalanobis"],
-                                                                  MahalanobisDetector())})
-        scores = calibration_pass(context, encoder, [method], models, part_detectors, parts, 3, {})
-        features = {k: torch.cat([method.features(b, models) for b in encoder.bottlenecks(context.load_case(k))[1]])
-                    for k in [*train, *val]}
+        stats = feature_statistics_pass(context, encoder, [method], FoldModels(), parts, 3, kept)
+        features = {k: torch.cat([method.features(b, FoldModels())
+                                  for b in encoder.bottlenecks(context.load_case(k))[1]]) for k in [*train, *val]}
     finally:
         encoder.remove()
-    assert n_patches == sum(f.shape[0] for k, f in features.items() if k in train)
+    assert stats.n_patches == stats.n_total_patches == sum(features[k].shape[0] for k in train)
+    assert set(stats.kept_features) == kept
+    models = FoldModels(detectors={"mahalanobis": merge_parts(stats.part_detectors["mahalanobis"],
+                                                              MahalanobisDetector())})
+    scores = training_case_scores(context, [method], models, stats, parts, 3, {})
+    assert set(scores) == kept
 
     def case_score(detector, key):
-        _, layout = pad_and_layout(predictor, context.load_case(key))
+        _, layout = pad_and_layout(context.predictor, context.load_case(key))
         maps = patch_scores_to_maps(detector.score(features[key])[:, None], layout,
                                     importance_weights(layout.patch_size, True, torch.device("cpu")))
         return float(maps.double().mean())
 
-    everything = MahalanobisDetector().fit(torch.cat([features[k] for k in train]))
-    for key in val:
-        assert scores[key]["mahalanobis"] == pytest.approx(case_score(everything, key), rel=1e-6)
     for part in range(3):
         held_out = MahalanobisDetector().fit(torch.cat([features[k] for k in train if parts[k] != part]))
-        for key in (k for k in train if parts[k] == part):
+        for key in (k for k in kept if parts[k] == part):
             assert scores[key]["mahalanobis"] == pytest.approx(case_score(held_out, key), rel=1e-6)
+    everything = MahalanobisDetector().fit(torch.cat([features[k] for k in train]))
+    torch.testing.assert_close(models.detectors["mahalanobis"].score(features[val[0]]),
+                               everything.score(features[val[0]]), rtol=1e-6, atol=0)
+
+
+def test_patch_sample_is_bounded_uniform_and_repeatable(fit_context):
+    from nnunet_ood.fitting.passes import EncoderPass, patch_sample
+
+    context = fit_context(max_patches=50)
+    encoder = EncoderPass(context)
+    try:
+        sample, total = patch_sample(context, encoder, context.train_keys)
+        again, _ = patch_sample(context, encoder, context.train_keys)
+        counts = {k: encoder.layout(k).num_patches for k in context.train_keys}
+    finally:
+        encoder.remove()
+    assert total == sum(counts.values()) > 50
+    assert sum(len(v) for v in sample.values()) == 50
+    assert all(np.array_equal(sample[k], again[k]) for k in sample)  # seeded
+    assert all(len(set(v.tolist())) == len(v) and (v < counts[k]).all() for k, v in sample.items())
+
+
+def test_validation_pass_scores_as_inference_does(fit_context, tiny_project):
+    """The fit's validation pass and a prediction with the stored state give the same case scores."""
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    model = tiny_project.model("nnUNetTrainerOOD_smoke")
+    state = json.loads((model / "fold_0" / "ood" / "ood_state.json").read_text())
+    context = fit_context()
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), [0])
+    for key in context.val_keys[:2]:
+        predictor.predict_logits_from_preprocessed_data(context.load_case(key))
+        result = predictor.ood_results[-1]
+        for method, values in state["provenance"]["val_case_scores"].items():
+            assert result.scores[method]["score"] == pytest.approx(values[key], rel=1e-5, abs=1e-9), method
 
 
 def test_partial_refit_keeps_what_is_not_refitted_exactly():

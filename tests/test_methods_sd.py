@@ -140,3 +140,117 @@ def test_latent_mahalanobis_agrees_with_sklearn():
 def test_network_without_encoder_stages_is_refused_clearly():
     with pytest.raises(OODInputError, match="cannot hook the bottleneck"):
         AutoencoderInsertion(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_distortion_loss_is_the_papers_sum_of_squared_errors():
+    """``sum``: per patch, SSE of the logits plus SSE of the bottleneck (equal weights), averaged over the batch;
+    ``mean``: each term averaged over its elements (what F.mse_loss gives)."""
+    from nnunet_ood.methods.sd.insertion import DistortionPass
+    from nnunet_ood.methods.sd.training import distortion_loss
+
+    rng = np.random.default_rng(3)
+    logits, logits_ae = rng.normal(size=(2, 3, 2, 16, 16))  # batch 3, 2 classes
+    bottleneck, reconstruction = rng.normal(size=(2, 3, 8, 2, 2))
+    result = DistortionPass(*(torch.from_numpy(a) for a in (logits, logits_ae, bottleneck, reconstruction)),
+                            latent=torch.zeros(3, 4))
+    sse = [((logits_ae[b] - logits[b]) ** 2).sum() + ((reconstruction[b] - bottleneck[b]) ** 2).sum() for b in range(3)]
+    assert float(distortion_loss(result, "sum")) == pytest.approx(np.mean(sse), rel=1e-6)
+    mean = ((logits_ae - logits) ** 2).mean() + ((reconstruction - bottleneck) ** 2).mean()
+    assert float(distortion_loss(result, "mean")) == pytest.approx(mean, rel=1e-6)
+
+
+def best_epoch_by_brute_force(losses: list[float], dice: list[float], min_agreement: float) -> int:
+    faithful = [e for e in range(len(losses)) if dice[e] >= min_agreement]
+    if faithful:
+        return min(faithful, key=lambda e: (losses[e], e))
+    return max(range(len(losses)), key=lambda e: (dice[e], -losses[e], -e))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_epoch_rule_against_brute_force(seed):
+    from nnunet_ood.methods.sd.training import _BestEpoch
+
+    rng = np.random.default_rng(seed)
+    losses = rng.integers(0, 5, 12).astype(float).tolist()  # ties on purpose
+    dice = rng.choice([0.9, 0.95, 0.99, 0.995, 1.0], 12, p=[.3, .3, .1, .2, .1]).tolist()
+    best = _BestEpoch(0.99)
+    for epoch, (loss, d) in enumerate(zip(losses, dice)):
+        best.update(epoch, loss, d, {"epoch": torch.tensor(epoch)})
+    expected = best_epoch_by_brute_force(losses, dice, 0.99)
+    assert best.epoch == expected and int(best.weights["epoch"]) == expected
+
+
+@pytest.mark.parametrize("min_agreement", [0.0, 1.0])
+def test_training_keeps_the_epoch_of_the_stopping_rule(tiny_unet, min_agreement):
+    """All epochs run (patience = max_epochs): the kept weights are the rule's epoch, re-evaluated here."""
+    from nnunet_ood.methods.sd.training import _evaluate
+
+    net = tiny_unet(2, seed=2)
+    torch.manual_seed(4)
+    dataset = [torch.randn(4, 1, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        shape = net.encoder(dataset[0])[-1].shape[1:]
+    ae = BottleneckAutoencoder(shape[0], shape[1:], latent_dim=4)
+    config = SDTrainingConfig(iterations_per_epoch=3, max_epochs=5, patience=5, lr_patience=1, val_batches=1,
+                              min_agreement=min_agreement)
+    history = train_autoencoder(net, ae, itertools.cycle(dataset), dataset[:1], config, torch.device("cpu"),
+                                region_based=False, progress=False)
+    expected = best_epoch_by_brute_force(history["val_loss"], history["val_dice_with_without_ae"], min_agreement)
+    assert history["epochs_run"] == 5 and history["best_epoch"] == expected
+    insertion = AutoencoderInsertion(net, ae, batched=True)
+    try:
+        loss, agreement = _evaluate(net, insertion, dataset[:1], torch.device("cpu"), False, "sum")
+    finally:
+        insertion.remove()
+    assert loss == pytest.approx(history["val_loss"][expected], rel=1e-5)
+    assert agreement == pytest.approx(history["val_dice_with_without_ae"][expected], rel=1e-6)
+    # ReduceLROnPlateau(factor 0.5, patience 1) simulated: halve after more than one epoch without a new low
+    lr, low, waited = config.learning_rate, np.inf, 0
+    for loss_e, lr_e in zip(history["val_loss"], history["learning_rate"]):
+        assert lr_e == pytest.approx(lr)
+        if loss_e < low * (1 - 1e-4):
+            low, waited = loss_e, 0
+        else:
+            waited += 1
+            if waited > 1:
+                lr, waited = lr / 2, 0
+
+
+def test_agreement_warning_names_the_flags():
+    from nnunet_ood.methods.sd.training import agreement_warning
+
+    config = SDTrainingConfig()
+    assert agreement_warning(0, {"best_val_dice": 0.995}, config) is None
+    line = agreement_warning(0, {"best_val_dice": 0.95}, config)
+    assert line.startswith("warning: fold 0 sd:") and "0.950 < 0.99" in line and "--sd_max_epochs" in line
+
+
+def test_sd_training_options_are_checked():
+    for bad in (dict(loss="l1"), dict(augmentation="none"), dict(min_agreement=1.5), dict(lr_patience=0)):
+        with pytest.raises(OODInputError):
+            SDTrainingConfig(**bad)
+
+
+def test_trainer_augmentation_is_the_models_own_and_leaves_no_files(fit_context, tiny_project):
+    """Batches come from the trainer's get_training_transforms (spatial + intensity transforms), at the
+    configuration's patch size; building the trainer writes nothing under nnUNet_results."""
+    import os
+
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from nnunet_ood.methods.sd.training import trainer_augmented_batches, trainer_training_transforms
+
+    context = fit_context()
+    before = sorted(p for p in tiny_project.results.rglob("*"))
+    environment = dict(os.environ)
+    transforms, initial = trainer_training_transforms(context.predictor, 0)
+    assert any(isinstance(t, SpatialTransform) for t in transforms.transforms)
+    patch = list(context.predictor.configuration_manager.patch_size)
+    assert all(i >= p for i, p in zip(initial, patch))
+    np.random.seed(0)
+    batches = trainer_augmented_batches(context, context.train_keys, 3, 0.33)
+    first, second = next(batches), next(batches)
+    channels = len(context.predictor.dataset_json["channel_names"])
+    assert first.shape == (3, channels, *patch) and first.dtype == torch.float32
+    assert not torch.equal(first, second) and torch.isfinite(first).all()
+    assert sorted(p for p in tiny_project.results.rglob("*")) == before and dict(os.environ) == environment

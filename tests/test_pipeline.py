@@ -47,13 +47,14 @@ def test_trainer_fits_state_at_end_of_training(tiny_project):
     assert (ood_dir / "mahalanobis.safetensors").is_file()
     assert manifest["fingerprint"]["fold"] == "0" and manifest["fingerprint"]["configuration"] == "2d"
     calibration = manifest["methods"]["mahalanobis"]["calibration"]
-    train = list(manifest["provenance"]["train_case_scores"]["mahalanobis"].values())
     val = list(manifest["provenance"]["val_case_scores"]["mahalanobis"].values())
-    assert calibration["low"] == pytest.approx(min(train))
-    assert calibration["high"] == pytest.approx(2 * max(train))
+    assert len(val) == manifest["provenance"]["n_val_cases"]
+    # by default every bound comes from the validation cases (out of sample; no training case is re-scored)
+    assert calibration["low"] == pytest.approx(min(val))
+    assert calibration["high"] == pytest.approx(2 * max(val))
     rank = min(math.ceil((len(val) + 1) * 0.95), len(val))  # finite-sample quantile of the validation scores
     assert calibration["threshold"] == sorted(val)[rank - 1]
-    assert manifest["provenance"]["calibration_parts"] == 5  # training scores are cross-fitted
+    assert manifest["provenance"]["train_case_scores"] == {}
 
 
 def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test_images, tmp_path, run_command,
@@ -153,7 +154,7 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     # adding sd later keeps the fitted mahalanobis state as it is
     ood = model / "fold_0" / "ood"
     before = load_file(str(ood / "mahalanobis.safetensors"))
-    kept_provenance = json.loads((ood / "ood_state.json").read_text())["provenance"]["train_case_scores"]
+    kept_provenance = json.loads((ood / "ood_state.json").read_text())["provenance"]["val_case_scores"]
     run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",
          "--disable_progress_bar", "--ood", "sd", "--sd_latent", "8", "--sd_iterations", "5", "--sd_max_epochs", "2",
          "--sd_val_batches", "1"], tiny_project.env)
@@ -161,9 +162,10 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     assert list(manifest["methods"]) == ["mahalanobis", "sd", "latent_mahalanobis"]
     after = load_file(str(ood / "mahalanobis.safetensors"))
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
-    # ... and its provenance: the training case scores of mahalanobis are those of its own fit
-    assert manifest["provenance"]["train_case_scores"]["mahalanobis"] == kept_provenance["mahalanobis"]
-    assert set(manifest["provenance"]["train_case_scores"]) == {"mahalanobis", "sd", "latent_mahalanobis"}
+    # ... and its provenance: the validation case scores of mahalanobis are those of its own fit
+    assert manifest["provenance"]["val_case_scores"]["mahalanobis"] == kept_provenance["mahalanobis"]
+    assert manifest["provenance"]["train_case_scores"] == {}
+    assert set(manifest["provenance"]["val_case_scores"]) == {"mahalanobis", "sd", "latent_mahalanobis"}
     assert manifest["provenance"]["sd_training"]["config"]["latent_dim"] == 8
     assert manifest["provenance"]["sd_training"]["epochs_run"] == 2
 

@@ -18,6 +18,11 @@ from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
 
 #: parts of the training cases for cross-fitted (out-of-sample) training scores
 CALIBRATION_PARTS = 5
+#: at most this many training patches (a seeded sample) enter the feature statistics
+MAX_PATCHES = 100_000
+#: training cases (a seeded sample) scored, cross-fitted, for the feature methods' normalisation bounds;
+#: 0: the bounds come from the validation cases, like every threshold
+NORMALIZATION_CASES = 0
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,12 @@ class FitOptions:
         seed: seeds the AE training, the cross-fitting parts, the samplers and the dropout masks.
         progress: show progress bars.
         batch_size: patches per encoder pass when collecting features.
-        calibration_parts: training scores for the normalisation are cross-fitted over this many parts
-            of the training cases (1 = in-sample, as in the paper).
+        max_patches: at most this many training patches, a seeded uniform sample, enter the feature statistics.
+        normalization_cases: 0 (default): every method's normalisation bounds come from the validation cases
+            (out of sample, no extra cost); N > 0: the feature methods' bounds come from N training cases (a
+            seeded sample), scored by detectors fitted without them (cross-fitting over ``calibration_parts``
+            parts; costs one more D x D factorisation per part, and the N cases' features in memory).
+        calibration_parts: parts of the cross-fitting (1 = in-sample training scores, as in the paper).
         aggregations: method -> how its voxel map becomes its case score (``mean``, ``foreground_mean``,
             ``max_patch``).
         method_configs: options dataclass instances of the methods, by their ``key`` (e.g.
@@ -47,6 +56,8 @@ class FitOptions:
     progress: bool = True
     batch_size: int = 4
     calibration_parts: int = CALIBRATION_PARTS
+    max_patches: int = MAX_PATCHES
+    normalization_cases: int = NORMALIZATION_CASES
     aggregations: Mapping[str, str] = field(default_factory=dict)
     method_configs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -59,6 +70,9 @@ class FitOptions:
                                 f"and aggregations one of {', '.join(CASE_AGGREGATIONS)}")
         if self.calibration_parts < 1:
             raise OODInputError(f"--calibration_parts must be at least 1, got {self.calibration_parts}")
+        if self.max_patches < 1 or self.normalization_cases < 0:
+            raise OODInputError(f"--max_patches must be at least 1 and --normalization_cases at least 0, got "
+                                f"{self.max_patches} and {self.normalization_cases}")
         if self.batch_size < 1:
             raise OODInputError(f"the fit's batch size must be at least 1, got {self.batch_size}")
         classes = {c.key: c for c in REGISTRY.config_classes("fit")}
@@ -75,10 +89,16 @@ class FitOptions:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """The fit's flags: ``--ood``, ``--seed``, aggregation, cross-fitting and every method's options."""
         parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD", help=REGISTRY.fit_help())
+        parser.add_argument("--normalization_cases", type=int, default=NORMALIZATION_CASES,
+                            help="0 (default): normalisation bounds from the validation cases; N > 0: the feature "
+                                 "methods' bounds from N training cases (a seeded sample), cross-fitted")
         parser.add_argument("--calibration_parts", type=int, default=CALIBRATION_PARTS,
-                            help="training scores for the normalisation are cross-fitted over this many parts of the "
-                                 f"training cases (default: {CALIBRATION_PARTS}; 1 = in-sample, as in the paper; "
-                                 "memory grows with it)")
+                            help="with --normalization_cases: the training cases are scored by detectors fitted "
+                                 f"without their part, of this many (default: {CALIBRATION_PARTS}; 1 = in-sample, as "
+                                 "in the paper; memory and time grow with it)")
+        parser.add_argument("--max_patches", type=int, default=MAX_PATCHES,
+                            help="at most this many training patches, a seeded uniform sample, are read for the "
+                                 f"feature statistics (default: {MAX_PATCHES})")
         parser.add_argument("--ood_aggregation", nargs="+", default=[], metavar="METHOD=HOW",
                             help="how a method's voxel map becomes its case score: mean (default, METHODS.md), "
                                  "foreground_mean (over nnU-Net's predicted foreground) or max_patch (largest patch "
@@ -94,5 +114,6 @@ class FitOptions:
             raise OODInputError(f"--ood_aggregation takes METHOD=HOW pairs, got {' '.join(args.ood_aggregation)}")
         values = dict(methods=tuple(args.ood or DEFAULT_FIT_METHODS), checkpoint=args.chk, seed=args.seed,
                       progress=not args.disable_progress_bar, calibration_parts=args.calibration_parts,
+                      max_patches=args.max_patches, normalization_cases=args.normalization_cases,
                       aggregations=dict(pairs), method_configs=REGISTRY.configs_from_args(args, "fit"))
         return cls(**{**values, **overrides})

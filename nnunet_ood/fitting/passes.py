@@ -1,17 +1,24 @@
-"""The named passes of a fold's fit, each over the fold's preprocessed cases.
+"""The named passes of a fold's fit. Their cost is bounded by nnU-Net's own validation of the fold plus an
+encoder-only pass over (a sample of patches of) the training cases:
 
 * :func:`autoencoder_pass`: the SD autoencoder, trained once for every method that requires it;
-* :func:`parameter_pass`: each method's own fitted parameters (e.g. the temperature);
-* :func:`feature_statistics_pass`: the feature detectors, one per part of the training cases
-  (encoder only, patches in batches);
-* :func:`calibration_pass`: case scores of the training and validation cases for the normalisation
-  and the threshold, through the same :class:`~nnunet_ood.inference.case_scorer.CaseScorer` as
-  inference: feature methods from an encoder-only sliding window (training cases cross-fitted),
-  every other method from nnU-Net's own prediction with mirroring, as at default inference.
+* :func:`parameter_pass`: each method's own parameters that need no prediction (e.g. the dropout setup);
+* :func:`feature_statistics_pass`: the feature detectors, one per part of the training cases, from an
+  encoder-only sliding window over the training cases (at most ``max_patches`` patches, a seeded
+  sample); it also keeps the features of up to ``normalization_cases`` training cases;
+* :func:`training_case_scores`: those cases scored by the detectors of the other parts (cross-fitting),
+  for the normalisation bounds of the feature methods;
+* :func:`validation_pass`: one prediction of each validation case, as nnU-Net validates the fold (mirroring
+  when a method needs the final logits), every method scored at once by the same
+  :class:`~nnunet_ood.inference.case_scorer.CaseScorer` as inference;
+* :func:`validation_logit_pass`: methods whose parameters are fitted on the validation logits (the
+  temperature): fitted, then scored from the validation pass's logits, kept in a temporary folder.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +34,7 @@ from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.folds import Fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod
-from nnunet_ood.sliding_window import autocast, pad_and_layout, window_batches
+from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout
 
 
 def as_tensor(data: Any) -> torch.Tensor:
@@ -36,13 +43,13 @@ def as_tensor(data: Any) -> torch.Tensor:
 
 
 @contextmanager
-def mirroring_on(predictor: nnUNetOODPredictor) -> Iterator[nnUNetOODPredictor]:
-    """Predict with nnU-Net's test-time mirroring, as default inference does (the fit's predictor has it off)."""
-    mirroring, predictor.use_mirroring = predictor.use_mirroring, True
+def mirroring(predictor: nnUNetOODPredictor, on: bool = True) -> Iterator[nnUNetOODPredictor]:
+    """Predict with nnU-Net's test-time mirroring on (as default inference) or off, inside the block."""
+    previous, predictor.use_mirroring = predictor.use_mirroring, on
     try:
         yield predictor
     finally:
-        predictor.use_mirroring = mirroring
+        predictor.use_mirroring = previous
 
 
 @dataclass
@@ -57,6 +64,8 @@ class FitContext:
     train_keys: list[str]
     val_keys: list[str]
     dataset: Any = field(init=False)
+    _logits: Any = field(init=False, default=None)  # TemporaryDirectory with the validation cases' logits
+    _logit_files: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset_class(self.data_folder, sorted(set(self.train_keys) | set(self.val_keys)))
@@ -91,8 +100,28 @@ class FitContext:
 
     def predict_logits(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's own prediction of a preprocessed case (sliding window, mirroring as at default inference)."""
-        with mirroring_on(self.predictor):
+        with mirroring(self.predictor):
             return self.predictor.predict_logits_from_preprocessed_data(data)
+
+    def keep_validation_logits(self, key: str, logits: torch.Tensor) -> None:
+        """Keep a validation case's final logits (nnU-Net's float16) for :meth:`validation_logits`."""
+        if self._logits is None:
+            self._logits = tempfile.TemporaryDirectory(prefix="nnunet_ood_fit_")
+        path = os.path.join(self._logits.name, f"{len(self._logit_files)}.npy")
+        np.save(path, logits.cpu().half().numpy())
+        self._logit_files[key] = path
+
+    def validation_logits(self, key: str) -> torch.Tensor:
+        """The final logits of a validation case: those kept by the validation pass, or a new prediction."""
+        if key not in self._logit_files:
+            return self.predict_logits(self.load_case(key))
+        return torch.from_numpy(np.load(self._logit_files[key]))
+
+    def close(self) -> None:
+        """Remove the kept logits."""
+        if self._logits is not None:
+            self._logits.cleanup()
+            self._logits, self._logit_files = None, {}
 
 
 def autoencoder_pass(context: FitContext) -> tuple[Any, dict]:
@@ -117,12 +146,21 @@ class EncoderPass:
         self.network.eval()
         self.capture = BottleneckCapture(self.network)
 
-    def bottlenecks(self, data: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
-        """``(layout, bottleneck batches)`` with nnU-Net's padding, slicers and autocast."""
+    def layout(self, key: str) -> SlidingWindowLayout:
+        """nnU-Net's sliding-window layout of a case (no network call)."""
+        return pad_and_layout(self.context.predictor, self.context.load_case(key))[1]
+
+    def bottlenecks(self, data: torch.Tensor, patches: Sequence[int] | None = None) \
+            -> tuple[SlidingWindowLayout, list[torch.Tensor]]:
+        """``(layout, bottleneck batches)`` of the chosen ``patches`` (default: all) with nnU-Net's padding,
+        slicers and autocast."""
         padded, layout = pad_and_layout(self.context.predictor, data)
-        encoder, device, out = unwrap_network(self.network).encoder, self.context.device, []
+        chosen = list(range(layout.num_patches)) if patches is None else list(patches)
+        encoder, device, size, out = unwrap_network(self.network).encoder, self.context.device, \
+            self.context.options.batch_size, []
         with torch.inference_mode(), autocast(device):
-            for _, _, batch in window_batches(padded, layout, self.context.options.batch_size, device):
+            for start in range(0, len(chosen), size):
+                batch = torch.stack([padded[layout.slicers[i]] for i in chosen[start:start + size]]).to(device)
                 self.capture.arm()
                 encoder(batch)
                 out.append(self.capture.take())
@@ -132,23 +170,78 @@ class EncoderPass:
         self.capture.remove()
 
 
+def patch_sample(context: FitContext, encoder: EncoderPass, keys: Sequence[str]) -> tuple[dict[str, Any], int]:
+    """``({case: patch indices or None for all}, total patches)``: at most ``max_patches`` patches of the training
+    cases, a seeded uniform sample over all their patches when there are more."""
+    counts = {k: encoder.layout(k).num_patches for k in keys}
+    total = sum(counts.values())
+    if total <= context.options.max_patches:
+        return {k: None for k in keys}, total
+    chosen = np.sort(np.random.default_rng(context.seed).choice(total, context.options.max_patches, replace=False))
+    sample, start = {}, 0
+    for k in keys:
+        sample[k] = chosen[(chosen >= start) & (chosen < start + counts[k])] - start
+        start += counts[k]
+    return sample, total
+
+
+@dataclass
+class FeatureStatistics:
+    """What the feature statistics pass leaves: detectors per part, patch counts, features of some cases."""
+
+    part_detectors: dict[str, list]
+    n_patches: int  # patches the detectors were fitted on
+    n_total_patches: int  # patches of all training cases
+    kept_features: dict[str, dict[str, torch.Tensor]]  # case -> feature source -> (P, D), all patches
+    layouts: dict[str, SlidingWindowLayout]
+
+
 def feature_statistics_pass(context: FitContext, encoder: EncoderPass, methods: Sequence[PatchFeatureMethod],
-                            models: FoldModels, parts: dict[str, int], n_parts: int) -> tuple[dict[str, list], int]:
-    """One detector per method and part of the training cases, fitted on the cases' patch features."""
+                            models: FoldModels, parts: dict[str, int], n_parts: int,
+                            kept: Sequence[str]) -> FeatureStatistics:
+    """One detector per method and part of the training cases, fitted on (a sample of) their patch features;
+    the features of every patch of the ``kept`` cases are kept for their cross-fitted scores."""
     device = context.device
     part_detectors = {m.name: [m.new_detector(context.options, device) for _ in range(n_parts)] for m in methods}
-    n_patches = 0
+    # rows are buffered and streamed in blocks: each update touches the D x D statistics once
+    buffers = {(m.name, p): _RowBuffer(part_detectors[m.name][p]) for m in methods for p in range(n_parts)}
+    sample, total = patch_sample(context, encoder, context.train_keys)
+    n_patches, kept_features, layouts = 0, {}, {}
     for key in tqdm(context.train_keys, desc=f"fold {context.fold}: fitting {', '.join(m.name for m in methods)}",
                     disable=not context.progress):
-        _, batches = encoder.bottlenecks(context.load_case(key))
+        keep = key in kept  # kept cases need every patch; the detectors see the sampled ones only
+        layout, batches = encoder.bottlenecks(context.load_case(key), None if keep else sample[key])
+        fitted = torch.from_numpy(np.asarray(sample[key])) if keep and sample[key] is not None else slice(None)
         by_source: dict[str, torch.Tensor] = {}
         with torch.inference_mode(), autocast(device):  # features as at inference, inside nnU-Net's autocast
             for m in methods:
                 if m.feature_source not in by_source:
-                    by_source[m.feature_source] = torch.cat([m.features(b, models) for b in batches])
-                part_detectors[m.name][parts[key]].partial_fit(by_source[m.feature_source])
-        n_patches += sum(b.shape[0] for b in batches)
-    return part_detectors, n_patches
+                    by_source[m.feature_source] = torch.cat([m.features(b, models) for b in batches]).float()
+                buffers[m.name, parts[key]].add(by_source[m.feature_source][fitted])
+        n_patches += len(next(iter(by_source.values()))[fitted])
+        if keep:
+            kept_features[key], layouts[key] = by_source, layout
+    for buffer in buffers.values():
+        buffer.flush()
+    return FeatureStatistics(part_detectors, n_patches, total, kept_features, layouts)
+
+
+class _RowBuffer:
+    """Collects feature rows for a detector and fits them in blocks of at least ``rows`` rows."""
+
+    def __init__(self, detector: Any, rows: int = 2048) -> None:
+        self.detector, self.rows, self._blocks, self._n = detector, rows, [], 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self._blocks.append(x)
+        self._n += x.shape[0]
+        if self._n >= max(self.rows, x.shape[1] // 4):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._blocks:
+            self.detector.partial_fit(torch.cat(self._blocks))
+            self._blocks, self._n = [], 0
 
 
 def _held_out(methods: Sequence[PatchFeatureMethod], part_detectors: dict[str, list], part: int, context: FitContext):
@@ -158,55 +251,65 @@ def _held_out(methods: Sequence[PatchFeatureMethod], part_detectors: dict[str, l
     return others if all(m.can_score(others[m.name]) for m in methods) else None
 
 
-def calibration_pass(context: FitContext, encoder: EncoderPass, methods: Sequence[Method], models: FoldModels,
-                     part_detectors: dict[str, list], parts: dict[str, int], n_parts: int,
-                     aggregations: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Case scores ``{case: {method: score}}`` of the fold's validation and training cases."""
-    predictor = context.predictor
-    case_scores: dict[str, dict[str, float]] = {k: {} for k in [*context.train_keys, *context.val_keys]}
-    features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
-    if features:
-        scorer = predictor.make_scorer(features, [models], aggregations, with_taps=False)
-        needs_logits = any(aggregations.get(m.name) == "foreground_mean" for m in features)
-
-        def score(key: str) -> dict[str, float]:
-            data = context.load_case(key)
-            layout, batches = encoder.bottlenecks(data)
+def training_case_scores(context: FitContext, methods: Sequence[PatchFeatureMethod], models: FoldModels,
+                         stats: FeatureStatistics, parts: dict[str, int], n_parts: int,
+                         aggregations: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Cross-fitted case scores of the kept training cases: each scored by the detectors of the other parts."""
+    scorer = context.predictor.make_scorer(methods, [models], aggregations, with_taps=False)
+    needs_logits = any(aggregations.get(m.name) == "foreground_mean" for m in methods)
+    scores = {}
+    for part in range(n_parts):
+        held_out = _held_out(methods, stats.part_detectors, part, context) if n_parts > 1 else None
+        scorer.folds = [FoldModels(held_out or models.detectors, models.autoencoder, models.method_params)]
+        for key in (k for k in stats.kept_features if parts[k] == part):
+            data, layout = context.load_case(key), stats.layouts[key]
             scorer.begin_case(data)
             scorer.begin_fold(layout.padded_shape, layout.slicers, layout.revert_padding, context.device)
             with torch.inference_mode():
-                with autocast(context.device):  # features as at inference, inside nnU-Net's autocast
-                    for bottleneck in batches:
-                        scorer.add_bottleneck(bottleneck)
+                scorer.add_features(stats.kept_features[key])
                 scorer.finish_window()
                 scorer.end_fold(None)
-                return scorer.finish_case(context.predict_logits(data) if needs_logits else None).scores
+                scores[key] = scorer.finish_case(context.predict_logits(data) if needs_logits else None).scores
+    return scores
 
-        with tqdm(total=len(case_scores), desc=f"fold {context.fold}: calibrating",
-                  disable=not context.progress) as bar:
-            for key in context.val_keys:  # by the fold's detectors
-                case_scores[key].update(score(key))
-                bar.update()
-            for part in range(n_parts):  # each part's training cases by the detectors of the other parts
-                held_out = _held_out(features, part_detectors, part, context) if n_parts > 1 else None
-                scorer.folds = [FoldModels(held_out or models.detectors, models.autoencoder, models.method_params)]
-                for key in (k for k in context.train_keys if parts[k] == part):
-                    case_scores[key].update(score(key))
-                    bar.update()
-                del held_out
-    inference = [m for m in methods if m.kind in (MethodKind.PATCH_MAP, MethodKind.LOGITS)]
-    if inference:
-        with mirroring_on(predictor):
-            scorer = predictor.make_scorer(inference, [models], aggregations)
-            try:
-                with predictor.scoring(scorer):
-                    for key in tqdm([*context.val_keys, *context.train_keys], disable=not context.progress,
-                                    desc=f"fold {context.fold}: calibrating {', '.join(m.name for m in inference)}"):
-                        predictor.predict_logits_from_preprocessed_data(context.load_case(key))
-                        case_scores[key].update(scorer.last.scores)
-            finally:
-                scorer.remove()
-    for m in (m for m in methods if m.kind is MethodKind.DERIVED):
-        for scores in case_scores.values():
-            scores[m.name] = m.derived_score(scores, [models.method_params.get(m.name, {})])
-    return case_scores
+
+def validation_pass(context: FitContext, methods: Sequence[Method], models: FoldModels,
+                    aggregations: dict[str, str], keep_logits: bool) -> dict[str, dict[str, float]]:
+    """Case scores of the validation cases, every method from one prediction per case, as at inference."""
+    predictor = context.predictor
+    needs_final_logits = keep_logits or any(m.kind in (MethodKind.LOGITS, MethodKind.FOLD_ENSEMBLE)
+                                            or m.requires.mirroring for m in methods)
+    scores = {}
+    with mirroring(predictor, needs_final_logits):  # feature scores and sd come from the un-mirrored pass
+        scorer = predictor.make_scorer(methods, [models], aggregations)
+        try:
+            with predictor.scoring(scorer):
+                for key in tqdm(context.val_keys, disable=not context.progress,
+                                desc=f"fold {context.fold}: scoring the validation cases"):
+                    logits = predictor.predict_logits_from_preprocessed_data(context.load_case(key))
+                    scores[key] = dict(scorer.last.scores)
+                    if keep_logits:
+                        context.keep_validation_logits(key, logits)
+        finally:
+            scorer.remove()
+    return scores
+
+
+def validation_logit_pass(context: FitContext, methods: Sequence[Method], models: FoldModels,
+                          aggregations: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Fit the methods whose parameters need the validation logits, then score them from those logits."""
+    for m in methods:
+        params = m.fit_parameters(context)
+        if params:
+            models.method_params[m.name] = params
+    scorer = context.predictor.make_scorer(methods, [models], aggregations, with_taps=False)
+    scores = {}
+    for key in context.val_keys:
+        data, logits = context.load_case(key), context.validation_logits(key).float()
+        _, layout = pad_and_layout(context.predictor, data)
+        scorer.begin_case(data)
+        scorer.begin_fold(layout.padded_shape, layout.slicers, layout.revert_padding, torch.device("cpu"))
+        scorer.finish_window()
+        scorer.end_fold(logits)
+        scores[key] = scorer.finish_case(logits).scores
+    return scores

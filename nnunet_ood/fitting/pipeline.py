@@ -3,17 +3,22 @@
 The passes (:mod:`nnunet_ood.fitting.passes`), in order:
 
 0. ``autoencoder``: with methods that require it, the SD autoencoder is trained through the frozen U-Net.
-1. ``parameters``: each method's own parameters (the temperature, the dropout configuration).
-2. ``feature statistics``: every training case of the fold goes through the same sliding window as at
-   inference, encoder only; feature vectors stream into one detector per part of the training cases;
-   the fold's detector is their exact merge.
-3. ``calibration``: training and validation cases are scored as at inference; their minimum and maximum
-   give the normalisation, the 95th percentile of the validation scores the ID threshold. Training
-   cases of the feature methods are scored by the detectors of the other parts (cross-fitting).
+1. ``parameters``: each method's own parameters that need no prediction (the dropout configuration).
+2. ``feature statistics``: the fold's training cases go through the same sliding window as at inference,
+   encoder only (at most ``max_patches`` patches, a seeded sample); feature vectors stream into the
+   detectors. With ``normalization_cases`` N > 0, one detector per part of the training cases (the fold's
+   is their exact merge), and N training cases are scored by the other parts' detectors (cross-fitting)
+   for the feature methods' normalisation bounds.
+3. ``validation``: every validation case is predicted once, as nnU-Net validates the fold, and every
+   method is scored by the case scorer used at inference; methods fitted on the validation logits (the
+   temperature) are fitted and scored afterwards. Validation scores give every threshold and, by
+   default, every normalisation: they are out of sample, where training cases are in-sample for the
+   network (output-based scores) and for the detectors.
 4. ``reports``: checks recorded in the provenance (e.g. the SD autoencoder's agreement).
 
-The state is written atomically to ``fold_X/ood``; fitted methods not asked for this time are kept as
-they were.
+The cost is nnU-Net's validation of the fold plus an encoder-only pass over (a sample of) the training
+patches, plus the autoencoder's training. The state is written atomically to ``fold_X/ood``; fitted
+methods not asked for this time are kept as they were.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from nnunet_ood.fitting.passes import (
     EncoderPass,
     FitContext,
     autoencoder_pass,
-    calibration_pass,
     feature_statistics_pass,
     parameter_pass,
+    training_case_scores,
+    validation_logit_pass,
+    validation_pass,
 )
 from nnunet_ood.fitting.split import fold_split, preprocessed_folders
 from nnunet_ood.folds import Fold, parse_fold
@@ -134,34 +141,57 @@ def _methods_to_fit(context: FitContext) -> list[Method]:
     return methods
 
 
-def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels, dict, dict, int]:
-    """Every pass of the fit: ``(models, case scores, provenance, number of training patches)``."""
+def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels, dict, dict, dict]:
+    """Every pass of the fit: ``(models, training case scores, validation case scores, provenance)``.
+
+    Training case scores exist for the feature methods only (cross-fitted, a sample of cases).
+    """
     options, models, provenance = context.options, FoldModels(), {}
+    aggregations = dict(options.aggregations)
     if any(m.requires.autoencoder for m in methods):
         models.autoencoder, provenance["sd_training"] = autoencoder_pass(context)
-    models.method_params = parameter_pass(context, methods)
+    late = [m for m in methods if m.needs_validation_logits]
+    models.method_params = parameter_pass(context, [m for m in methods if m not in late])
     features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
-    parts = assign_parts(context.train_keys, options.calibration_parts if context.fold != "all" else 1, options.seed)
-    n_parts = max(parts.values()) + 1
-    encoder = EncoderPass(context)
-    try:
-        part_detectors, n_patches = feature_statistics_pass(context, encoder, features, models, parts, n_parts) \
-            if features else ({}, 0)
-        models.detectors = {m.name: merge_parts(part_detectors[m.name], m.new_detector(options, context.device))
+    train_scores: dict[str, dict[str, float]] = {}
+    if features:
+        cross_fitted = options.normalization_cases > 0 and context.fold != "all"
+        parts = assign_parts(context.train_keys, options.calibration_parts if cross_fitted else 1, options.seed)
+        n_parts = max(parts.values()) + 1
+        rng = np.random.default_rng(options.seed)
+        kept = set(rng.permutation(sorted(context.train_keys))[:options.normalization_cases].tolist())
+        encoder = EncoderPass(context)
+        try:
+            stats = feature_statistics_pass(context, encoder, features, models, parts, n_parts, kept)
+        finally:
+            encoder.remove()
+        models.detectors = {m.name: stats.part_detectors[m.name][0] if n_parts == 1 else
+                            merge_parts(stats.part_detectors[m.name], m.new_detector(options, context.device))
                             for m in features}
-        for name, detector in models.detectors.items():
-            if isinstance(detector, MahalanobisDetector) and detector.n_features_in_ > n_patches:
-                context.log(f"{name}: {n_patches} training patches for {detector.n_features_in_} features: the "
-                            "covariance rests on its shrinkage; more training cases (or patches) make the detector "
-                            "sharper")
-        case_scores = calibration_pass(context, encoder, methods, models, part_detectors, parts, n_parts,
-                                       dict(options.aggregations))
+        _note_few_patches(context, models, stats.n_patches)
+        if kept:
+            train_scores = training_case_scores(context, features, models, stats, parts, n_parts, aggregations)
+        provenance.update(calibration_parts=n_parts, n_train_patches=stats.n_patches,
+                          n_train_patches_total=stats.n_total_patches, normalization_cases=len(kept))
+        del stats  # the kept features
+    try:
+        val_scores = validation_pass(context, [m for m in methods if m not in late], models, aggregations,
+                                     keep_logits=bool(late))
+        if late:
+            for key, scores in validation_logit_pass(context, late, models, aggregations).items():
+                val_scores[key].update(scores)
     finally:
-        encoder.remove()
+        context.close()
     for m in methods:
         provenance.update(m.fit_report(context, models))
-    provenance.update(calibration_parts=n_parts, n_train_patches=n_patches)
-    return models, case_scores, provenance, n_patches
+    return models, train_scores, val_scores, provenance
+
+
+def _note_few_patches(context: FitContext, models: FoldModels, n_patches: int) -> None:
+    for name, detector in models.detectors.items():
+        if isinstance(detector, MahalanobisDetector) and detector.n_features_in_ > n_patches:
+            context.log(f"{name}: {n_patches} training patches for {detector.n_features_in_} features: the "
+                        "covariance rests on its shrinkage; more training cases (or patches) make the detector sharper")
 
 
 def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -> FoldOODState:
@@ -182,11 +212,14 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     methods = _methods_to_fit(context)
     fold_dir = join(model_folder, f"fold_{fold}")
     kept = _kept_state(fold_dir, context.predictor, methods)
-    models, case_scores, provenance, n_patches = _run_passes(context, methods)
-    names, train, val = [m.name for m in methods], context.train_keys, context.val_keys
-    calibration = {m: MethodCalibration.from_scores([case_scores[k][m] for k in train],
-                                                    [case_scores[k][m] for k in val], FALSE_ALARM_RATE,
-                                                    options.aggregations.get(m, "mean")) for m in names}
+    models, train_scores, val_scores, provenance = _run_passes(context, methods)
+    names, train, val = [m.name for m in methods], sorted(train_scores), context.val_keys
+    calibration = {}
+    for m in methods:  # bounds from the validation cases, or from cross-fitted training cases (feature methods)
+        bounds_from = [train_scores[k][m.name] for k in train] if train and m.kind is MethodKind.PATCH_FEATURES \
+            else [val_scores[k][m.name] for k in val]
+        calibration[m.name] = MethodCalibration.from_scores(bounds_from, [val_scores[k][m.name] for k in val],
+                                                            FALSE_ALARM_RATE, options.aggregations.get(m.name, "mean"))
     if len(val) < min_cases_for(FALSE_ALARM_RATE):
         context.log(f"has {len(val)} validation cases, too few for a false-alarm rate of {FALSE_ALARM_RATE:g} (needs "
                     f"{min_cases_for(FALSE_ALARM_RATE)}): thresholds are the largest validation score, bounding the "
@@ -199,14 +232,15 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
                     "n_val_cases": len(val), "false_alarm_rate": FALSE_ALARM_RATE,
                     "methods_fitted_now": names, "fit_seconds": round(time.time() - started, 2),
                     "feature_dim": {m: d.n_features_in_ for m, d in models.detectors.items()},
-                    "train_case_scores": {m: {k: case_scores[k][m] for k in train} for m in names},
-                    "val_case_scores": {m: {k: case_scores[k][m] for k in val} for m in names},
+                    "train_case_scores": {m: {k: train_scores[k][m] for k in train} for m in names
+                                          if train and m in train_scores[train[0]]},
+                    "val_case_scores": {m: {k: val_scores[k][m] for k in val} for m in names},
                     "options": _options_record(options), **provenance})
     state = _merge_kept(state, kept)
     where = save_fold_state(fold_dir, state)
     for m in names:
         c = calibration[m]
-        context.log(f"{m}: {n_patches} training patches from {len(train)} cases, threshold {c.threshold:.4g} "
+        context.log(f"{m}: threshold {c.threshold:.4g} "
                     f"(false-alarm rate {FALSE_ALARM_RATE:g} on {len(val)} validation cases), normalisation "
                     f"[{c.low:.4g}, {c.high:.4g}] -> {where}")
     return state

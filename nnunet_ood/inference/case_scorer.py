@@ -138,6 +138,11 @@ class CaseScorer:
         for m in self.feature_methods:
             if m.feature_source not in by_source:
                 by_source[m.feature_source] = m.features(bottleneck, models)
+        self.add_features(by_source)
+
+    def add_features(self, by_source: dict[str, torch.Tensor]) -> None:
+        """Feature vectors ``(B, D)`` of a batch of patches, by feature source (computed by the caller)."""
+        for m in self.feature_methods:
             self._features[m.name].append(by_source[m.feature_source])
 
     def finish_window(self) -> None:

@@ -94,6 +94,8 @@ class Method:
     config: ClassVar[type | None] = None
     predict_config: ClassVar[type | None] = None
     tap: ClassVar[str | None] = None
+    #: its parameters are fitted on the validation cases' final logits (after the fit's validation pass)
+    needs_validation_logits: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

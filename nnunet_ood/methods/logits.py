@@ -97,6 +97,7 @@ class Temperature(LogitMethod):
     name = "temperature"
     summary = ("max_softmax after dividing the logits by a temperature fitted on the fold's validation voxels by "
                "negative log-likelihood")
+    needs_validation_logits = True
 
     def voxel_map(self, logits: Tensor, region_based: bool, fold_params: Sequence[Mapping[str, Any]]) -> Tensor:
         return max_probability_uncertainty(logits, region_based, self.temperature(fold_params))
@@ -121,8 +122,8 @@ class Temperature(LogitMethod):
         per_case = max(1, TEMPERATURE_VOXELS // max(1, len(context.val_keys)))
         rows, targets = [], []
         for key in context.val_keys:
-            data, seg = context.load_case_with_labels(key)
-            logits = context.predict_logits(data).float().cpu()
+            _, seg = context.load_case_with_labels(key)
+            logits = context.validation_logits(key).float().cpu()
             seg = np.asarray(seg[0]).ravel()
             valid = seg >= 0
             if labels.ignore_label is not None:

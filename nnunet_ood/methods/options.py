@@ -15,14 +15,15 @@ from typing import Any
 
 
 def option(default: Any, flag: str | None, help: str, *, type: Any = None, nargs: str | None = None,
-           metavar: str | None = None, default_text: str | None = None) -> Any:
+           metavar: str | None = None, default_text: str | None = None, choices: tuple | None = None) -> Any:
     """A dataclass field that is also the command-line flag ``flag`` (``None``: no flag, set in code only).
 
     ``type`` is the argparse type (``bool`` makes a ``store_true`` switch); ``default_text`` replaces the
     default shown in the help when the default is computed later (e.g. "the configuration's batch size").
     """
     return dataclasses.field(default=default, metadata={
-        "flag": flag, "help": help, "type": type, "nargs": nargs, "metavar": metavar, "default_text": default_text})
+        "flag": flag, "help": help, "type": type, "nargs": nargs, "metavar": metavar, "default_text": default_text,
+        "choices": choices})
 
 
 def _dest(config_class: type, field: dataclasses.Field) -> str:
@@ -44,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, ti
         if meta["type"] is bool:
             group.add_argument(meta["flag"], dest=_dest(config_class, f), action="store_true", help=meta["help"])
             continue
-        kwargs = {k: meta[k] for k in ("type", "nargs", "metavar") if meta[k] is not None}
+        kwargs = {k: meta[k] for k in ("type", "nargs", "metavar", "choices") if meta.get(k) is not None}
         group.add_argument(meta["flag"], dest=_dest(config_class, f), default=f.default, help=help_text, **kwargs)
 
 

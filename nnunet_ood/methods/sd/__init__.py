@@ -45,14 +45,32 @@ class SDTrainingConfig:
                            type=int)
     val_batches: int = option(10, "--sd_val_batches", "fixed validation batches evaluated after each epoch",
                               type=int)
+    loss: str = option("sum", "--sd_loss", "sum: the paper's loss, the sums of squared errors of the logits and of "
+                       "the bottleneck with equal weights (per patch); mean: each term averaged over its elements, "
+                       "which weights the reconstruction by (logit elements / bottleneck elements)", type=str,
+                       choices=("sum", "mean"))
+    augmentation: str = option("mirror", "--sd_augmentation", "patches the AE is trained on: mirror (nnU-Net's "
+                               "sampler, random mirroring) or nnunet (the model's trainer's own training augmentation)",
+                               type=str, choices=("mirror", "nnunet"))
+    min_agreement: float = option(0.99, "--sd_min_agreement", "the AE must keep the validation segmentations: epochs "
+                                  "whose Dice with and without it is lower are not kept (unless none reaches it)",
+                                  type=float)
+    lr_patience: int = option(5, "--sd_lr_patience", "halve the learning rate after this many epochs without a lower "
+                              "validation loss", type=int)
     foreground_oversampling: float = option(0.33, None, "nnU-Net's default share of foreground-centred patches")
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "iterations_per_epoch", "max_epochs", "val_batches"):
             if int(getattr(self, name)) < 1:
                 raise OODInputError(f"SD training: {name} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 1 or not self.learning_rate > 0:
-            raise OODInputError("SD training: patience must be at least 1 and the learning rate positive")
+        if self.patience < 1 or self.lr_patience < 1 or not self.learning_rate > 0:
+            raise OODInputError("SD training: --sd_patience and --sd_lr_patience must be at least 1 and the learning "
+                                "rate positive")
+        if not 0 <= self.min_agreement <= 1:
+            raise OODInputError(f"--sd_min_agreement must be in [0, 1], got {self.min_agreement}")
+        if self.loss not in ("sum", "mean") or self.augmentation not in ("mirror", "nnunet"):
+            raise OODInputError(f"--sd_loss must be sum or mean and --sd_augmentation mirror or nnunet, got "
+                                f"{self.loss!r} and {self.augmentation!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise OODInputError(f"--sd_batch_size must be at least 1, got {self.batch_size}")
         if self.hidden_channels is not None and self.hidden_channels < 1:
