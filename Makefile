@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_mahalanobis.py
 	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_fit.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     models = {label: build(work / label.split(",")[0].replace(" ", ""), dataset_id, configuration, n)
               for label, dataset_id, configuration, n in datasets}
     print(f"Machine: {machine_description()}")
-    rows, ok = [], True
+    print("\n| dataset | nnU-Net validation of fold 0 (s) | fit_fold, default methods without sd (s) | ratio "
+          "| target |\n|---|---:|---:|---:|---|", flush=True)
+    ok = True
     for label, model in models.items():
         use_work_folder(model.parents[2])  # work/results/<dataset>/<model>
         times = {"validation": [], "fit": []}
@@ -172,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 times["fit"].append(time_fit(model))
         v, f = statistics.median(times["validation"]), statistics.median(times["fit"])
         ok &= f / v <= 1.5
-        rows.append(f"| {label} ({n_val} validation cases) | {v:.1f} | {f:.1f} | {f / v:.2f} | <= 1.5 |")
-    print("\n| dataset | nnU-Net validation of fold 0 (s) | fit_fold, default methods without sd (s) | ratio "
-          "| target |\n|---|---:|---:|---:|---|")
-    print("\n".join(rows))
+        print(f"| {label} ({n_val} validation cases) | {v:.1f} | {f:.1f} | {f / v:.2f} | <= 1.5 |", flush=True)
     if temp is not None:
         temp.cleanup()
     return 0 if ok else 1

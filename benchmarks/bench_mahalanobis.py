@@ -10,7 +10,11 @@ in [1, 10], rotated by random Householder reflections, non-zero mean):
   the two sets of squared distances;
 * memory added by our fit (peak RSS during the fit minus RSS before it, Linux) for N and
   ``--mem-factor`` x N rows, each in a fresh subprocess that generates every batch on the fly
-  (no N x D array ever exists).
+  (no N x D array ever exists);
+* the floor: the same rows as one float64 N x D array (built before the clock starts), one
+  ``X^T X`` and one Cholesky factorisation, timed in the same process right after our fit. Our fit
+  (streamed, centred, plus the Ledoit-Wolf trace terms) is printed as a multiple of it; target at
+  most 1.5x, so that a regression of the D x D statistics shows.
 
 sklearn is given a float64 copy of the float32 features so that it is an exact reference for
 the accuracy check (copy not timed). sklearn runs in a subprocess so that its fit can be
@@ -23,6 +27,7 @@ Usage::
 
     python benchmarks/bench_mahalanobis.py                 # D = 4608 and 10000, N = 10000
     python benchmarks/bench_mahalanobis.py --quick         # small smoke run (about a minute)
+    python benchmarks/bench_mahalanobis.py --floor-only    # our fit against the floor only (a few minutes)
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ FIT_TARGET = 8.0  # sklearn fit time / our fit time
 SCORE_TARGET = 20.0  # sklearn score time / our score time
 ACCURACY_TARGET = 1e-6  # max relative difference of distances
 MEMORY_TARGET = 1.10  # peak memory at mem_factor * N / peak memory at N ("~1.0")
+FLOOR_TARGET = 1.5  # our fit time / (float64 X^T X + one Cholesky) time
 N_REFLECTIONS = 8
 SCORE_INDEX = 1_000_000  # batch index reserved for the scoring batch
 
@@ -175,6 +181,32 @@ def _timed_fit(data: Synthetic, n: int, fit_batch: int):
     return detector, time.perf_counter() - t0
 
 
+def _timed_floor(data: Synthetic, n: int, fit_batch: int) -> float:
+    """Seconds for the least any fit must do: float64 X^T X of the N rows and one Cholesky factorisation."""
+    x = torch.cat(list(data.batches(n, fit_batch))).double()  # built before the clock starts
+    t0 = time.perf_counter()
+    scatter = x.T @ x
+    scatter.diagonal().add_(1e-6 * float(scatter.diagonal().mean()))  # N may be <= D: keep it definite
+    torch.linalg.cholesky(scatter)
+    return time.perf_counter() - t0
+
+
+def bench_floor(dim: int, args: argparse.Namespace) -> dict:
+    """Our fit and the floor, alternating (median of three each)."""
+    data = Synthetic(dim, args.seed)
+    fits, floors = [], []
+    for _ in range(3):
+        fits.append(_timed_fit(data, args.n, args.fit_batch)[1])
+        floors.append(_timed_floor(data, args.n, args.fit_batch))
+    return {"dim": dim, "n": args.n, "ours_fit_s": sorted(fits)[1], "floor_s": sorted(floors)[1]}
+
+
+def floor_line(r: dict) -> str:
+    ratio = r["ours_fit_s"] / r["floor_s"]
+    return (f"| {r['dim']} | fit as a multiple of float64 X^T X + one Cholesky (s) | floor {r['floor_s']:.2f} | "
+            f"{r['ours_fit_s']:.2f} | {ratio:.2f}x | <= {FLOOR_TARGET:g}x | {_verdict(ratio <= FLOOR_TARGET)} |")
+
+
 def bench_dim(dim: int, args: argparse.Namespace) -> dict:
     """All measurements for one feature dimension."""
     log = print if args.verbose else (lambda *a, **k: None)
@@ -183,6 +215,7 @@ def bench_dim(dim: int, args: argparse.Namespace) -> dict:
 
     log(f"[D={dim}] our fit ...", flush=True)
     detector, result["ours_fit_s"] = _timed_fit(data, args.n, args.fit_batch)
+    result["floor_s"] = _timed_floor(data, args.n, args.fit_batch)
     y = data.batch(SCORE_INDEX, args.batch)
     detector.score(y)  # warm-up (thread pools, allocator)
     times = []
@@ -244,6 +277,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
             ratio = r["sklearn_fit_s"] / r["ours_fit_s"]
             lines.append(f"| {d} | fit, N={r['n']} (s) | {r['sklearn_fit_s']:.2f} | {r['ours_fit_s']:.2f} | "
                          f"{ratio:.1f}x | >= {FIT_TARGET:g}x | {_verdict(ratio >= FIT_TARGET)} |")
+        lines.append(floor_line(r))
         ratio = r["sklearn_score_s"] / r["ours_score_s"]
         lines.append(f"| {d} | score {args.batch} rows (s) | {r['sklearn_score_s']:.3f} | "
                      f"{r['ours_score_s']:.4f} | {ratio:.1f}x | >= {SCORE_TARGET:g}x | "
@@ -276,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="small smoke run: default D = 128 256, N = 2000, sklearn timeout <= 120 s")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="only our fit against its floor (float64 X^T X + one Cholesky), no sklearn, no memory")
     parser.add_argument("--json", help="also write the raw results to this JSON file")
     parser.add_argument("--quiet", dest="verbose", action="store_false", help="only print the table")
     parser.add_argument("--worker", choices=["sklearn", "sklearn-score", "memory"], help=argparse.SUPPRESS)
@@ -297,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    results = [bench_dim(dim, args) for dim in args.dims]
-    table = format_table(results, args)
+    if args.floor_only:
+        results = [bench_floor(dim, args) for dim in args.dims]
+        header = ["| D | measure | reference | ours | ratio | target | verdict |", "|---|---|---|---|---|---|---|"]
+        table = "\n".join([*header, *(floor_line(r) for r in results)])
+    else:
+        results = [bench_dim(dim, args) for dim in args.dims]
+        table = format_table(results, args)
     print()
     print(table)
     load = os.getloadavg()

@@ -123,3 +123,26 @@ def test_missing_state_names_the_fit_command(tmp_path):
     with pytest.raises(OODStateError, match="no fitted OOD state .* nnUNetv2_fit_ood"):
         load_fold_state(str(tmp_path), FINGERPRINT)
     assert fold_ood_dir("x") == os.path.join("x", "ood")
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("old_format", [None, 1])
+def test_states_pooled_in_floor_mode_are_refused_with_the_refit_command(tmp_path, state, method, old_format):
+    """States written before the feature format was recorded (or with format 1) pooled in floor mode."""
+    def downgrade(manifest):
+        if old_format is None:
+            manifest["methods"][method].pop("feature_format")
+        else:
+            manifest["methods"][method]["feature_format"] = old_format
+
+    save_fold_state(str(tmp_path), state)
+    manifest = json.loads((tmp_path / "ood" / MANIFEST_NAME).read_text())
+    assert manifest["methods"][method]["feature_format"] == 2
+    _edit(tmp_path, downgrade)
+    with pytest.raises(OODStateError) as info:
+        load_fold_state(str(tmp_path), FINGERPRINT, [method])
+    message = str(info.value)
+    assert "format 1" in message and message.endswith(f"--ood {method}") and "nnUNetv2_fit_ood -d" in message
+    assert "\n" not in message
+    kept = load_fold_state(str(tmp_path), FINGERPRINT, ["entropy", "latent_mahalanobis"])  # other methods still load
+    assert kept.methods == ["entropy", "latent_mahalanobis"]
