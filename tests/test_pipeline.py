@@ -51,7 +51,7 @@ def test_trainer_fits_state_at_end_of_training(tiny_project):
     assert len(val) == manifest["provenance"]["n_val_cases"]
     n_cases = len(list(Path(tiny_project.dataset.images_tr).glob("*_0000.nii.gz")))
     assert manifest["provenance"]["n_train_cases"] + len(val) == n_cases
-    assert manifest["provenance"]["n_normalization_cases"] == 0
+    assert manifest["provenance"]["normalization_cases"] == 0
     # by default every bound comes from the validation cases (out of sample; no training case is re-scored)
     assert calibration["low"] == pytest.approx(min(val))
     assert calibration["high"] == pytest.approx(2 * max(val))

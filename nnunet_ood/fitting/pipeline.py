@@ -229,7 +229,6 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
         fingerprint=context.predictor.fingerprint_for(0), calibration=calibration,
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(options.device),
                     "host": platform.node(), "seed": options.seed, "n_train_cases": len(context.train_keys),
-                    "n_normalization_cases": len(train),
                     "n_val_cases": len(val), "false_alarm_rate": FALSE_ALARM_RATE,
                     "methods_fitted_now": names, "fit_seconds": round(time.time() - started, 2),
                     "feature_dim": {m: d.n_features_in_ for m, d in models.detectors.items()},
