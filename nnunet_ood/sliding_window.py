@@ -54,6 +54,15 @@ def pad_and_layout(predictor: nnUNetPredictor, data: torch.Tensor) -> tuple[torc
     return padded, layout
 
 
+def patch_count(predictor: nnUNetPredictor, spatial_shape: Sequence[int]) -> int:
+    """Patches nnU-Net's sliding window puts on a case of this spatial shape, without touching its data
+    (the padding of :func:`pad_and_layout` only grows the patch axes to at least the patch size)."""
+    patch_size = tuple(predictor.configuration_manager.patch_size)
+    leading = len(spatial_shape) - len(patch_size)  # 2d configurations: the slice axis is not padded
+    padded = (*spatial_shape[:leading], *(max(int(s), p) for s, p in zip(spatial_shape[leading:], patch_size)))
+    return len(predictor._internal_get_sliding_window_slicers(padded))
+
+
 def window_batches(padded: torch.Tensor, layout: SlidingWindowLayout, batch_size: int,
                    device: torch.device) -> Iterator[tuple[int, tuple, torch.Tensor]]:
     """``(first patch index, slicers, patches (B, C, *patch) on device)`` in sliding-window order."""

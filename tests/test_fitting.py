@@ -72,13 +72,14 @@ def test_training_cases_are_cross_fitted(fit_context):
 
 def test_patch_sample_is_bounded_uniform_and_repeatable(fit_context):
     from nnunet_ood.fitting.passes import EncoderPass, patch_sample
+    from nnunet_ood.sliding_window import pad_and_layout
 
     context = fit_context(max_patches=50)
     encoder = EncoderPass(context)
     try:
         sample, total = patch_sample(context, encoder, context.train_keys)
         again, _ = patch_sample(context, encoder, context.train_keys)
-        counts = {k: encoder.layout(k).num_patches for k in context.train_keys}
+        counts = {k: pad_and_layout(context.predictor, context.load_case(k))[1].num_patches for k in context.train_keys}
     finally:
         encoder.remove()
     assert total == sum(counts.values()) > 50

@@ -33,6 +33,7 @@ from nnunet_ood.calibration import normalize_score
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.evaluation.metrics import aurc, auroc, e_aurc, esce, spearman, threshold_metrics
 from nnunet_ood.io.atomic import atomic_write_bytes
+from nnunet_ood.io.json_files import read_json
 from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
 
 ID_TEST = "id_test"
@@ -228,11 +229,8 @@ def read_dataset_json(folder: str) -> dict[str, Any] | None:
     path = os.path.join(folder, "dataset.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OODInputError(f"cannot read {path} ({e}); fix it or pass --labels and --file_ending") from None
+    data = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); fix it or pass --labels "
+                                                         "and --file_ending"))
     if not isinstance(data, dict):
         raise OODInputError(f"{path} is not a JSON object; fix it or pass --labels and --file_ending")
     return data
@@ -272,11 +270,8 @@ def _read_score_document(folder: str) -> tuple[dict[str, dict[str, Any]], dict[s
     path = os.path.join(folder, JSON_NAME)
     if not os.path.isfile(path):
         return {}, {}
-    try:
-        with open(path) as f:
-            document = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OODInputError(f"cannot read {path} ({e}); re-run {PREDICT_COMMAND} into {folder}") from None
+    document = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); re-run "
+                                                             f"{PREDICT_COMMAND} into {folder}"))
     if not isinstance(document, dict):
         return {}, {}
     calibration = document.get("calibration")

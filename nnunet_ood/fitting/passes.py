@@ -34,7 +34,7 @@ from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.folds import Fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod
-from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout
+from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout, patch_count
 
 
 def as_tensor(data: Any) -> torch.Tensor:
@@ -146,9 +146,9 @@ class EncoderPass:
         self.network.eval()
         self.capture = BottleneckCapture(self.network)
 
-    def layout(self, key: str) -> SlidingWindowLayout:
-        """nnU-Net's sliding-window layout of a case (no network call)."""
-        return pad_and_layout(self.context.predictor, self.context.load_case(key))[1]
+    def num_patches(self, key: str) -> int:
+        """Sliding-window patches of a case, from its array's shape (the image itself is not read)."""
+        return patch_count(self.context.predictor, self.context.dataset.load_case(key)[0].shape[1:])
 
     def bottlenecks(self, data: torch.Tensor, patches: Sequence[int] | None = None) \
             -> tuple[SlidingWindowLayout, list[torch.Tensor]]:
@@ -173,7 +173,7 @@ class EncoderPass:
 def patch_sample(context: FitContext, encoder: EncoderPass, keys: Sequence[str]) -> tuple[dict[str, Any], int]:
     """``({case: patch indices or None for all}, total patches)``: at most ``max_patches`` patches of the training
     cases, a seeded uniform sample over all their patches when there are more."""
-    counts = {k: encoder.layout(k).num_patches for k in keys}
+    counts = {k: encoder.num_patches(k) for k in keys}
     total = sum(counts.values())
     if total <= context.options.max_patches:
         return {k: None for k in keys}, total

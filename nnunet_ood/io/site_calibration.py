@@ -24,6 +24,7 @@ from nnunet_ood import __version__
 from nnunet_ood.calibration import MethodCalibration, conformal_threshold, normalization_bounds
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.io.atomic import atomic_write_text
+from nnunet_ood.io.json_files import read_json
 
 CALIBRATIONS_DIRNAME = "ood_calibrations"
 FORMAT_VERSION = 1
@@ -128,11 +129,7 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
         known = available_calibrations(model_folder)
         raise OODInputError(f"no calibration named {name} for this model (known: {', '.join(known) or 'none'}); "
                             f"make it with {CALIBRATE_COMMAND} --name {name}")
-    try:
-        with open(path) as f:
-            document = json.load(f)
-    except (OSError, ValueError) as e:
-        raise _bad(path, str(e)) from None
+    document = read_json(path, lambda reason: _bad(path, reason))
     if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
         raise _bad(path, "not a calibration of this plugin's format")
     for key, kind in (("model", dict), ("settings", dict), ("calibration", dict), ("case_scores", dict),

@@ -32,6 +32,7 @@ import torch
 from nnunet_ood import __version__
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODError, OODStateError
+from nnunet_ood.io.json_files import read_json
 from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels
 
 OOD_DIRNAME = "ood"
@@ -186,11 +187,8 @@ def read_manifest(fold_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise OODStateError(f"no fitted OOD state in {fold_dir} (missing {OOD_DIRNAME}/{MANIFEST_NAME}); "
                             f"fit it first with {FIT_COMMAND}")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (ValueError, OSError) as e:
-        raise OODStateError(f"corrupted OOD state manifest {path} ({e}); re-fit it with {FIT_COMMAND}") from None
+    manifest = read_json(path, lambda reason: OODStateError(f"corrupted OOD state manifest {path} ({reason}); "
+                                                             f"re-fit it with {FIT_COMMAND}"))
     _check_manifest(manifest, path)
     return manifest
 
