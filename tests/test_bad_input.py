@@ -252,6 +252,27 @@ def test_output_folders_that_cannot_work_are_refused(tiny_project, test_images, 
     fails_with(predict_entry.main, predict_argv(test_images, existing_file / "sub"), "is not a folder")
 
 
+def test_paired_input_and_output_folders_are_checked(tiny_project, test_images, tmp_path, fails_with, predict_argv):
+    """-i and -o with several folders: one output per input, distinct, none an input; every input checked first."""
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(next(test_images.iterdir()), second)
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def argv(inputs, outputs):
+        args = predict_argv(test_images, a)
+        i, o = args.index("-i"), args.index("-o")
+        return args[:i] + ["-i", *map(str, inputs), "-o", *map(str, outputs)] + args[o + 2:]
+
+    fails_with(predict_entry.main, argv([test_images, second], [a]), "-i has 2 folder(s) but -o has 1")
+    fails_with(predict_entry.main, argv([test_images, second], [a, a]), "given twice in -o")
+    fails_with(predict_entry.main, argv([test_images, second], [a, test_images]), "is one of the input folders")
+    (second / "notes.txt").write_text("not an image")  # the second folder is bad: nothing of the first is written
+    shutil.copy(next(test_images.iterdir()), second / "x.nii.gz")
+    fails_with(predict_entry.main, argv([test_images, second], [a, b]), str(second))
+    assert not a.exists() and not b.exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["-step_size", "0"], "-step_size"), (["-step_size", "2"], "-step_size"), (["-step_size", "-0.5"], "-step_size"),
     (["-num_parts", "0"], "-num_parts must be at least 1"),

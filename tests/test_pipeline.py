@@ -223,3 +223,29 @@ def test_site_calibration_end_to_end(tiny_project, test_images, tmp_path, capsys
     with pytest.raises(SystemExit):  # an existing name is not replaced silently
         calibrate.main(["-i", str(site_images), "--name", "siteA", *common])
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_several_input_folders_in_one_run_match_separate_runs(tiny_project, tmp_path, capsys):
+    """-i A B -o X Y: one model load, and every file as if each folder had been predicted on its own."""
+    folders = {}
+    for domain in ("id", "shift_strong"):
+        folders[domain] = tmp_path / f"in_{domain}"
+        shutil.copytree(tiny_project.dataset.images_ts[domain], folders[domain])
+    joint = [tmp_path / f"joint_{d}" for d in folders]
+    predict_entry.main(["-i", *map(str, folders.values()), "-o", *map(str, joint), "-d", "501", "-c", "2d",
+                        "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "-npp", "0", "-nps", "0",
+                        "--disable_progress_bar"])
+    printed = capsys.readouterr().out
+    for domain, out in zip(folders, joint):
+        alone = tmp_path / f"alone_{domain}"
+        predict_ood(alone, folders[domain], "-npp", "0", "-nps", "0")
+        cases = sorted(c for c, d in tiny_project.dataset.case_domain.items() if d == domain)
+        assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in cases)
+        for case in cases:
+            np.testing.assert_array_equal(read_array(out / f"{case}.nii.gz"), read_array(alone / f"{case}.nii.gz"))
+            assert f"OOD {case}: " in printed  # the line per scored case that progress bars count
+        joint_rows = read_score_csv(str(out / "ood_scores.csv"))
+        alone_rows = read_score_csv(str(alone / "ood_scores.csv"))
+        assert [(r["case"], r["method"], r["ood"]) for r in joint_rows] == \
+            [(r["case"], r["method"], r["ood"]) for r in alone_rows]
+        assert [r["score"] for r in joint_rows] == pytest.approx([r["score"] for r in alone_rows], rel=1e-6)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         raise OODInputError("the calibration cases are predicted in one run; drop -num_parts (or predict them in "
                             "parts with nnUNetv2_predict_ood and calibrate from a copy of the images on one machine)")
     folds = parse_folds(args.f)
-    model_folder = check_model_and_folders(args, folds, args.o, save_ood_maps=False)
+    model_folder = check_model_and_folders(args, folds, [(args.i, args.o)], save_ood_maps=False)
     path = calibration_path(model_folder, args.name)
     if os.path.exists(path) and not args.overwrite:
         raise OODInputError(f"a calibration named {args.name} exists ({path}); pass --overwrite or choose --name")
@@ -75,7 +75,7 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
     from nnunet_ood.io.site_calibration import SiteCalibration, save_site_calibration
 
     predictor = make_predictor(args, model_folder, folds)
-    run_prediction(predictor, args, output)
+    run_prediction(predictor, args, args.i, output)
     case_scores: dict[str, dict[str, float]] = {m: {} for m in predictor.ood_methods}
     for row in read_score_csv(os.path.join(output, "ood_scores.csv")):
         case_scores[row["method"]][row["case"]] = row["score"]

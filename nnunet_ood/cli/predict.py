@@ -38,10 +38,18 @@ def _env_int(name: str, default: int) -> int:
 
 
 def add_prediction_arguments(p: argparse.ArgumentParser, output_required: bool = True,
-                             output_help: str = "output folder (created if missing)") -> None:
-    """Every flag of ``nnUNetv2_predict`` under the same name and default, plus ``--ood`` and the methods' options."""
-    p.add_argument("-i", required=True, help="input folder (files named CASE_XXXX<ending>, as for nnUNetv2_predict)")
-    p.add_argument("-o", required=output_required, default=None, help=output_help)
+                             output_help: str = "output folder (created if missing)",
+                             several_folders: bool = False) -> None:
+    """Every flag of ``nnUNetv2_predict`` under the same name and default, plus ``--ood`` and the methods' options.
+
+    ``several_folders``: ``-i`` and ``-o`` take paired lists of folders, predicted in one run with one model load.
+    """
+    nargs = "+" if several_folders else None
+    p.add_argument("-i", required=True, nargs=nargs,
+                   help="input folder (files named CASE_XXXX<ending>, as for nnUNetv2_predict)" +
+                        ("; several folders are predicted in one run, each into the -o folder at its position"
+                         if several_folders else ""))
+    p.add_argument("-o", required=output_required, default=None, nargs=nargs, help=output_help)
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer used for training (default: nnUNetTrainer)")
@@ -75,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="nnUNetv2_predict plus out-of-distribution scores: writes the same segmentations and, in "
                     "the output folder, ood_scores.csv / ood_scores.json (and maps with --save_ood_maps).")
-    add_prediction_arguments(p)
+    add_prediction_arguments(p, output_help="output folder (created if missing); one per -i folder, in the same order",
+                             several_folders=True)
     p.add_argument("--save_ood_maps", action="store_true",
                    help="write one float32 map per case and method, <case>_ood_<method>, in the input geometry")
     p.add_argument("--calibration", default=None, metavar="NAME",
@@ -100,9 +109,26 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_name(args.calibration)
 
 
-def check_model_and_folders(args: argparse.Namespace, folds: list, output: str | None,
+def folder_pairs(inputs: list[str], outputs: list[str]) -> list[tuple[str, str]]:
+    """``-i`` and ``-o`` of ``nnUNetv2_predict_ood`` as (input, output) pairs; outputs must be distinct."""
+    if len(inputs) != len(outputs):
+        raise OODInputError(f"-i has {len(inputs)} folder(s) but -o has {len(outputs)}; give one output folder per "
+                            "input folder, in the same order")
+    real = [os.path.realpath(o) for o in outputs]
+    for k, out in enumerate(real):
+        if out in real[:k]:
+            raise OODInputError(f"output folder {outputs[k]} is given twice in -o; each input folder needs its own "
+                                "output folder")
+        if out in {os.path.realpath(i) for j, i in enumerate(inputs) if j != k}:  # its own: check_output_folder
+            raise OODInputError(f"output folder {outputs[k]} is one of the input folders; write predictions to "
+                                "another -o (nnU-Net would mix its outputs with the inputs)")
+    return list(zip(inputs, outputs))
+
+
+def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[tuple[str, str | None]],
                             save_ood_maps: bool) -> str:
-    """The model's folds, the input images and the output folder; returns the model folder."""
+    """The model's folds, the input images and output folder of each (input, output) pair; returns the model
+    folder."""
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
@@ -110,13 +136,14 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, output: str |
         if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
     dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
-    cases = input_cases(args.i, dataset_json["file_ending"], count_channels(dataset_json))
-    if output is not None:
-        check_output_folder(output, args.i)
-    if save_ood_maps:
-        check_map_collisions(cases, REGISTRY.names)
-    check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
-                        plans.get("transpose_forward", [0, 1, 2]))
+    for input_folder, output in pairs:
+        cases = input_cases(input_folder, dataset_json["file_ending"], count_channels(dataset_json))
+        if output is not None:
+            check_output_folder(output, input_folder)
+        if save_ood_maps:
+            check_map_collisions(cases, REGISTRY.names)
+        check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
+                            plans.get("transpose_forward", [0, 1, 2]))
     return model_folder
 
 
@@ -139,9 +166,9 @@ def make_predictor(args: argparse.Namespace, model_folder: str, folds: list, sav
     return predictor
 
 
-def run_prediction(predictor, args: argparse.Namespace, output: str) -> None:
-    """nnU-Net's prediction over files into ``output`` (sequential with ``-npp 0 -nps 0``); a case that fails
-    inside nnU-Net is named, and the score tables of the cases done are written."""
+def run_prediction(predictor, args: argparse.Namespace, input_folder: str, output: str) -> None:
+    """nnU-Net's prediction of the files in ``input_folder`` into ``output`` (sequential with ``-npp 0 -nps 0``);
+    a case that fails inside nnU-Net is named, and the score tables of the cases done are written."""
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as e:
@@ -149,11 +176,11 @@ def run_prediction(predictor, args: argparse.Namespace, output: str) -> None:
     try:
         if args.nps == 0 and args.npp == 0:
             print("Running in non-multiprocessing mode")
-            predictor.predict_from_files_sequential(args.i, output, save_probabilities=args.save_probabilities,
+            predictor.predict_from_files_sequential(input_folder, output, save_probabilities=args.save_probabilities,
                                                     overwrite=not args.continue_prediction,
                                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions)
         else:
-            predictor.predict_from_files(args.i, output, save_probabilities=args.save_probabilities,
+            predictor.predict_from_files(input_folder, output, save_probabilities=args.save_probabilities,
                                          overwrite=not args.continue_prediction,
                                          num_processes_preprocessing=max(1, args.npp),
                                          num_processes_segmentation_export=max(1, args.nps),
@@ -176,12 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     folds = parse_folds(args.f)
-    model_folder = check_model_and_folders(args, folds, args.o, args.save_ood_maps)
+    pairs = folder_pairs(args.i, args.o)
+    model_folder = check_model_and_folders(args, folds, pairs, args.save_ood_maps)
     predictor = make_predictor(args, model_folder, folds, args.save_ood_maps, args.calibration)
-    run_prediction(predictor, args, args.o)
-    flagged = sum(1 for r in predictor.ood_results for s in r.scores.values() if s["ood"])
-    print(f"OOD: {len(predictor.ood_results)} case(s) scored in this run, {flagged} method flag(s) raised; "
-          f"see {os.path.join(args.o, 'ood_scores.csv')}")
+    for input_folder, output in pairs:  # one model load for every folder
+        done = len(predictor.ood_results)
+        run_prediction(predictor, args, input_folder, output)
+        results = predictor.ood_results[done:]
+        flagged = sum(1 for r in results for s in r.scores.values() if s["ood"])
+        print(f"OOD: {len(results)} case(s) of {input_folder} scored in this run, {flagged} method flag(s) raised; "
+              f"see {os.path.join(output, 'ood_scores.csv')}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """``nnunet_ood_demo``: the whole workflow on the embedded synthetic dataset, in a few minutes on a CPU.
 
-generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerOOD_demo (fits OOD state)
--> nnUNetv2_predict_ood on every test domain -> nnUNetv2_evaluate_ood (tables, plots, summary).
-Every step is the real nnU-Net / plugin command line; their output goes to ``<output>/logs``.
+generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerOOD_demo (fits the OOD methods)
+-> one nnUNetv2_predict_ood run over every test domain and the fold's validation cases -> nnUNetv2_evaluate_ood
+(tables, plots, report.html). Every step is the real nnU-Net / plugin command line; its whole output goes to
+``<output>/logs`` while the terminal shows live progress bars (:mod:`nnunet_ood.demo.progress`) and, at the end,
+the short summary and where the reports are.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from nnunet_ood.demo.progress import ProgressRelay, run_logged
+
 DATASET_ID = 501
 TRAINER = "nnUNetTrainerOOD_demo"
+FULL_TRAINER = "nnUNetTrainerOOD_demo_full"
 
 
 def _executable(name: str) -> str:
@@ -25,30 +30,71 @@ def _executable(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _step(title: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> None:
-    """Run one command line, logging its output; on failure show the end of the log and stop."""
-    log = log_dir / f"{len(list(log_dir.iterdir())) + 1:02d}_{cmd[0]}.log"
-    print(f"==> {title}", flush=True)
-    started = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run([_executable(cmd[0]), *cmd[1:]], env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-25:]
-        print("\n".join(tail), file=sys.stderr)
-        sys.exit(f"error: step '{title}' failed (exit {proc.returncode}); full log: {log}")
-    print(f"    done in {time.time() - started:.0f} s (log: {log})", flush=True)
+class Steps:
+    """Runs the demo's command lines one after another, each logged to ``<output>/logs/NN_<command>.log``,
+    and records how long each took."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], progress: bool) -> None:
+        self.log_dir, self.env, self.progress = log_dir, env, progress
+        self.timings: list[tuple[str, float]] = []
+
+    def run(self, title: str, cmd: list[str], relay: ProgressRelay | None = None, **env: str) -> None:
+        """Run one command line with live progress; on failure show the end of its log and stop."""
+        log = self.log_dir / f"{len(self.timings) + 1:02d}_{cmd[0]}.log"
+        print(f"==> {title}", flush=True)
+        started = time.time()
+        relay = relay or ProgressRelay(enabled=self.progress)
+        relay.enabled = self.progress
+        code = run_logged([_executable(cmd[0]), *cmd[1:]], dict(self.env, **env), log, relay)
+        if code != 0:
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            print("\n".join(tail), file=sys.stderr)
+            sys.exit(f"error: step '{title}' failed (exit {code}); full log: {log}")
+        elapsed = time.time() - started
+        self.timings.append((title, elapsed))
+        print(f"    done in {elapsed:.0f} s (log: {log})", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run the nnunet-ood demo end to end on a synthetic multi-domain "
-                                            "2D dataset: train, fit, predict, evaluate.")
+                                            "2D dataset: train, fit, predict, evaluate, report.")
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes "
                    "(default: demo_output)")
     p.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     p.add_argument("--n_train", type=int, default=60, help="training cases (default: 60)")
     p.add_argument("--n_test", type=int, default=16, help="test cases per domain (default: 16)")
+    p.add_argument("--full", action="store_true", help=f"the longer schedule ({FULL_TRAINER}: 30 epochs and a "
+                   "longer autoencoder training, about 2 minutes more on 2 CPU cores)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars, only each step's name and time")
     return p
+
+
+def _numerics_env() -> dict[str, str]:
+    """The same instruction set for every command, so that the seeded run repeats on other x86 CPUs too
+    (see ``nnunet_ood.trainers.nnUNetTrainerOOD.pin_cpu_numerics``)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        return {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    return {}
+
+
+def format_summary_table(markdown: str) -> str:
+    """``ood_summary.md`` for a terminal: bullets without markdown emphasis, the table with aligned columns."""
+    text, rows = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                rows.append(cells)
+        elif line.strip() and not line.startswith("#"):
+            text.append(line.replace("**", ""))
+    if rows:
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        table = ["  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        table.insert(1, "  ".join("-" * w for w in widths))
+        text += [""] + table
+    return "\n".join(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from nnunet_ood.cli.trainer_dir import trainer_dir
     from nnunet_ood.demo.synthetic import generate_demo_dataset
+    from nnunet_ood.trainers import nnUNetTrainerOOD_demo, nnUNetTrainerOOD_demo_full
 
     started = time.time()
+    trainer = nnUNetTrainerOOD_demo_full if args.full else nnUNetTrainerOOD_demo
     out = Path(args.output).resolve()
     work = out / "nnunet"
     if work.exists():
@@ -67,18 +115,22 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True)
     env = dict(os.environ)
     env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir())
+               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
+               **_numerics_env())
     env.setdefault("nnUNet_def_n_proc", "2")
+    steps = Steps(logs, env, progress=not args.no_progress)
 
     print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
     data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
                                  n_test_per_domain=args.n_test, size=64)
 
-    _step("planning and preprocessing (nnUNetv2_plan_and_preprocess)",
-          ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"], env, logs)
-    train_env = dict(env, nnUNet_n_proc_DA="0")  # data augmentation in-process: fastest on 2 cores
-    _step(f"training fold 0 with {TRAINER} (fits the OOD detector at the end)",
-          ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", TRAINER, "-device", args.device], train_env, logs)
+    steps.run("planning and preprocessing (nnUNetv2_plan_and_preprocess)",
+              ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"])
+    # data augmentation in-process: fastest on 2 cores, and the seeded batches do not depend on worker timing
+    steps.run(f"training fold 0 with {trainer.__name__}, then fitting the OOD methods",
+              ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer.__name__, "-device", args.device],
+              ProgressRelay(epochs=trainer.num_demo_epochs), nnUNet_n_proc_DA="0")
+
     predictions = out / "predictions"
     shutil.rmtree(predictions, ignore_errors=True)
     # the fold's validation cases (ID, never trained on) set the evaluation's 95% ID threshold
@@ -89,21 +141,36 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copy(Path(data.images_tr) / f"{case}_0000.nii.gz", val_images / f"{case}_0000.nii.gz")
     groups = {domain: Path(data.images_ts[domain]) for domain in data.domains}
     groups["id_val"] = val_images
-    for name, images in groups.items():
-        _step(f"predicting {name} with OOD scores and maps (nnUNetv2_predict_ood)",
-              ["nnUNetv2_predict_ood", "-i", str(images), "-o", str(predictions / name), "-d", str(DATASET_ID),
-               "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", args.device, "-npp", "1", "-nps", "1",
-               "--save_ood_maps", "--disable_progress_bar"], env, logs)
+    n_cases = sum(len(list(folder.glob("*_0000.nii.gz"))) for folder in groups.values())
+    # one process for every folder: the model, the OOD state and nnU-Net are loaded once; sequential mode
+    # (-npp 0 -nps 0) because on 2 cores starting worker processes costs more than it saves
+    steps.run(f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
+              ["nnUNetv2_predict_ood", "-i", *map(str, groups.values()), "-o", *(str(predictions / g) for g in groups),
+               "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer.__name__, "-device", args.device,
+               "-npp", "0", "-nps", "0", "--save_ood_maps", "--disable_progress_bar"],
+              ProgressRelay(cases=n_cases))
     shifted = [arg for d in data.domains if d != "id"
                for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]
-    _step("evaluating all methods (nnUNetv2_evaluate_ood)",
-          ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
-           "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(out / "evaluation")],
-          env, logs)
+    evaluation = out / "evaluation"
+    steps.run("evaluating all methods (nnUNetv2_evaluate_ood)",
+              ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
+               "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(evaluation)])
+
     print()
-    print((out / "evaluation" / "ood_evaluation.md").read_text())
-    print((out / "evaluation" / "ood_summary.md").read_text())
-    print(f"\nfinished in {time.time() - started:.0f} s; results in {out}")
+    print(format_summary_table((evaluation / "ood_summary.md").read_text()))
+    print()
+    print("time per step: " + ", ".join(f"{title.split(' (')[0]} {seconds:.0f} s" for title, seconds in steps.timings))
+    print(f"finished in {time.time() - started:.0f} s; everything is in {out}")
+    print(f"full tables: {evaluation / 'ood_evaluation.md'}")
+    report = evaluation / "report.html"
+    reviews = [predictions / g / "review.html" for g in groups if (predictions / g / "review.html").exists()]
+    if report.exists():
+        print(f"HTML report: {report}")
+    if reviews:
+        print(f"review worklists (no labels needed): {', '.join(str(r) for r in reviews)}")
+    if report.exists() or reviews:
+        print("open them in any web browser (they work offline), e.g. xdg-open " + str(report if report.exists()
+                                                                                     else reviews[0]))
 
 
 if __name__ == "__main__":

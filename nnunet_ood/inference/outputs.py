@@ -96,6 +96,9 @@ class PredictionOutputs:
         self.unfinished_case = None
         result = CaseOODResult(case, scores, None, outcome.methods)
         p.ood_results.append(result)
+        flags = [m for m, s in scores.items() if s["ood"]]
+        # one line per case as it is scored (nnU-Net's sequential mode prints nothing of its own per case)
+        print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag"), flush=True)
         return result
 
     def _case_name(self) -> str:
