@@ -24,6 +24,7 @@ from nnunet_ood.io.inputs import (
     count_channels,
     input_cases,
 )
+from nnunet_ood.io.map_dtypes import MAP_DTYPES
 from nnunet_ood.io.site_calibration import check_name
 from nnunet_ood.methods import REGISTRY
 
@@ -86,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_prediction_arguments(p, output_help="output folder (created if missing); one per -i folder, in the same order",
                              several_folders=True)
     p.add_argument("--save_ood_maps", action="store_true",
-                   help="write one float32 map per case and method, <case>_ood_<method>, in the input geometry")
+                   help="write one map per case and method, <case>_ood_<method>, in the input geometry (float32 "
+                        "unless --ood_maps_dtype)")
+    p.add_argument("--ood_maps_dtype", choices=MAP_DTYPES, default="float32",
+                   help="how maps are stored (default: float32). NIfTI has no float16, so the smaller types are "
+                        "NIfTI (.nii/.nii.gz) integers with scl_slope/scl_inter, read back as floats by every "
+                        "reader: int16 = the map, scaled per map from its min/max (error <= (max - min) / 131068); "
+                        "uint8 = the normalised map in [0, 1] (the calibration bounds of ood_scores.csv's "
+                        "normalized column; error <= 1/510)")
     p.add_argument("--calibration", default=None, metavar="NAME",
                    help="flag with the named calibration made by nnUNetv2_calibrate_ood on the site's own cases "
                         "(default: the folds' own calibration from the fit)")
@@ -107,6 +115,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         REGISTRY.get(name)
     if getattr(args, "calibration", None) is not None:
         check_name(args.calibration)
+    if getattr(args, "ood_maps_dtype", "float32") != "float32" and not getattr(args, "save_ood_maps", False):
+        raise OODInputError(f"--ood_maps_dtype {args.ood_maps_dtype} sets how maps are stored but no maps are "
+                            "written; add --save_ood_maps")
 
 
 def folder_pairs(inputs: list[str], outputs: list[str]) -> list[tuple[str, str]]:
@@ -161,6 +172,7 @@ def make_predictor(args: argparse.Namespace, model_folder: str, folds: list, sav
                                    verbose=args.verbose, verbose_preprocessing=args.verbose,
                                    allow_tqdm=not args.disable_progress_bar, ood_methods=args.ood,
                                    save_ood_maps=save_ood_maps, calibration=calibration,
+                                   ood_maps_dtype=getattr(args, "ood_maps_dtype", "float32"),
                                    predict_options=REGISTRY.configs_from_args(args, "predict"))
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     return predictor

@@ -27,6 +27,7 @@ from nnunet_ood import __version__
 from nnunet_ood.calibration import calibrated_scores
 from nnunet_ood.inference.case_scorer import CaseOutcome
 from nnunet_ood.io.inputs import check_map_collisions
+from nnunet_ood.io.map_dtypes import maps_metadata, normalization_bounds
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
 from nnunet_ood.io.scores import collect_records, has_case_record, write_case_record, write_score_tables
 
@@ -87,7 +88,7 @@ class PredictionOutputs:
         if p.save_ood_maps:
             args = (np.stack([v.cpu().numpy() for v in outcome.maps.values()]), list(outcome.maps),
                     self.current_case["data_properties"], p.configuration_manager, p.plans_manager, p.dataset_json,
-                    ofile)
+                    ofile, p.ood_maps_dtype, normalization_bounds(p.ood_calibration))
             if self._map_pool is not None:
                 self._map_futures.append(self._map_pool.submit(export_ood_maps, *args))
             else:
@@ -194,6 +195,7 @@ class PredictionOutputs:
                             for m, c in p.ood_calibration.items()},
             "calibration_per_fold": {str(f): {m: s.calibration[m].to_json() for m in p.ood_methods
                                               if m in s.calibration} for f, s in zip(p.use_folds, p.ood_states)},
+            "ood_maps": maps_metadata(p.save_ood_maps, p.ood_maps_dtype),  # how map files store their values
             "run_signature": self.run_signature(),
         }
 

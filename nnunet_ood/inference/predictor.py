@@ -31,6 +31,8 @@ from nnunet_ood.inference.case_scorer import CaseScorer
 from nnunet_ood.inference.identity import ModelIdentity
 from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, RecordingConfigurationManager
 from nnunet_ood.inference.thresholds import fit_setting_notes, fold_calibration, named_calibration
+from nnunet_ood.io.map_dtypes import check_dtype_name, check_map_dtype, normalization_bounds
+from nnunet_ood.io.maps import map_file_ending
 from nnunet_ood.io.state import FoldOODState, load_fold_state
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
 from nnunet_ood.sliding_window import revert_padding_slicer
@@ -47,18 +49,22 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
     ``self.ood_results``. ``ood_methods`` selects methods (default: every fitted one, plus the fold
     ensembles with several folds); ``predict_options`` holds methods' inference options by key
     (e.g. ``{"sd_predict": SDPredictConfig(batched_decoder=True)}``); ``calibration`` the name of a calibration
-    made by ``nnUNetv2_calibrate_ood`` (default: the folds' own).
+    made by ``nnUNetv2_calibrate_ood`` (default: the folds' own). ``ood_maps_dtype`` (``float32``, ``int16`` or
+    ``uint8``, NIfTI only) is how maps are stored (:mod:`nnunet_ood.io.map_dtypes`).
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  ood_methods: Sequence[str] | None = None, save_ood_maps: bool = False,
-                 predict_options: Mapping[str, Any] | None = None, calibration: str | None = None) -> None:
+                 predict_options: Mapping[str, Any] | None = None, calibration: str | None = None,
+                 ood_maps_dtype: str = "float32") -> None:
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         self.requested_ood_methods = list(ood_methods) if ood_methods else None
         self.save_ood_maps = save_ood_maps
+        check_dtype_name(ood_maps_dtype)  # the file ending and the methods' bounds are checked once they are known
+        self.ood_maps_dtype = ood_maps_dtype
         self.predict_options = dict(predict_options or {})
         self.calibration_name = calibration  # a named calibration of the model folder (nnUNetv2_calibrate_ood)
         self.ood_states: list[FoldOODState] = []
@@ -119,6 +125,9 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
             self.ood_calibration.update(named)
         for note in notes:
             print(note)
+        if self.save_ood_maps:  # before any case is predicted: the map type must fit the dataset and methods
+            check_map_dtype(self.ood_maps_dtype, map_file_ending(self.plans_manager, self.dataset_json),
+                            normalization_bounds(self.ood_calibration))
         if self._scorer is not None:
             self._scorer.remove()
         self._scorer = self.make_scorer(methods, states, {m: c.aggregation for m, c in self.ood_calibration.items()})

@@ -2,7 +2,8 @@
 
 A map is computed in nnU-Net's preprocessed space (cropped to the non-zero region, resampled to the
 target spacing, axes transposed). Export reverses those three steps with nnU-Net's own resampling
-function and bounding box, then writes float32 with the geometry nnU-Net recorded when reading the input.
+function and bounding box, then writes float32 with the geometry nnU-Net recorded when reading the input
+(or, for NIfTI, scaled int16/uint8 codes in the same geometry: :mod:`nnunet_ood.io.map_dtypes`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from nnunetv2.imageio.nibabel_reader_writer import NibabelIO, NibabelIOWithReorient
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.io.map_dtypes import NIFTI_ENDINGS, quantize_int16, quantize_uint8, set_nifti_scaling
 
 #: value of voxels outside nnU-Net's crop (the all-zero border it never predicts on)
 OUTSIDE_CROP_VALUE = 0.0
@@ -60,33 +64,37 @@ def _temporary_name(path: str) -> str:
     return os.path.join(directory, f".tmp-{os.getpid()}-{name}")
 
 
+def _write_image(array: np.ndarray, path: str, properties: Mapping, writer_class: type) -> None:
+    # the array (any dtype, nnU-Net's array layout of the input) at path, in the input's geometry; not atomic
+    if issubclass(writer_class, SimpleITKIO):
+        sitk_stuff = properties["sitk_stuff"]
+        if len(sitk_stuff["spacing"]) == 2:
+            array = array[0]
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(sitk_stuff["spacing"])
+        image.SetOrigin(sitk_stuff["origin"])
+        image.SetDirection(sitk_stuff["direction"])
+        if "original_orientation" in sitk_stuff:  # SimpleITKIOWithReorient
+            image = sitk.DICOMOrient(image, sitk_stuff["original_orientation"])
+        sitk.WriteImage(image, path, True)
+    elif issubclass(writer_class, NibabelIOWithReorient):
+        nib_stuff = properties["nibabel_stuff"]
+        image = nibabel.Nifti1Image(array.transpose((2, 1, 0)), affine=nib_stuff["reoriented_affine"])
+        back = ornt_transform(axcodes2ornt("RAS"), io_orientation(nib_stuff["original_affine"]))
+        nibabel.save(image.as_reoriented(back), path)
+    elif issubclass(writer_class, NibabelIO):
+        image = nibabel.Nifti1Image(array.transpose((2, 1, 0)),
+                                    affine=properties["nibabel_stuff"]["original_affine"])
+        nibabel.save(image, path)
+    else:  # natural images and TIFF: a float TIFF with the same array layout nnU-Net writes
+        tifffile.imwrite(path, array[0] if array.shape[0] == 1 else array, compression="zlib")
+
+
 def write_float_image(array: np.ndarray, output_file: str, properties: Mapping, writer_class: type) -> None:
     """Write a float32 array (in nnU-Net's array layout of the input) with the input's geometry, atomically."""
     tmp = _temporary_name(output_file)
-    array = np.asarray(array, dtype=np.float32)
     try:
-        if issubclass(writer_class, SimpleITKIO):
-            sitk_stuff = properties["sitk_stuff"]
-            if len(sitk_stuff["spacing"]) == 2:
-                array = array[0]
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing(sitk_stuff["spacing"])
-            image.SetOrigin(sitk_stuff["origin"])
-            image.SetDirection(sitk_stuff["direction"])
-            if "original_orientation" in sitk_stuff:  # SimpleITKIOWithReorient
-                image = sitk.DICOMOrient(image, sitk_stuff["original_orientation"])
-            sitk.WriteImage(image, tmp, True)
-        elif issubclass(writer_class, NibabelIOWithReorient):
-            nib_stuff = properties["nibabel_stuff"]
-            image = nibabel.Nifti1Image(array.transpose((2, 1, 0)), affine=nib_stuff["reoriented_affine"])
-            back = ornt_transform(axcodes2ornt("RAS"), io_orientation(nib_stuff["original_affine"]))
-            nibabel.save(image.as_reoriented(back), tmp)
-        elif issubclass(writer_class, NibabelIO):
-            image = nibabel.Nifti1Image(array.transpose((2, 1, 0)),
-                                        affine=properties["nibabel_stuff"]["original_affine"])
-            nibabel.save(image, tmp)
-        else:  # natural images and TIFF: a float TIFF with the same array layout nnU-Net writes
-            tifffile.imwrite(tmp, array[0] if array.shape[0] == 1 else array, compression="zlib")
+        _write_image(np.asarray(array, dtype=np.float32), tmp, properties, writer_class)
         os.replace(tmp, output_file)
     except BaseException:
         if os.path.exists(tmp):
@@ -94,15 +102,49 @@ def write_float_image(array: np.ndarray, output_file: str, properties: Mapping, 
         raise
 
 
+def write_map_image(array: np.ndarray, output_file: str, properties: Mapping, writer_class: type,
+                    dtype: str = "float32", bounds: tuple[float, float] | None = None) -> None:
+    """Write a float map as ``dtype``, atomically: float32 as :func:`write_float_image`; ``int16`` (scaled from
+    the map's finite min/max) or ``uint8`` (normalised with ``bounds``) as NIfTI with scl_slope/scl_inter."""
+    if dtype == "float32":
+        write_float_image(array, output_file, properties, writer_class)
+        return
+    if not output_file.endswith(NIFTI_ENDINGS):  # checked before prediction too (check_map_dtype)
+        raise OODInputError(f"--ood_maps_dtype {dtype} needs NIfTI maps (.nii or .nii.gz), not {output_file}; use "
+                            "--ood_maps_dtype float32")
+    if dtype == "uint8" and bounds is None:
+        raise OODInputError(f"--ood_maps_dtype uint8 needs normalisation bounds for {os.path.basename(output_file)}; "
+                            "use --ood_maps_dtype int16 or float32")
+    codes, scaling = quantize_int16(array) if dtype == "int16" else quantize_uint8(array, *bounds)
+    tmp = _temporary_name(output_file)
+    directory, name = os.path.split(output_file)
+    # the plans' writer sets the geometry (uncompressed: written once, read once), then nibabel sets the scaling
+    raw = os.path.join(directory, f".tmp-{os.getpid()}-codes-{name.removesuffix('.gz')}")
+    try:
+        _write_image(codes, raw, properties, writer_class)
+        set_nifti_scaling(raw, tmp, scaling)
+        os.replace(tmp, output_file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        if os.path.exists(raw):
+            os.remove(raw)
+
+
 def export_ood_maps(maps: np.ndarray, methods: Sequence[str], properties: Mapping,
                     configuration_manager: ConfigurationManager, plans_manager: PlansManager,
-                    dataset_json: Mapping, output_file_truncated: str) -> list[str]:
-    """Resample every method's map ``maps[i]`` to the input geometry and write it. Runs in export workers."""
+                    dataset_json: Mapping, output_file_truncated: str, dtype: str = "float32",
+                    bounds: Mapping[str, tuple[float, float] | None] | None = None) -> list[str]:
+    """Resample every method's map ``maps[i]`` to the input geometry and write it as ``dtype`` (uint8: normalised
+    with ``bounds[method]``). Runs in export workers: every argument is picklable."""
     ending = map_file_ending(plans_manager, dataset_json)
     written = []
     for method, ood_map in zip(methods, maps):
         path = map_filename(output_file_truncated, method, ending)
         full = map_to_input_geometry(ood_map, properties, configuration_manager, plans_manager)
-        write_float_image(full, path, properties, plans_manager.image_reader_writer_class)
+        write_map_image(full, path, properties, plans_manager.image_reader_writer_class, dtype,
+                        (bounds or {}).get(method))
         written.append(path)
     return written
