@@ -38,8 +38,9 @@ class Steps:
         self.log_dir, self.env, self.progress = log_dir, env, progress
         self.timings: list[tuple[str, float]] = []
 
-    def run(self, title: str, cmd: list[str], relay: ProgressRelay | None = None, **env: str) -> None:
-        """Run one command line with live progress; on failure show the end of its log and stop."""
+    def run(self, label: str, title: str, cmd: list[str], relay: ProgressRelay | None = None, **env: str) -> None:
+        """Run one command line with live progress (``label``: its name in the closing time line); on failure
+        show the end of its log and stop."""
         log = self.log_dir / f"{len(self.timings) + 1:02d}_{cmd[0]}.log"
         print(f"==> {title}", flush=True)
         started = time.time()
@@ -51,7 +52,7 @@ class Steps:
             print("\n".join(tail), file=sys.stderr)
             sys.exit(f"error: step '{title}' failed (exit {code}); full log: {log}")
         elapsed = time.time() - started
-        self.timings.append((title, elapsed))
+        self.timings.append((label, elapsed))
         print(f"    done in {elapsed:.0f} s (log: {log})", flush=True)
 
 
@@ -124,10 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
                                  n_test_per_domain=args.n_test, size=64)
 
-    steps.run("planning and preprocessing (nnUNetv2_plan_and_preprocess)",
+    steps.run("planning", "planning and preprocessing (nnUNetv2_plan_and_preprocess)",
               ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"])
     # data augmentation in-process: fastest on 2 cores, and the seeded batches do not depend on worker timing
-    steps.run(f"training fold 0 with {trainer.__name__}, then fitting the OOD methods",
+    steps.run("training and fit", f"training fold 0 with {trainer.__name__}, then fitting the OOD methods",
               ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer.__name__, "-device", args.device],
               ProgressRelay(epochs=trainer.num_demo_epochs), nnUNet_n_proc_DA="0")
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     n_cases = sum(len(list(folder.glob("*_0000.nii.gz"))) for folder in groups.values())
     # one process for every folder: the model, the OOD state and nnU-Net are loaded once; sequential mode
     # (-npp 0 -nps 0) because on 2 cores starting worker processes costs more than it saves
-    steps.run(f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
+    steps.run("prediction", f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
               ["nnUNetv2_predict_ood", "-i", *map(str, groups.values()), "-o", *(str(predictions / g) for g in groups),
                "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer.__name__, "-device", args.device,
                "-npp", "0", "-nps", "0", "--save_ood_maps", "--disable_progress_bar"],
@@ -152,14 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     shifted = [arg for d in data.domains if d != "id"
                for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]
     evaluation = out / "evaluation"
-    steps.run("evaluating all methods (nnUNetv2_evaluate_ood)",
+    steps.run("evaluation", "evaluating all methods (nnUNetv2_evaluate_ood)",
               ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
                "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(evaluation)])
 
     print()
     print(format_summary_table((evaluation / "ood_summary.md").read_text()))
     print()
-    print("time per step: " + ", ".join(f"{title.split(' (')[0]} {seconds:.0f} s" for title, seconds in steps.timings))
+    print("time per step: " + ", ".join(f"{label} {seconds:.0f} s" for label, seconds in steps.timings))
     print(f"finished in {time.time() - started:.0f} s; everything is in {out}")
     print(f"full tables: {evaluation / 'ood_evaluation.md'}")
     report = evaluation / "report.html"
