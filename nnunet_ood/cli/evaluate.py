@@ -35,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "every folder)")
     parser.add_argument("--threshold_percentile", type=float, default=95.0,
                         help="percentile of the ID validation scores used as threshold (default: 95)")
+    parser.add_argument("--images", nargs=2, action="append", default=None, metavar=("GROUP", "IMAGE_FOLDER"),
+                        help="input images (CASE_0000<ending>) of a group (id_test, id_val or a domain's name) for "
+                             "report.html's thumbnails; repeat per group (default: the images* folder next to the "
+                             "group's labels* folder, as in nnU-Net's raw data, e.g. imagesTs next to labelsTs)")
+    parser.add_argument("--no_report", action="store_true",
+                        help="do not write report.html and report_files/ (the page with the headline, the tables, "
+                             "the plots and thumbnails of the silent failures and most uncertain cases)")
+    parser.add_argument("--report_cases", type=int, default=12, metavar="N",
+                        help="report.html shows at most N silent failures and the N most uncertain cases "
+                             "(default: 12)")
     return parser
 
 
@@ -52,9 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         resolve_label_setup,
         write_outputs,
     )
+    from nnunet_ood.reports.evaluation_report import (
+        check_gallery_size,
+        resolve_image_sources,
+        write_evaluation_report,
+    )
 
     check_output_folder(args.o)
+    check_gallery_size(args.report_cases)
     specs = build_group_specs(args.id_test, args.id_val, args.domain)
+    image_sources = resolve_image_sources(specs, args.images)  # checked before any work, like the other folders
     setup = resolve_label_setup(specs, args.labels, args.file_ending)
     evaluation = evaluate(specs, setup, args.methods, args.threshold_percentile)
     for warning in evaluation.warnings:
@@ -63,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     write_outputs(args.o, files)
     print(files[EVALUATION_MD].decode())
     print(f"evaluation written to {args.o}: {', '.join(files)}")
+    if not args.no_report:
+        page = write_evaluation_report(args.o, evaluation, setup, image_sources, list(files), args.report_cases)
+        print(f"report: {page} (open it in a web browser; it works offline)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from nnunet_ood.io.inputs import (
 from nnunet_ood.io.map_dtypes import MAP_DTYPES
 from nnunet_ood.io.site_calibration import check_name
 from nnunet_ood.methods import REGISTRY
+from nnunet_ood.reports.ranking import check_report_arguments, check_report_method
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
 
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="NAME",
                    help="flag with the named calibration made by nnUNetv2_calibrate_ood on the site's own cases "
                         "(default: the folds' own calibration from the fit)")
+    p.add_argument("--report", action="store_true",
+                   help="also write review.html (with review_files/) and review.csv into each output folder: the "
+                        "cases from least to most trustworthy with thumbnails of image, segmentation and uncertainty "
+                        "map (maps need --save_ood_maps), scores and flags; no labels needed")
+    p.add_argument("--report_method", default=None, metavar="METHOD",
+                   help="rank review.html by this method's normalised score and show its map (default: by the "
+                        "number of methods flagging a case, then the mean normalised score; the map of the method "
+                        "with the highest normalised score)")
     return p
 
 
@@ -118,6 +127,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if getattr(args, "ood_maps_dtype", "float32") != "float32" and not getattr(args, "save_ood_maps", False):
         raise OODInputError(f"--ood_maps_dtype {args.ood_maps_dtype} sets how maps are stored but no maps are "
                             "written; add --save_ood_maps")
+    check_report_arguments(getattr(args, "report", False), getattr(args, "report_method", None), REGISTRY.names)
 
 
 def folder_pairs(inputs: list[str], outputs: list[str]) -> list[tuple[str, str]]:
@@ -209,6 +219,14 @@ def run_prediction(predictor, args: argparse.Namespace, input_folder: str, outpu
                             "--continue_prediction") from e
 
 
+def write_review_report(input_folder: str, output: str, method: str | None) -> None:
+    """``review.html``/``review.csv`` of one output folder, from the files the prediction wrote."""
+    from nnunet_ood.reports.review import write_review
+
+    page, _ = write_review(input_folder, output, method)
+    print(f"review: {page} (open it in a web browser; it works offline)")
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnUNetv2_predict_ood``."""
@@ -218,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = folder_pairs(args.i, args.o)
     model_folder = check_model_and_folders(args, folds, pairs, args.save_ood_maps)
     predictor = make_predictor(args, model_folder, folds, args.save_ood_maps, args.calibration)
+    check_report_method(args.report_method, predictor.ood_methods)  # before any case is predicted
     for input_folder, output in pairs:  # one model load for every folder
         done = len(predictor.ood_results)
         run_prediction(predictor, args, input_folder, output)
@@ -225,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         flagged = sum(1 for r in results for s in r.scores.values() if s["ood"])
         print(f"OOD: {len(results)} case(s) of {input_folder} scored in this run, {flagged} method flag(s) raised; "
               f"see {os.path.join(output, 'ood_scores.csv')}")
+        if args.report:
+            write_review_report(input_folder, output, args.report_method)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``nnunet_ood_demo``: the whole workflow on the embedded synthetic dataset, in a few minutes on a CPU.
 
 generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_train -tr nnUNetTrainerOOD_demo (fits the OOD methods)
--> one nnUNetv2_predict_ood run over every test domain and the fold's validation cases -> nnUNetv2_evaluate_ood
-(tables, plots, report.html). Every step is the real nnU-Net / plugin command line; its whole output goes to
+-> one nnUNetv2_predict_ood --report run over every test domain and the fold's validation cases (a review page
+per folder) -> nnUNetv2_evaluate_ood (tables, plots, report.html). Every step is the real nnU-Net / plugin
+command line; its whole output goes to
 ``<output>/logs`` while the terminal shows live progress bars (:mod:`nnunet_ood.demo.progress`) and, at the end,
 the short summary and where the reports are.
 """
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     steps.run("prediction", f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
               ["nnUNetv2_predict_ood", "-i", *map(str, groups.values()), "-o", *(str(predictions / g) for g in groups),
                "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer.__name__, "-device", args.device,
-               "-npp", "0", "-nps", "0", "--save_ood_maps", "--disable_progress_bar"],
+               "-npp", "0", "-nps", "0", "--save_ood_maps", "--report", "--disable_progress_bar"],
               ProgressRelay(cases=n_cases))
     shifted = [arg for d in data.domains if d != "id"
                for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]

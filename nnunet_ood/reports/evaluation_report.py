@@ -1,0 +1,392 @@
+"""``report.html`` of ``nnUNetv2_evaluate_ood``: the evaluation as one page a person can read.
+
+The headline (best method at detecting shifts and at predicting failures, and what the latter's flag does per
+group: :mod:`nnunet_ood.evaluation.summary`, the same numbers as ``ood_summary.md``), the metric table, the plots
+already written next to it, and two galleries drawn with the best failure predictor: the silent failures (Dice
+below the failure Dice, not flagged) and the most uncertain cases, each with its input slice, reference,
+prediction and that method's uncertainty map (thumbnails in ``report_files/``).
+
+Input images are looked up per group: ``--images GROUP FOLDER``, else the nnU-Net raw-data sibling of the label
+folder (``labelsTs_x`` -> ``imagesTs_x``, ``labelsTr`` -> ``imagesTr``). Without them the gallery shows the
+labels on a grey background and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.evaluation.summary import best_methods, flag_threshold, flagged, group_rows
+from nnunet_ood.evaluation.table import (
+    ALL_SHIFTED,
+    CORRELATION_PLOT,
+    FAILURE_DICE,
+    ID_VAL,
+    MARKDOWN_HEADERS,
+    SCORE_PLOT,
+    Evaluation,
+    Group,
+    GroupSpec,
+    LabelSetup,
+    read_dataset_json,
+    safe_file_part,
+)
+from nnunet_ood.reports import page
+from nnunet_ood.reports.cases import (
+    IMAGE,
+    MAP,
+    PREDICTION,
+    REFERENCE,
+    CaseFiles,
+    CaseSlices,
+    channel0_file,
+    existing,
+    foreground_labels,
+    heat_scales,
+    load_case_slices,
+    map_file,
+    render_case,
+    thumbnail_box,
+    thumbnail_name,
+)
+from nnunet_ood.reports.thumbnails import LABEL_COLORS
+from nnunet_ood.reports.writer import write_page
+
+REPORT_HTML = "report.html"
+REPORT_FILES = "report_files"
+DEFAULT_GALLERY_CASES = 12
+IMAGES_FLAG = "--images"
+MAPS_FLAG = "--save_ood_maps"
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a group's input images are (None: not found) and how that folder was chosen."""
+
+    folder: str | None
+    origin: str
+
+
+def sibling_image_folder(label_folder: str) -> str | None:
+    """nnU-Net's raw layout: the ``images*`` folder next to a ``labels*`` folder (``labelsTs_x`` -> ``imagesTs_x``),
+    if it exists."""
+    path = os.path.abspath(label_folder)
+    name = os.path.basename(path)
+    if "labels" not in name:
+        return None
+    candidate = os.path.join(os.path.dirname(path), name.replace("labels", "images", 1))
+    return candidate if os.path.isdir(candidate) else None
+
+
+def resolve_image_sources(specs: Sequence[GroupSpec], images: Sequence[Sequence[str]] | None) -> dict[str, ImageSource]:
+    """Each group's input-image folder: from ``--images GROUP FOLDER`` (checked: known group, given once, a folder),
+    else the sibling of its label folder (:func:`sibling_image_folder`)."""
+    names = [s.name for s in specs]
+    given: dict[str, str] = {}
+    for group, folder in images or ():
+        if group not in names:
+            raise OODInputError(f"{IMAGES_FLAG} names group {group!r}, which is not evaluated; use one of "
+                                f"{', '.join(names)}")
+        if group in given:
+            raise OODInputError(f"{IMAGES_FLAG} is given twice for {group}; give one image folder per group")
+        if not os.path.isdir(folder):
+            raise OODInputError(f"{IMAGES_FLAG} folder {folder} of {group} does not exist or is not a folder")
+        given[group] = folder
+    sources = {}
+    for spec in specs:
+        if spec.name in given:
+            sources[spec.name] = ImageSource(given[spec.name], f"{IMAGES_FLAG}")
+            continue
+        sibling = sibling_image_folder(spec.label_folder)
+        sources[spec.name] = ImageSource(sibling, "next to the label folder") if sibling is not None else \
+            ImageSource(None, f"not found (no images* folder next to the labels; pass {IMAGES_FLAG} {spec.name} "
+                              "FOLDER)")
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------- galleries
+
+
+@dataclass(frozen=True)
+class GalleryCase:
+    """A case of a gallery: its group and its index in the group's arrays."""
+
+    group: Group
+    index: int
+
+    @property
+    def case(self) -> str:
+        return self.group.cases[self.index]
+
+
+def gallery_method(evaluation: Evaluation) -> tuple[str | None, str]:
+    """The method the galleries use and why: the best failure predictor (lowest pooled AURC), else the best shift
+    detector (highest pooled AUROC), else the first method."""
+    best = best_methods(evaluation)
+    if best["failure"]:
+        return best["failure"], "best at predicting failures (lowest AURC, all shifted domains)"
+    if best["shift"]:
+        return best["shift"], "best at detecting shifts (AURC undefined for every method)"
+    if evaluation.methods:
+        return evaluation.methods[0], "first method (AUROC and AURC undefined for every method)"
+    return None, "no method"
+
+
+def _shown_groups(evaluation: Evaluation) -> list[Group]:
+    return [g for g in evaluation.groups if g.spec.role != ID_VAL]  # as ood_summary.md: the cases compared
+
+
+def silent_failures(evaluation: Evaluation, method: str) -> list[GalleryCase]:
+    """Failed (Dice below :data:`FAILURE_DICE`) and not flagged by ``method`` (the summary's threshold), lowest Dice
+    first; empty when the method has no threshold."""
+    threshold = flag_threshold(evaluation, method)
+    if math.isnan(threshold):
+        return []
+    found = []
+    for group in _shown_groups(evaluation):
+        missed = (group.dice < FAILURE_DICE) & ~flagged(group.score[method], threshold)
+        found += [GalleryCase(group, int(i)) for i in np.flatnonzero(missed)]
+    return sorted(found, key=lambda c: (c.group.dice[c.index], c.group.spec.name, c.case))
+
+
+def most_uncertain(evaluation: Evaluation, method: str, count: int) -> list[GalleryCase]:
+    """The ``count`` cases with the highest raw score of ``method`` (unscored, NaN, first)."""
+    every = [GalleryCase(g, i) for g in _shown_groups(evaluation) for i in range(len(g.cases))]
+
+    def key(c: GalleryCase) -> tuple:
+        score = float(c.group.score[method][c.index])
+        return (0, 0.0, c.group.spec.name, c.case) if math.isnan(score) else (1, -score, c.group.spec.name, c.case)
+
+    return sorted(every, key=key)[:count]
+
+
+# ----------------------------------------------------------------------------------------------- page parts
+
+
+def _headline(evaluation: Evaluation, method: str | None) -> str:
+    best = best_methods(evaluation)
+    pooled = {r["method"]: r for r in evaluation.rows if r["domain"] == ALL_SHIFTED}
+    items = []
+    if best["shift"]:
+        items.append(f"Best at detecting shifted cases: <b>{page.esc(best['shift'])}</b> (AUROC "
+                     f"{page.number(pooled[best['shift']]['auroc'])}, all shifted domains against the ID test "
+                     "cases).")
+    else:
+        items.append("Best at detecting shifted cases: undefined (no AUROC could be computed).")
+    if best["failure"]:
+        row = pooled[best["failure"]]
+        items.append(f"Best at predicting failures: <b>{page.esc(best['failure'])}</b> (AURC "
+                     f"{page.number(row['aurc'])}, Spearman with 1 - Dice {page.number(row['spearman'])}); the table "
+                     "below shows what its flag does.")
+    else:
+        items.append("Best at predicting failures: undefined (no AURC could be computed).")
+    items.append(f"A failure is a segmentation with Dice &lt; {FAILURE_DICE:g}; missed = failed and not flagged "
+                 "(a silent failure).")
+    rows = []
+    for r in group_rows(evaluation, best["failure"]):
+        share = "-" if math.isnan(r["flagged"]) else f"{r['flagged']:.0%}"
+        rows.append([page.esc(r["group"]), str(r["cases"]), page.number(r["mean_dice"]), str(r["failures"]), share,
+                     page.number(r["caught"]), page.number(r["missed"])])
+    header = ["group", "cases", "mean Dice", "failures", f"flagged by {page.esc(best['failure'] or '-')}",
+              "failures caught", "failures missed"]
+    return ('<div class="headline"><ul>' + "".join(f"<li>{i}</li>" for i in items) + "</ul>" +
+            page.table(header, rows) + "</div>")
+
+
+def _metric_table(rows: Sequence[Mapping], best: Mapping[str, str | None], pooled_only: bool) -> str:
+    columns = [c for c in MARKDOWN_HEADERS if not (pooled_only and c == "domain")]
+    shown = [r for r in rows if r["domain"] == ALL_SHIFTED] if pooled_only else list(rows)
+    body, classes = [], []
+    for r in shown:
+        cells = []
+        for c in columns:
+            text = page.esc(r[c]) if c in ("method", "domain") else page.number(r[c])
+            if r["domain"] == ALL_SHIFTED and ((c == "auroc" and r["method"] == best["shift"]) or
+                                               (c == "aurc" and r["method"] == best["failure"])):
+                text = f"<b>{text}</b>"
+            cells.append(text)
+        body.append(cells)
+        classes.append("pooled" if r["domain"] == ALL_SHIFTED and not pooled_only else "")
+    return page.table([MARKDOWN_HEADERS[c] for c in columns], body, text_columns=1 if pooled_only else 2,
+                      row_classes=classes)
+
+
+def _plots(plot_names: Sequence[str], featured: Sequence[str]) -> str:
+    """The plots written next to the page: the featured methods' Dice-vs-uncertainty plots, the score distributions
+    and correlations; the other methods' plots folded."""
+    names = set(plot_names)
+    dice = {n for n in names if n.startswith("dice_vs_uncertainty_")}
+    first = [f"dice_vs_uncertainty_{safe_file_part(m)}.png" for m in dict.fromkeys(featured) if m]
+    first = [n for n in first if n in dice]
+    shown = first + [n for n in (SCORE_PLOT, CORRELATION_PLOT) if n in names]
+    rest = sorted(dice - set(first))
+    out = '<div class="plots">' + "".join(page.linked_image(n, n, "wide" if n == CORRELATION_PLOT else None)
+                                          for n in shown) + "</div>"
+    if rest:
+        out += (f"<details><summary>Dice vs uncertainty of the other {len(rest)} method(s)</summary>"
+                '<div class="plots">' + "".join(page.linked_image(n, n) for n in rest) + "</div></details>")
+    return out
+
+
+def _case_card(item: GalleryCase, method: str, case: CaseSlices, thumbs: Mapping[str, str], threshold: float,
+               methods: Sequence[str], maps_missing: bool, image_source: ImageSource) -> str:
+    g, i = item.group, item.index
+    score, normalized = float(g.score[method][i]), float(g.normalized[method][i])
+    is_flagged = None if math.isnan(threshold) else bool(flagged(np.array([score]), threshold)[0])
+    image_missing = ("input images not found for this group" if image_source.folder is None
+                     else "input image not found" if case.files.image is None else "input image not readable")
+    map_missing = (f"no maps: predicted without {MAPS_FLAG}" if maps_missing else
+                   f"no {method} map file" if case.files.ood_map is None else "map not readable")
+    box = thumbnail_box(case)
+    figures = [page.figure(thumbs.get(IMAGE), "input image", f"{item.case} input", image_missing, box),
+               page.figure(thumbs.get(REFERENCE), "ground truth", f"{item.case} ground truth", "label not readable",
+                           box),
+               page.figure(thumbs.get(PREDICTION), "prediction", f"{item.case} prediction",
+                           "segmentation not readable", box),
+               page.figure(thumbs.get(MAP), f"uncertainty: {method}", f"{item.case} {method} map", map_missing, box)]
+    dice = float(g.dice[i])
+    pill = ('<span class="pill bad">failed</span>' if dice < FAILURE_DICE else '<span class="pill good">ok</span>')
+    flag = "-" if is_flagged is None else ("flagged" if is_flagged else "not flagged")
+    where = "" if case.slice_index is None else \
+        (f'<div class="note">axial slice {case.slice_index} of {case.n_slices} (array axis 0; largest disagreement '
+         "between prediction and ground truth)</div>")
+    notes = "".join(f'<div class="note">{page.esc(n)}</div>' for n in case.notes)
+    others = page.table(["method", "score", "normalised"],
+                        [[page.esc(m), page.compact(float(g.score[m][i])), page.number(float(g.normalized[m][i]))]
+                         for m in methods])
+    info = (f"<h3>{page.esc(item.case)} {pill}</h3>"
+            f'<div class="note">group <b>{page.esc(g.spec.name)}</b> &middot; Dice <b>{page.number(dice)}</b> &middot; '
+            f"{page.esc(method)}: score {page.compact(score)}, normalised {page.number(normalized)}, "
+            f"<b>{flag}</b></div>{where}{notes}"
+            f"<details><summary>scores of every method</summary>{others}</details>")
+    css = "flagged" if dice < FAILURE_DICE else "ok"
+    return f'<div class="card {css}"><div class="thumbs">{"".join(figures)}</div><div class="info">{info}</div></div>'
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def _case_files(item: GalleryCase, method: str, setup: LabelSetup, source: ImageSource, key: str) -> CaseFiles:
+    spec, case = item.group.spec, item.case
+    return CaseFiles(key, channel0_file(source.folder, case, setup.file_ending),
+                     existing(os.path.join(spec.prediction_folder, case + setup.file_ending)),
+                     existing(os.path.join(spec.label_folder, case + setup.file_ending)),
+                     map_file(spec.prediction_folder, case, method, setup.file_ending), method)
+
+
+def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: Mapping[str, ImageSource],
+                            plot_names: Sequence[str], max_cases: int = DEFAULT_GALLERY_CASES) \
+        -> tuple[str, dict[str, bytes]]:
+    """The page (HTML text) and its thumbnails (file name in ``report_files/`` -> PNG bytes)."""
+    method, why = gallery_method(evaluation)
+    best = best_methods(evaluation)
+    silent = silent_failures(evaluation, method) if method else []
+    uncertain = most_uncertain(evaluation, method, max_cases) if method else []
+    threshold = flag_threshold(evaluation, method) if method else math.nan
+    unique: dict[tuple[str, int], GalleryCase] = {}
+    for item in silent[:max_cases] + uncertain:
+        unique.setdefault((item.group.spec.name, item.index), item)
+    slices: dict[tuple[str, int], CaseSlices] = {}
+    for k, (key, item) in enumerate(unique.items()):
+        files = _case_files(item, method, setup, sources[key[0]], f"{k:04d}_{safe_file_part(item.case)}")
+        slices[key] = load_case_slices(files, by_disagreement=True)
+    scales = heat_scales(list(slices.values()))
+    files_out: dict[str, bytes] = {}
+    thumbs: dict[tuple[str, int], dict[str, str]] = {}
+    for key, case in slices.items():
+        thumbs[key] = {}
+        for kind, data in render_case(case, scales, with_reference=True).items():
+            files_out[thumbnail_name(case.files.key, kind)] = data
+            thumbs[key][kind] = f"{REPORT_FILES}/{thumbnail_name(case.files.key, kind)}"
+    maps_missing = bool(slices) and all(c.files.ood_map is None for c in slices.values())
+    dataset = read_dataset_json(evaluation.groups[0].spec.prediction_folder) or {}
+
+    def cards(items: Sequence[GalleryCase]) -> str:
+        keyed = [((c.group.spec.name, c.index), c) for c in items]
+        return '<div class="cards">' + "".join(
+            _case_card(c, method, slices[k], thumbs[k], threshold, evaluation.methods, maps_missing,
+                       sources[k[0]]) for k, c in keyed) + "</div>"
+
+    parts = ["<h1>OOD evaluation report</h1>",
+             f'<div class="meta">{_sources_text(evaluation, sources)}<br>page written '
+             f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}</div>',
+             '<p class="note"><a href="#headline">headline</a> &middot; <a href="#metrics">metrics</a> &middot; '
+             '<a href="#plots">plots</a> &middot; <a href="#silent">silent failures</a> &middot; '
+             '<a href="#uncertain">most uncertain cases</a></p>']
+    parts += [f'<div class="warn">{page.esc(w)}</div>' for w in evaluation.warnings]
+    parts += ['<h2 id="headline">Headline</h2>', _headline(evaluation, method),
+              '<h2 id="metrics">Metrics</h2>',
+              '<p class="note">All shifted domains pooled against the ID test cases; '
+              "bold: the best AUROC and the best AURC. Per-domain rows below.</p>",
+              _metric_table(evaluation.rows, best, pooled_only=True),
+              "<details><summary>every domain</summary>" + _metric_table(evaluation.rows, best, pooled_only=False) +
+              "</details>",
+              "<details><summary>notes on the metrics</summary><ul>" +
+              "".join(f"<li>{page.esc(n)}</li>" for n in evaluation.notes) + "</ul></details>",
+              '<h2 id="plots">Plots</h2>', _plots(plot_names, [method, best["shift"]])]
+    scale_text = "; one scale for every case on this page: " + "; ".join(
+        f"{page.esc(m)} {page.compact(s.low)} to {page.compact(s.high)}" for m, s in scales.items()) if scales else ""
+    gallery_intro = (f'<p class="note">Gallery method: <b>{page.esc(method or "-")}</b>, {page.esc(why)}. Each case: '
+                     "the input image (channel 0), the ground truth and the prediction as overlays, and the method's "
+                     "uncertainty map as a heat overlay (turbo colour map, blue = low, red = high, transparent at "
+                     f"the bottom of the scale{scale_text}).</p>")
+    parts += ['<h2 id="silent">Silent failures</h2>', gallery_intro, page.label_legend(foreground_labels(dataset),
+                                                                                     LABEL_COLORS)]
+    if maps_missing:
+        parts.append(f'<div class="warn">No uncertainty maps in the prediction folders: predict with {MAPS_FLAG} '
+                     "to see them here.</div>")
+    missing_images = [name for name, s in sources.items() if s.folder is None and
+                      any(k[0] == name for k in unique)]
+    if missing_images:
+        parts.append(f'<div class="warn">Input images not found for {page.esc(", ".join(missing_images))}: the '
+                     f"thumbnails show the labels without the image. Pass {IMAGES_FLAG} GROUP FOLDER.</div>")
+    if method is None or math.isnan(threshold):
+        parts.append('<p class="note">No threshold for the gallery method: silent failures cannot be told '
+                     "apart.</p>")
+    elif not silent:
+        parts.append(f'<p class="note">None: every failure (Dice &lt; {FAILURE_DICE:g}) is flagged by '
+                     f"{page.esc(method)}.</p>")
+    else:
+        shown = f"the {max_cases} with the lowest Dice of {len(silent)}" if len(silent) > max_cases else \
+            f"all {len(silent)}"
+        parts.append(f'<p class="note">Failed (Dice &lt; {FAILURE_DICE:g}) and not flagged by {page.esc(method)}: '
+                     f"{shown}, lowest Dice first.</p>" + cards(silent[:max_cases]))
+    parts += ['<h2 id="uncertain">Most uncertain cases</h2>',
+              f'<p class="note">The {len(uncertain)} case(s) with the highest {page.esc(method or "-")} score (ID '
+              "test and shifted domains), highest first.</p>", cards(uncertain)]
+    return page.document("OOD evaluation report", "\n".join(parts)), files_out
+
+
+def _sources_text(evaluation: Evaluation, sources: Mapping[str, ImageSource]) -> str:
+    rows = []
+    for g in evaluation.groups:
+        s = sources.get(g.spec.name, ImageSource(None, "not given"))
+        images = f"{s.folder} ({s.origin})" if s.folder else s.origin
+        rows.append(f"{page.esc(g.spec.name)}: {len(g.cases)} cases; predictions {page.esc(g.spec.prediction_folder)}"
+                    f"; labels {page.esc(g.spec.label_folder)}; images {page.esc(images)}")
+    return "<br>".join(rows)
+
+
+def write_evaluation_report(folder: str, evaluation: Evaluation, setup: LabelSetup,
+                            sources: Mapping[str, ImageSource], plot_names: Sequence[str],
+                            max_cases: int = DEFAULT_GALLERY_CASES) -> str:
+    """Write ``report_files/`` and then ``report.html`` into ``folder`` (next to the plots it shows); returns the
+    page's path."""
+    html_text, files = build_evaluation_report(evaluation, setup, sources, plot_names, max_cases)
+    return write_page(folder, REPORT_HTML, html_text, REPORT_FILES, files)
+
+
+def check_gallery_size(count: int) -> None:
+    """``--report_cases`` must be positive."""
+    if count < 1:
+        raise OODInputError(f"--report_cases must be at least 1, got {count}")
+

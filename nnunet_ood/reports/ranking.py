@@ -1,0 +1,151 @@
+"""The review worklist's order: cases from least to most trustworthy, from a prediction folder's score table.
+
+* Default: the number of methods that flag the case (descending), then the mean normalised score over the methods
+  that have one (descending). A case no method could normalise (every score NaN) counts as most uncertain.
+* ``method``: that method's normalised score (descending); ties (several cases clipped at 1, or a method without
+  calibration, whose normalised scores are all NaN) are broken by its raw score. Cases it could not score (NaN)
+  come first.
+
+Remaining ties keep the case names in alphabetical order, so the order is deterministic. No torch, no SimpleITK:
+the command lines import this module before they check their arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.io.scores import CSV_NAME, read_score_csv
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """One method's values for one case, as in ``ood_scores.csv``."""
+
+    score: float
+    normalized: float
+    ood: bool
+
+
+@dataclass(frozen=True)
+class RankedCase:
+    """A case of the worklist: its rank (1 = least trustworthy), the values it was sorted by, the method whose map
+    is shown."""
+
+    rank: int
+    case: str
+    n_flagged: int
+    ranking_score: float  # mean normalised score, or the chosen method's normalised score (NaN: none)
+    overlay_method: str | None
+    scores: Mapping[str, MethodScore]
+
+
+def check_report_arguments(report: bool, method: str | None, known: Sequence[str]) -> None:
+    """``--report_method`` needs ``--report`` and must name a known method (checked before the model loads)."""
+    if method is None:
+        return
+    if not report:
+        raise OODInputError(f"--report_method {method} sets how review.html ranks the cases but no review is "
+                            "written; add --report")
+    if method not in known:
+        raise OODInputError(f"--report_method {method!r} is not an OOD method; choose one of {', '.join(known)}")
+
+
+def check_report_method(method: str | None, methods: Sequence[str]) -> None:
+    """``--report_method`` must be one of the methods this prediction computes (checked once the model is loaded)."""
+    if method is not None and method not in methods:
+        raise OODInputError(f"--report_method {method} is not computed in this prediction (methods: "
+                            f"{', '.join(methods)}); choose one of them or add it to --ood")
+
+
+def read_scores(output_folder: str) -> tuple[list[str], dict[str, dict[str, MethodScore]]]:
+    """Methods (table order) and ``{case: {method: MethodScore}}`` of a prediction folder's ``ood_scores.csv``."""
+    path = os.path.join(output_folder, CSV_NAME)
+    if not os.path.isfile(path):
+        raise OODInputError(f"no {CSV_NAME} in {output_folder}; nnUNetv2_predict_ood writes it there before the "
+                            "review")
+    try:
+        rows = read_score_csv(path)
+    except (KeyError, ValueError, TypeError) as e:
+        raise OODInputError(f"{path} is not a valid {CSV_NAME} ({type(e).__name__}: {e}); re-run "
+                            "nnUNetv2_predict_ood") from None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cases: dict[str, dict[str, MethodScore]] = {}
+    for r in rows:
+        cases.setdefault(r["case"], {})[r["method"]] = MethodScore(r["score"], r["normalized"], r["ood"])
+    return methods, cases
+
+
+def mean_normalized(scores: Mapping[str, MethodScore]) -> float:
+    """Mean of the finite normalised scores (NaN when there is none)."""
+    values = [s.normalized for s in scores.values() if math.isfinite(s.normalized)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def calibration_bounds(document: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """``{method: (low, high)}`` of the normalisation in an ``ood_scores.json`` document (finite, ordered bounds)."""
+    calibration = document.get("calibration")
+    out = {}
+    for method, values in (calibration.items() if isinstance(calibration, dict) else ()):
+        try:
+            low, high = float(values["low"]), float(values["high"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(low) and math.isfinite(high) and high > low:
+            out[method] = (low, high)
+    return out
+
+
+def overlay_method(scores: Mapping[str, MethodScore], methods: Sequence[str], method: str | None,
+                   bounds: Mapping[str, tuple[float, float]] | None = None) -> str | None:
+    """The method whose map a case shows: ``method`` if given, else the one with the highest normalised score.
+
+    Ties (typically several methods clipped at 1) go to the method whose score lies furthest beyond its scale, the
+    unclipped ``(score - low) / (high - low)`` with the ``bounds`` of ``ood_scores.json``, then to the first in
+    table order. Without any finite normalised score: the first method with a row.
+    """
+    if method is not None:
+        return method
+    present = [m for m in methods if m in scores]
+    finite = [m for m in present if math.isfinite(scores[m].normalized)]
+    if not finite:
+        return present[0] if present else None
+
+    def unclipped(m: str) -> float:
+        low, high = (bounds or {}).get(m, (math.nan, math.nan))
+        value = (scores[m].score - low) / (high - low)
+        return value if math.isfinite(value) else scores[m].normalized
+
+    return max(finite, key=lambda m: (scores[m].normalized, unclipped(m), -present.index(m)))
+
+
+def _sort_key(case: str, scores: Mapping[str, MethodScore], method: str | None) -> tuple:
+    if method is None:
+        mean = mean_normalized(scores)
+        return (-sum(s.ood for s in scores.values()), -(math.inf if math.isnan(mean) else mean), case)
+    entry = scores.get(method)
+    if entry is None or math.isnan(entry.score):  # not scored: maximally uncertain
+        return (0, 0.0, 0.0, case)
+    normalized = entry.normalized if math.isfinite(entry.normalized) else -math.inf
+    return (1, -normalized, -entry.score, case)
+
+
+def rank_cases(methods: Sequence[str], cases: Mapping[str, Mapping[str, MethodScore]], method: str | None = None,
+               bounds: Mapping[str, tuple[float, float]] | None = None) -> list[RankedCase]:
+    """Every case, least trustworthy first (see the module's docstring); ``method``: rank by that method only.
+    ``bounds``: the calibration's normalisation bounds, to choose the overlay (:func:`overlay_method`)."""
+    if method is not None and method not in methods:
+        raise OODInputError(f"--report_method {method} has no scores in this folder's {CSV_NAME} (methods: "
+                            f"{', '.join(methods)}); choose one of them")
+    order = sorted(cases, key=lambda c: _sort_key(c, cases[c], method))
+    ranked = []
+    for rank, case in enumerate(order, start=1):
+        scores = cases[case]
+        value = mean_normalized(scores) if method is None else \
+            (scores[method].normalized if method in scores else math.nan)
+        ranked.append(RankedCase(rank, case, sum(s.ood for s in scores.values()), value,
+                                 overlay_method(scores, methods, method, bounds), scores))
+    return ranked
