@@ -49,7 +49,8 @@ class SumOfScores(DerivedMethod):
     summary = "test method"
     requires = Requirements(methods=("mahalanobis", "entropy"))
 
-    def derived_score(self, case_scores, fold_params):
+    def derived_score(self, case_scores, fold_params, view=None):
+        assert view is not None and view.logits is not None  # derived methods see the final logits
         return case_scores["mahalanobis"] + case_scores["entropy"]
 
 

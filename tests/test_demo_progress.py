@@ -87,3 +87,11 @@ def test_summary_table_is_aligned_for_the_terminal(missed):
     assert table[0].split() == ["group", "cases", "failures", "missed"]
     assert set(table[1]) <= {"-", " "}
     assert table[2].split() == ["id_test", "16", missed] and table[3].endswith("12")
+
+
+def test_summary_with_two_tables_keeps_each_aligned_in_place():
+    markdown = ("# OOD summary\n\n- one.\n\n| a | bb |\n|---|---:|\n| x | 1 |\n\n## Accept or review: quality\n\n"
+                "| method | AURC |\n|---|---:|\n| **quality** | 0.1 |\n| longer_name | 0.25 |\n\n- after.\n")
+    text = format_summary_table(markdown).splitlines()
+    assert text == ["- one.", "", "a  bb", "-  --", "x   1", "", "Accept or review: quality", "",
+                    "method       AURC", "-----------  ----", "quality       0.1", "longer_name  0.25", "- after."]

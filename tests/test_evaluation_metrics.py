@@ -6,15 +6,21 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from nnunet_ood.evaluation.metrics import (
     aurc,
     auroc,
     average_ranks,
+    dice_prediction_errors,
     e_aurc,
     esce,
+    oracle_aurc,
+    oracle_risk_coverage_curve,
+    pearson,
+    risk_coverage_curve,
+    selective_outcomes,
     spearman,
     threshold_metrics,
 )
@@ -138,3 +144,71 @@ def test_threshold_metrics_hand_computed():
     # a NaN score is rejected: it lowers the TPR and never counts as an accepted shifted case
     out = threshold_metrics(id_val, id_test=[5, 19, math.nan, 30], ood=[19.1, math.nan, 60, 70, 80])
     assert out["tpr"] == pytest.approx(0.5) and out["fpr"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- risk-coverage curve
+def _curve_brute_force(u, r):
+    """Every k = 1..n: accept the k least uncertain widened to whole tie groups; keep each distinct acceptance."""
+    u, r = np.asarray(u, float), np.asarray(r, float)
+    points = {}
+    for k in range(1, len(u) + 1):
+        accepted = u <= np.sort(u)[k - 1]
+        points[int(accepted.sum())] = r[accepted].mean()
+    counts = sorted(points)
+    return np.array(counts) / len(u), np.array([points[c] for c in counts])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_risk_coverage_curve_matches_brute_force_and_its_area_is_aurc(seed):
+    rng = np.random.default_rng(seed)
+    for u in (rng.uniform(size=25), rng.integers(0, 5, size=25).astype(float)):  # without and with ties
+        r = rng.uniform(size=25)
+        coverage, risk = risk_coverage_curve(u, r)
+        expected_coverage, expected_risk = _curve_brute_force(u, r)
+        np.testing.assert_allclose(coverage, expected_coverage, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(risk, expected_risk, rtol=1e-12)
+        # the step function: risk_j on (coverage_{j-1}, coverage_j]
+        area = sum((c - c0) * y for c0, c, y in zip(np.r_[0.0, expected_coverage], expected_coverage, expected_risk))
+        assert aurc(u, r) == pytest.approx(area, rel=1e-12)
+        assert aurc(u, r) == pytest.approx(_aurc_brute_force(u, r), rel=1e-12)
+
+
+def test_oracle_curve_is_the_mean_of_the_k_smallest_risks():
+    r = np.array([0.4, 0.1, 0.1, 0.9, 0.0])
+    coverage, risk = oracle_risk_coverage_curve(r)
+    np.testing.assert_allclose(coverage, [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(risk, [0.0, 0.05, 0.2 / 3, 0.15, 0.3])
+    assert np.sum(np.diff(np.r_[0.0, coverage]) * risk) == pytest.approx(oracle_aurc(r))
+
+
+# ---------------------------------------------------------------- decisions and predicted Dice
+def test_selective_outcomes_against_counts():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        n = int(rng.integers(1, 20))
+        accepted, dice = rng.random(n) < 0.6, rng.uniform(size=n)
+        silent = sum(1 for a, d in zip(accepted, dice) if a and d < 0.6)
+        out = selective_outcomes(accepted, dice, 0.6)
+        assert out["coverage"] == pytest.approx(sum(accepted) / n)
+        assert out["silent_rate"] == pytest.approx(silent / n)
+        if sum(accepted):
+            assert out["silent_rate_accepted"] == pytest.approx(silent / sum(accepted))
+        else:
+            assert math.isnan(out["silent_rate_accepted"])
+    # a failure is strictly below the threshold
+    assert selective_outcomes([True, True], [0.6, 0.59], 0.6)["silent_rate"] == 0.5
+    assert all(math.isnan(v) for v in selective_outcomes([], [], 0.6).values())
+
+
+def test_pearson_and_dice_prediction_errors():
+    rng = np.random.default_rng(6)
+    x, y = rng.uniform(size=15), rng.uniform(size=15)
+    assert pearson(x, y) == pytest.approx(pearsonr(x, y).statistic)
+    assert math.isnan(pearson([0.3, 0.3, 0.3], [0.1, 0.5, 0.9]))  # constant: undefined, not a rounding artefact
+    assert math.isnan(pearson([0.3], [0.1]))
+    predicted = np.array([0.9, np.nan, 0.5, 0.7])
+    dice = np.array([0.8, 0.1, 0.6, 0.75])
+    out = dice_prediction_errors(predicted, dice)
+    assert out["dice_mae"] == pytest.approx((0.1 + 0.1 + 0.05) / 3)  # the NaN prediction is left out
+    assert out["dice_pearson"] == pytest.approx(pearsonr([0.9, 0.5, 0.7], [0.8, 0.6, 0.75]).statistic)
+    assert all(math.isnan(v) for v in dice_prediction_errors([np.nan], [0.5]).values())

@@ -22,10 +22,13 @@ from nnunet_ood.evaluation.table import (
     ALL_SHIFTED,
     GroupSpec,
     LabelSetup,
+    build_group_specs,
     evaluate,
     foreground_from_dataset_labels,
     normalized_threshold,
     parse_label_arguments,
+    recorded_fail_below,
+    resolve_label_setup,
 )
 
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
@@ -278,7 +281,7 @@ def test_without_id_val_threshold_metrics_are_undefined(project) -> None:
     result = evaluate(specs, LabelSetup([1, 2], ENDING))
     for row in result.rows:
         assert all(math.isnan(row[k]) for k in ("threshold", "fpr", "tpr", "detection_error"))
-        assert not math.isnan(row["auroc"])
+        assert math.isnan(row["auroc"]) == (row["domain"] == "id_test")  # the ID row has no positives
     assert any("No --id_val" in n for n in result.notes)
 
 
@@ -288,12 +291,12 @@ def test_without_id_val_threshold_metrics_are_undefined(project) -> None:
 def test_outputs_and_plots_are_written(run_output) -> None:
     out = run_output["out"]
     for name in ("dice_vs_uncertainty_A.png", "dice_vs_uncertainty_B.png", "dice_vs_uncertainty_C.png",
-                 "score_distributions.png", "correlation_with_failure.png"):
+                 "score_distributions.png", "correlation_with_failure.png", "risk_coverage.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
     rows = read_csv(out / "ood_evaluation.csv")
     assert [(r["method"], r["domain"]) for r in rows] == [
-        (m, d) for m in "ABC" for d in ("scanner", "single", ALL_SHIFTED)]
+        (m, d) for m in "ABC" for d in ("id_test", "scanner", "single", ALL_SHIFTED)]
     assert "| method | domain |" in run_output["stdout"] and "Notes:" in run_output["stdout"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert run_output["stderr"] == ""
@@ -446,3 +449,250 @@ def test_uncalibrated_method_keeps_rank_metrics_and_leaves_esce_undefined(projec
     assert after["esce"] == "" and before["esce"] != ""
     for metric in ("auroc", "spearman", "aurc", "e_aurc", "fpr", "tpr"):
         assert as_float(after[metric]) == pytest.approx(as_float(before[metric]))
+
+
+# ------------------------------------------------------------------------------------------- (f) decisions
+
+# "quality" is the registry's method that predicts the Dice (score = predicted risk 1 - Dice); "A" is an ordinary
+# calibrated method; "E" has no calibration (a fold ensemble): its ood flags are False everywhere and no decision.
+Q_SIZES = {"id_test": 6, "id_val": 5, "shiftA": 5, "shiftB": 4}
+Q_CALIBRATION = {"quality": {"low": 0.0, "high": 1.0, "threshold": 0.3},
+                 "A": {"low": 0.0, "high": 10.0, "threshold": 5.0},
+                 "E": {"low": None, "high": None, "threshold": None}}
+Q_RECORDED_FAIL_BELOW = 0.7  # what the quality method was fitted for, as its score document records it
+
+
+@pytest.fixture(scope="module")
+def quality_project(tmp_path_factory) -> dict:
+    """Folders with a decision column. Shifted cases 0 and 2 lose a band of their prediction (failures);
+    quality misses the failure shiftB_000 (a silent failure by construction); shiftA_001's quality score is NaN
+    but written as not flagged (a NaN must count as review whatever the flag says)."""
+    root = tmp_path_factory.mktemp("quality")
+    rng = np.random.default_rng(3)
+    data: dict = {"root": root, "dice": {}, "scores": {}, "flags": {}, "folders": {}}
+    for group, n in Q_SIZES.items():
+        cases = make_cases(group, n, rng)
+        if group.startswith("shift"):
+            for i in (0, 2):
+                list(cases.values())[i][0][:, :4] = 0
+        dice = [numpy_dice(p, r, [(1,), (2,)]) for p, r in cases.values()]
+        pred_dir, label_dir = root / f"pred_{group}", root / f"labels_{group}"
+        pred_dir.mkdir()
+        label_dir.mkdir()
+        scores: dict[str, list[float]] = {"quality": [], "A": [], "E": []}
+        flags: dict[str, list[bool]] = {"quality": [], "A": [], "E": []}
+        lines = ["case,method,score,normalized,ood,decision"]
+        for i, (case, (pred, ref)) in enumerate(cases.items()):
+            write_label_map(pred_dir / f"{case}{ENDING}", pred)
+            write_label_map(label_dir / f"{case}{ENDING}", ref)
+            risk = float(np.clip(1.0 - dice[i] + rng.normal(0.0, 0.12), 0.0, 1.0))
+            if group == "shiftA" and i == 1:
+                risk = NAN
+            if group == "shiftB" and i == 0:
+                risk = 0.05
+            values = {"quality": (risk, risk, not risk <= 0.3 and not (group == "shiftA" and i == 1)),
+                      "A": (a := float(rng.uniform(0, 10)), a / 10.0, a > 5.0),
+                      "E": (float(rng.uniform(0, 1)), NAN, False)}
+            for method, (score, normalized, ood) in values.items():
+                decision = ("review" if ood else "accept") if method == "quality" else ""
+                lines.append(f"{case},{method},{score!r},{normalized!r},{ood},{decision}")
+                scores[method].append(score)
+                flags[method].append(ood)
+        (pred_dir / "ood_scores.csv").write_text("\n".join(lines) + "\n")
+        document = {"calibration": Q_CALIBRATION,
+                    "method_config": {"quality": {"fail_below": Q_RECORDED_FAIL_BELOW, "max_silent_failures": 0.1}}}
+        (pred_dir / "ood_scores.json").write_text(json.dumps(document))
+        (pred_dir / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ENDING}))
+        data["dice"][group], data["scores"][group], data["flags"][group] = np.array(dice), scores, flags
+        data["folders"][group] = (pred_dir, label_dir)
+    return data
+
+
+def quality_args(project: dict) -> list[str]:
+    f = project["folders"]
+    return ["--id_test", *map(str, f["id_test"]), "--id_val", *map(str, f["id_val"]),
+            "--domain", "shiftA", *map(str, f["shiftA"]), "--domain", "shiftB", *map(str, f["shiftB"])]
+
+
+@pytest.fixture(scope="module")
+def quality_runs(quality_project, tmp_path_factory) -> dict[float, Path]:
+    """Output folders of the command line with the default --fail_below and with --fail_below 0.8."""
+    runs = {}
+    for fail_below in (0.6, 0.8):
+        out = tmp_path_factory.mktemp("quality_out") / "evaluation"
+        extra = [] if fail_below == 0.6 else ["--fail_below", "0.8"]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            main([*quality_args(quality_project), "-o", str(out), *extra])
+        runs[fail_below] = out
+    return runs
+
+
+def brute_decisions(project: dict, method: str, groups: list[str], fail_below: float) -> dict[str, float]:
+    """Coverage and silent rates by counting: accepted = not flagged and a finite score."""
+    n = accepted = silent = 0
+    for group in groups:
+        for score, flag, dice in zip(project["scores"][group][method], project["flags"][group][method],
+                                     project["dice"][group]):
+            n += 1
+            ok = (not flag) and not math.isnan(score)
+            accepted += ok
+            silent += ok and dice < fail_below
+    return {"coverage": accepted / n, "silent_rate": silent / n,
+            "silent_rate_accepted": silent / accepted if accepted else NAN}
+
+
+ROW_GROUPS = {"id_test": ["id_test"], "shiftA": ["shiftA"], "shiftB": ["shiftB"], ALL_SHIFTED: ["shiftA", "shiftB"]}
+
+
+@pytest.mark.parametrize("fail_below", [0.6, 0.8])
+@pytest.mark.parametrize("domain", list(ROW_GROUPS))
+def test_decision_columns_match_counts(quality_project, quality_runs, fail_below, domain) -> None:
+    rows = read_csv(quality_runs[fail_below] / "ood_evaluation.csv")
+    for method in ("quality", "A"):
+        row = csv_row(rows, method, domain)
+        expected = brute_decisions(quality_project, method, ROW_GROUPS[domain], fail_below)
+        for column, value in expected.items():
+            assert as_float(row[column]) == pytest.approx(value, nan_ok=True), (method, column)
+    # no calibrated threshold: its flags are no decision
+    assert all(csv_row(rows, "E", domain)[c] == "" for c in ("coverage", "silent_rate", "silent_rate_accepted"))
+
+
+@pytest.mark.parametrize("domain", list(ROW_GROUPS))
+def test_predicted_dice_errors_match_numpy(quality_project, quality_runs, domain) -> None:
+    rows = read_csv(quality_runs[0.6] / "ood_evaluation.csv")
+    score = np.concatenate([quality_project["scores"][g]["quality"] for g in ROW_GROUPS[domain]])
+    dice = np.concatenate([quality_project["dice"][g] for g in ROW_GROUPS[domain]])
+    keep = ~np.isnan(score)
+    predicted, true = 1.0 - score[keep], dice[keep]
+    row = csv_row(rows, "quality", domain)
+    assert float(row["dice_mae"]) == pytest.approx(np.mean(np.abs(predicted - true)))
+    assert float(row["dice_pearson"]) == pytest.approx(np.corrcoef(predicted, true)[0, 1])
+    for method in ("A", "E"):  # their scores are no predicted risk
+        assert csv_row(rows, method, domain)["dice_mae"] == "" and csv_row(rows, method, domain)["dice_pearson"] == ""
+
+
+def test_nan_score_counts_as_review(quality_project, quality_runs) -> None:
+    # shiftA_001: NaN score written with ood False; it is in the denominator but never accepted
+    row = csv_row(read_csv(quality_runs[0.6] / "ood_evaluation.csv"), "quality", "shiftA")
+    flags = quality_project["flags"]["shiftA"]["quality"]
+    assert math.isnan(quality_project["scores"]["shiftA"]["quality"][1]) and not flags[1]
+    written_accepts = sum(not f for f in flags)
+    assert float(row["coverage"]) == pytest.approx((written_accepts - 1) / Q_SIZES["shiftA"])
+
+
+def test_fail_below_changes_every_failure_count(quality_project, quality_runs) -> None:
+    low = csv_row(read_csv(quality_runs[0.6] / "ood_evaluation.csv"), "quality", ALL_SHIFTED)
+    high = csv_row(read_csv(quality_runs[0.8] / "ood_evaluation.csv"), "quality", ALL_SHIFTED)
+    assert 0 < float(low["silent_rate"]) < float(high["silent_rate"])  # some accepted Dice below 0.6, more below 0.8
+    assert high["coverage"] == low["coverage"] and high["aurc"] == low["aurc"]  # the decision is the prediction's
+    for fail_below, out in quality_runs.items():  # the summary's failure counts follow the flag too
+        summary = (out / "ood_summary.md").read_text()
+        assert f"Dice < {fail_below:g}" in summary
+        for group in ("id_test", "shiftA", "shiftB"):
+            failures = int(np.sum(quality_project["dice"][group] < fail_below))
+            (line,) = [ln for ln in summary.splitlines() if ln.startswith(f"| {group} |")]
+            assert line.split("|")[4].strip() == str(failures)
+
+
+def test_recorded_fail_below_mismatch_is_a_note(quality_project, quality_runs) -> None:
+    for out in quality_runs.values():  # 0.6 and 0.8 both differ from the recorded 0.7
+        text = (out / "ood_evaluation.md").read_text()
+        (note,) = [ln for ln in text.splitlines() if "was fitted to keep failures" in ln]  # one note, not per folder
+        assert note.startswith("- quality was fitted to keep failures at Dice < 0.7 rare")
+        assert "--fail_below 0.7" in note
+    f = quality_project["folders"]
+    specs = build_group_specs(f["id_test"], f["id_val"], [("shiftA", *f["shiftA"]), ("shiftB", *f["shiftB"])])
+    matching = evaluate(specs, resolve_label_setup(specs, None, None), fail_below=Q_RECORDED_FAIL_BELOW)
+    assert not [n for n in matching.notes if "was fitted to keep failures" in n]
+
+    assert recorded_fail_below({"quality": {"fail_below": 0.65}}, "quality") == [0.65]
+    assert recorded_fail_below({"quality": {"risk_threshold": {"fail_below": 0.65}}, "fail_below": 0.5},
+                               "quality") == [0.65]
+    per_fold = {"calibration_per_fold": {"0": {"quality": {"fail_below": 0.5}}, "1": {"quality": {"fail_below": 0.6}}}}
+    assert recorded_fail_below(per_fold, "quality") == [0.5, 0.6]
+    assert recorded_fail_below({"scores": [{"quality": {"fail_below": 0.5}}], "A": {"fail_below": 0.5}},
+                               "quality") == []
+
+
+def test_decision_column_is_optional(quality_project, tmp_path) -> None:
+    from nnunet_ood.evaluation.table import load_score_table
+
+    folder = quality_project["folders"]["shiftA"][0]
+    with_decision = load_score_table(str(folder))
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    lines = (old / "ood_scores.csv").read_text().splitlines()
+    (old / "ood_scores.csv").write_text("\n".join(ln.rsplit(",", 1)[0] for ln in lines) + "\n")
+    assert (old / "ood_scores.csv").read_text().splitlines()[0] == "case,method,score,normalized,ood"
+    without = load_score_table(str(old))
+    assert without.flagged == with_decision.flagged
+    assert without.flagged["quality"]["shiftA_000"] == quality_project["flags"]["shiftA"]["quality"][0]
+    np.testing.assert_array_equal([without.score["A"][c] for c in without.cases],
+                                  quality_project["scores"]["shiftA"]["A"])
+
+
+def test_id_test_rows(project, run_output) -> None:
+    """The ID row: what the ID test cases alone define, the rest undefined."""
+    row = {k: as_float(v) if k not in ("method", "domain") else v
+           for k, v in csv_row(read_csv(run_output["out"] / "ood_evaluation.csv"), "B", "id_test").items()}
+    score, dice = np.array(SCORES["id_test"]["B"]), expected_dice(project, "id_test")
+    t = np.percentile(SCORES["id_val"]["B"], 95)
+    assert row["n_id"] == 4 and row["n_unscored"] == 0 and math.isnan(row["n_domain"])
+    assert row["threshold"] == pytest.approx(t) and row["tpr"] == pytest.approx(np.mean(score <= t))
+    assert all(math.isnan(row[k]) for k in ("auroc", "fpr", "detection_error"))
+    sorted_risk = (1 - dice)[np.argsort(score)]
+    assert row["aurc"] == pytest.approx(np.mean([sorted_risk[:k].mean() for k in range(1, 5)]))
+    assert row["spearman"] == pytest.approx(spearmanr(score, 1 - dice).statistic)
+    assert row["mean_dice"] == pytest.approx(dice.mean())
+    accepted = [s <= CALIBRATION["B"]["threshold"] for s in SCORES["id_test"]["B"]]  # the written flags
+    assert row["coverage"] == pytest.approx(sum(accepted) / 4)
+    assert row["silent_rate"] == pytest.approx(sum(a and d < 0.6 for a, d in zip(accepted, dice)) / 4)
+
+
+def curve_by_counting(score: np.ndarray, risk: np.ndarray) -> tuple[list[float], list[float]]:
+    """For k = 1..n accept the k least uncertain cases widened to their whole tie group; one point per acceptance."""
+    points: dict[int, float] = {}
+    for k in range(1, score.size + 1):
+        accepted = score <= np.sort(score)[k - 1]
+        points[int(accepted.sum())] = float(risk[accepted].mean())
+    return [c / score.size for c in sorted(points)], [points[c] for c in sorted(points)]
+
+
+def test_risk_coverage_curves_and_plot(quality_project, quality_runs) -> None:
+    from nnunet_ood.evaluation.table import risk_coverage_curves
+
+    f = quality_project["folders"]
+    specs = build_group_specs(f["id_test"], f["id_val"], [("shiftA", *f["shiftA"]), ("shiftB", *f["shiftB"])])
+    evaluation = evaluate(specs, resolve_label_setup(specs, None, None))
+    assert evaluation.dice_methods == ["quality"]
+    curves, oracle = risk_coverage_curves(evaluation)
+    assert [(c.method, c.highlighted) for c in curves] == [("quality", True), ("A", False), ("E", False)]
+    pooled_rows = {r["method"]: r for r in evaluation.rows if r["domain"] == ALL_SHIFTED}
+    groups = ["id_test", "shiftA", "shiftB"]
+    dice = np.concatenate([quality_project["dice"][g] for g in groups])
+    for curve in curves:
+        score = np.concatenate([quality_project["scores"][g][curve.method] for g in groups])
+        flags = np.concatenate([quality_project["flags"][g][curve.method] for g in groups])
+        keep = ~np.isnan(score)
+        assert curve.n_unscored == int((~keep).sum())
+        s, risk, flag = score[keep], 1 - dice[keep], flags[keep]
+        coverage, selective_risk = curve_by_counting(s, risk)
+        np.testing.assert_allclose(curve.coverage, coverage)
+        np.testing.assert_allclose(curve.risk, selective_risk)
+        area = sum((c - c0) * r for c0, c, r in zip([0.0, *coverage], coverage, selective_risk))
+        assert curve.aurc == pytest.approx(area) and pooled_rows[curve.method]["aurc"] == pytest.approx(area)
+        if curve.method == "E":
+            assert curve.point is None
+        else:
+            taken = ~flag
+            assert curve.point == (pytest.approx(taken.mean()), pytest.approx(risk[taken].mean()))
+    np.testing.assert_allclose(oracle[1], [np.sort(1 - dice)[:k].mean() for k in range(1, dice.size + 1)])
+    assert curves[0].coverage.size < dice.size - curves[0].n_unscored  # quality's risks clipped at 0 tie
+    data = (quality_runs[0.6] / "risk_coverage.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_fail_below_outside_a_dice_fails_in_one_line(project, tmp_path, fails_with, value) -> None:
+    out = tmp_path / "out"
+    evaluation_fails(fails_with, [*group_args(project), "-o", str(out), "--fail_below", value], out, "--fail_below")

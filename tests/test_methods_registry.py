@@ -28,7 +28,7 @@ from nnunet_ood.methods.sd import SDPredictConfig, SDTrainingConfig
 
 def test_lists_are_derived_from_the_method_objects():
     assert FITTABLE_METHODS == ("mahalanobis", "knn", "sd", "latent_mahalanobis", "max_softmax", "entropy", "energy",
-                                "kl_uniform", "temperature", "tta", "mc_dropout")
+                                "kl_uniform", "temperature", "tta", "mc_dropout", "quality")
     assert DEFAULT_FIT_METHODS == tuple(m for m in FITTABLE_METHODS if m != "mc_dropout")
     assert [m.name for m in REGISTRY if m.kind is MethodKind.FOLD_ENSEMBLE] == \
         ["ensemble_entropy", "ensemble_mi", "pairwise_dice"]

@@ -435,7 +435,7 @@ def test_evaluation_report_headline_matches_the_summary(evaluation_report) -> No
     assert f"Best at predicting failures: <b>{best_failure}</b>" in text
     assert best_failure == "A"  # A tracks the errors by construction
     for plot in ("score_distributions.png", "correlation_with_failure.png", "dice_vs_uncertainty_A.png",
-                 "dice_vs_uncertainty_B.png"):
+                 "dice_vs_uncertainty_B.png", "risk_coverage.png"):
         assert plot in page.images
     for method in ("A", "B"):  # the metric table has a row per method
         assert re.search(rf"<td class=\"t\">{method}</td>", text)
@@ -525,3 +525,104 @@ def test_evaluate_report_flags_fail_in_one_line(evaluation_project, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- decisions
+
+
+def decision_table(text: str) -> dict[tuple[str, str], list[str]]:
+    """(method, cases) -> the other cells of the report's table of prediction-time decisions."""
+    section = text[text.index('id="decisions"'):]
+    section = section[:section.index("</table>")]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", section)[1:]:  # the first row is the header
+        cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def counted_decisions(project: dict, method: str, groups: list[str], fail_below: float = 0.6) -> list[float]:
+    """n, coverage, silent, silent among the accepted: by counting the fixture's cases (flag = score > threshold)."""
+    n = accepted = silent = 0
+    for group in groups:
+        for (_, _, dice), score in zip(project["cases"][group].values(), project["scores"][group][method]):
+            ok = not score > CALIBRATION[method]["threshold"]
+            n, accepted, silent = n + 1, accepted + ok, silent + (ok and dice < fail_below)
+    return [n, accepted / n, silent / n, silent / accepted if accepted else NAN]
+
+
+def test_evaluation_report_decision_table(evaluation_project, evaluation_report) -> None:
+    text = (evaluation_report["out"] / "report.html").read_text()
+    table = decision_table(text)
+    assert set(table) == {(m, c) for m in "AB" for c in ("id_test", "all shifted")}
+    for (method, cases), cells in table.items():
+        expected = counted_decisions(evaluation_project, method, ["id_test"] if cases == "id_test" else ["scanner"])
+        assert cells[0] == str(expected[0])
+        assert cells[1:4] == [f"{v:.3f}" if not math.isnan(v) else "-" for v in expected[1:]]
+        assert cells[4:] == ["-", "-"]  # A and B do not predict the Dice
+    assert counted_decisions(evaluation_project, "A", ["scanner"])[2] > 0  # scanner_003: accepted and failed
+
+
+@pytest.fixture(scope="module")
+def quality_report(evaluation_project, tmp_path_factory) -> dict:
+    """The evaluation project plus a method "quality" (predicts the Dice): risk = 1 - Dice + 0.05 (+ noise),
+    flagged above 0.2, with a decision column; evaluated with --fail_below 0.8."""
+    copy = tmp_path_factory.mktemp("quality_report")
+    rng = np.random.default_rng(5)
+    risks: dict[str, list[float]] = {}
+    for group in GROUP_SIZES:
+        prediction = copy / "predictions" / group
+        shutil.copytree(evaluation_project["folders"][group][0], prediction)
+        lines = (prediction / "ood_scores.csv").read_text().splitlines()
+        lines = [lines[0] + ",decision"] + [line + "," for line in lines[1:]]
+        risks[group] = []
+        for case, (_, _, dice) in evaluation_project["cases"][group].items():
+            risk = min(1.0, 1.0 - dice + 0.05 + 0.01 * rng.random())
+            risks[group].append(risk)
+            lines.append(f"{case},quality,{risk!r},{risk!r},{risk > 0.2},{'review' if risk > 0.2 else 'accept'}")
+        (prediction / "ood_scores.csv").write_text("\n".join(lines) + "\n")
+        calibration = {**CALIBRATION, "quality": {"low": 0.0, "high": 1.0, "threshold": 0.2}}
+        (prediction / "ood_scores.json").write_text(json.dumps({"calibration": calibration}))
+    out = copy / "evaluation"
+    run_evaluate([*evaluation_args(evaluation_project, root=copy), "-o", str(out), "--fail_below", "0.8"])
+    return {"out": out, "risks": risks}
+
+
+def test_evaluation_report_with_a_dice_predicting_method(evaluation_project, quality_report) -> None:
+    out = quality_report["out"]
+    page = check_self_contained(out / "report.html")
+    assert "risk_coverage.png" in page.images and (out / "risk_coverage.png").is_file()
+    assert page.images.index("risk_coverage.png") < page.images.index("score_distributions.png")
+    text = (out / "report.html").read_text()
+    assert "Dice &lt; 0.8" in text and "Dice &lt; 0.6" not in text  # --fail_below reaches every sentence
+    cases, risks = evaluation_project["cases"], quality_report["risks"]
+    dice = {g: np.array([d for _, _, d in cases[g].values()]) for g in ("id_test", "scanner")}
+    risk = {g: np.array(risks[g]) for g in ("id_test", "scanner")}
+    table = decision_table(text)
+    assert list(table)[:2] == [("quality", "id_test"), ("quality", "all shifted")]  # first
+    assert re.search(r'<td class="t"><b>quality</b></td><td class="t">id_test</td>', text)
+    for group, cases_name in (("id_test", "id_test"), ("scanner", "all shifted")):
+        accepted = risk[group] <= 0.2
+        silent = accepted & (dice[group] < 0.8)
+        cells = table[("quality", cases_name)]
+        assert cells[1] == f"{accepted.mean():.3f}" and cells[2] == f"{silent.mean():.3f}"
+        assert cells[4] == f"{np.mean(np.abs((1 - risk[group]) - dice[group])):.3f}"
+        assert cells[5] == f"{np.corrcoef(1 - risk[group], dice[group])[0, 1]:.3f}"
+    id_accepted = (risk["id_test"] <= 0.2).mean()
+    assert "Accept/review decision of <b>quality</b>" in text
+    assert f"on the ID test cases it accepts {id_accepted:.1%}" in text
+    summary = (out / "ood_summary.md").read_text()
+    (line,) = [ln for ln in summary.splitlines() if ln.startswith("| scanner |")]
+    assert line.split("|")[4].strip() == str(int((dice["scanner"] < 0.8).sum()))  # failures at --fail_below 0.8
+
+
+def test_overlay_is_never_a_method_without_maps() -> None:
+    """quality has no voxel map: asked for or scoring highest, the overlay falls to the highest method with maps."""
+    from nnunet_ood.reports.ranking import MethodScore, overlay_method
+
+    scores = {"mahalanobis": MethodScore(10.0, 0.4, False), "entropy": MethodScore(0.2, 0.7, True),
+              "quality": MethodScore(0.9, 0.9, True)}
+    methods = ["mahalanobis", "entropy", "quality"]
+    assert overlay_method(scores, methods, None) == "entropy"
+    assert overlay_method(scores, methods, "quality") == "entropy"
+    assert overlay_method(scores, methods, "mahalanobis") == "mahalanobis"

@@ -12,11 +12,13 @@ import argparse
 import math
 import os
 import tempfile
+from typing import Any
 
 from nnunet_ood.cli.children import guard_if_spawned_worker
 from nnunet_ood.cli.common import one_line_errors
 from nnunet_ood.cli.predict import add_prediction_arguments, check_arguments, check_model_and_folders
 from nnunet_ood.errors import OODInputError
+from nnunet_ood.methods import REGISTRY
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
 
@@ -35,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--false_alarm_rate", type=float, default=0.05,
                    help="share of in-distribution cases the ood flag may reject (default: 0.05); the threshold is the "
                         "ceil((n + 1)(1 - rate))-th smallest of the n calibration case scores")
+    p.add_argument("-l", dest="labels", default=None, metavar="LABELS_FOLDER",
+                   help="reference segmentations of the calibration cases (nnU-Net naming: CASE + file ending). With "
+                        "them, methods that predict Dice (quality) get their accept/review threshold re-selected by "
+                        "conformal risk control on these cases, so that the guarantee covers this site's data; "
+                        "without them they keep the fit's threshold")
+    p.add_argument("--fail_below", type=float, default=None, metavar="DICE",
+                   help="with -l: a segmentation with Dice below this is a failure (default: the fit's)")
+    p.add_argument("--max_silent_failures", type=float, default=None, metavar="RATE",
+                   help="with -l: tolerated expected share of accepted cases that fail (default: the fit's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration of the same name")
     return p
 
@@ -53,8 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_parts > 1:
         raise OODInputError("the calibration cases are predicted in one run; drop -num_parts (or predict them in "
                             "parts with nnUNetv2_predict_ood and calibrate from a copy of the images on one machine)")
+    if args.labels is None and (args.fail_below is not None or args.max_silent_failures is not None):
+        raise OODInputError("--fail_below and --max_silent_failures re-select the accept/review threshold on "
+                            "labelled cases; give the labels with -l LABELS_FOLDER")
+    if args.fail_below is not None and not 0 < args.fail_below <= 1:
+        raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {args.fail_below}")
+    if args.max_silent_failures is not None and not 0 < args.max_silent_failures < 1:
+        raise OODInputError(f"--max_silent_failures must be a rate in (0, 1), got {args.max_silent_failures}")
     folds = parse_folds(args.f)
     model_folder = check_model_and_folders(args, folds, [(args.i, args.o)], save_ood_maps=False)
+    if args.labels is not None:
+        check_label_files(args, model_folder)
     path = calibration_path(model_folder, args.name)
     if os.path.exists(path) and not args.overwrite:
         raise OODInputError(f"a calibration named {args.name} exists ({path}); pass --overwrite or choose --name")
@@ -82,9 +102,18 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
     aggregations = {m: c.aggregation for m, c in predictor.ood_calibration.items()}
     site = SiteCalibration.from_scores(args.name, predictor.model_identity(), predictor.score_settings(),
                                        case_scores, aggregations, args.false_alarm_rate)
+    deciding = [m for m in predictor.ood_methods if REGISTRY.get(m).predicts_dice]
+    for m in deciding:
+        if args.labels is None:  # their threshold needs failures, i.e. labels: the fit's stays in force
+            del site.calibration[m]
+            print(f"{m}: keeps the fit's accept/review threshold (re-select it on this site's cases with -l LABELS)")
+        else:
+            site.calibration[m], site.labelled[m] = labelled_threshold(args, predictor, m, case_scores[m], output)
     save_site_calibration(model_folder, site)
     n = site.n_cases
     for method, c in site.calibration.items():
+        if method in deciding:
+            continue
         unscored = sum(not math.isfinite(v) for v in case_scores[method].values())
         print(f"{method}: threshold {c.threshold:.4g} from {n} cases" + (f" ({unscored} unscored)" if unscored else "")
               + f", normalisation [{c.low:.4g}, {c.high:.4g}]")
@@ -92,6 +121,60 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
     if n < needed:
         print(f"warning: {n} calibration cases are too few for a false-alarm rate of {args.false_alarm_rate:g} "
               f"(needs {needed}): the thresholds are the largest scores and bound the rate by 1/{n + 1} only")
+
+
+
+def _label_file(args: argparse.Namespace, case: str, file_ending: str) -> str:
+    return os.path.join(args.labels, case + file_ending)
+
+
+def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
+    """Every calibration case needs its reference segmentation in ``-l`` (checked before predicting)."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    if not os.path.isdir(args.labels):
+        raise OODInputError(f"-l {args.labels} is not a folder; give the folder of the calibration cases' reference "
+                            "segmentations")
+    ending = load_json(join(model_folder, "dataset.json"))["file_ending"]
+    cases = [os.path.basename(files[0])[:-(len(ending) + 5)]
+             for files in create_lists_from_splitted_dataset_folder(args.i, ending)]
+    missing = [c for c in cases if not os.path.isfile(_label_file(args, c, ending))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise OODInputError(f"-l {args.labels} has no reference segmentation for {shown} (expected "
+                            f"{missing[0]}{ending}); add them or remove those images from -i")
+
+
+def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, risks: dict[str, float],
+                       output: str) -> tuple[Any, dict[str, Any]]:
+    """``(calibration, case Dice)``: the accept/review threshold of ``method`` by conformal risk control on the
+    labelled calibration cases (Dice of the segmentations just written against ``-l``)."""
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.evaluation.table import case_dice, make_reader
+    from nnunet_ood.quality.risk_control import crc_threshold, min_groups_for
+
+    fitted = predictor.ood_states[0].method_params.get(method, {})
+    fail_below = args.fail_below if args.fail_below is not None else float(fitted.get("fail_below", 0.6))
+    alpha = args.max_silent_failures if args.max_silent_failures is not None else \
+        float(fitted.get("max_silent_failures", 0.05))
+    ending = predictor.dataset_json["file_ending"]
+    manager = predictor.label_manager
+    classes = list(manager.foreground_regions) if manager.has_regions else list(manager.foreground_labels)
+    cases = sorted(risks)
+    reader = make_reader(ending, _label_file(args, cases[0], ending))
+    dice = {c: case_dice(_label_file(args, c, ending), os.path.join(output, c + ending), reader, classes,
+                         manager.ignore_label) for c in cases}
+    threshold = crc_threshold([risks[c] for c in cases], [dice[c] for c in cases], fail_below, alpha)
+    print(f"{method}: accept below a predicted risk of {threshold.threshold:.4g}, chosen on {len(cases)} labelled "
+          f"cases so that at most {alpha:g} of such cases are expected to be accepted with Dice < {fail_below:g} "
+          f"(on these: {threshold.coverage:.0%} accepted, {threshold.empirical_rate:.1%} accepted and failed)")
+    if not threshold.enough:
+        print(f"warning: {len(cases)} labelled cases are too few for --max_silent_failures {alpha:g} (needs "
+              f"{min_groups_for(alpha)}): every case goes to review")
+    calibration = MethodCalibration(0.0, 1.0, threshold.threshold, len(cases), len(cases), "mean", alpha)
+    return calibration, {"fail_below": fail_below, "max_silent_failures": alpha, "risk_threshold": threshold.to_json(),
+                         "dice": dice}
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ import argparse
 import sys
 
 from nnunet_ood.cli.common import one_line_errors
+from nnunet_ood.evaluation.table import FAILURE_DICE  # light: numpy, no torch or nnU-Net
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate the OOD scores of nnUNetv2_predict_ood against ground-truth labels: one row per "
                     "method and shifted domain with AUROC, FPR/TPR/detection error at the ID-validation threshold, "
-                    "ESCE, Spearman(score, 1 - Dice), AURC, e-AURC and mean Dice. Each group is a prediction folder "
-                    "(with ood_scores.csv) and the folder of its reference labels.")
+                    "ESCE, Spearman(score, 1 - Dice), AURC, e-AURC and mean Dice, plus what each method's "
+                    "prediction-time accept/review flag did (coverage, silent-failure rates) and, for methods that "
+                    "predict the Dice, that prediction's error; an id_test row per method. Each group is a "
+                    "prediction folder (with ood_scores.csv) and the folder of its reference labels.")
     parser.add_argument("--id_test", nargs=2, required=True, metavar=("PRED_FOLDER", "LABEL_FOLDER"),
                         help="in-distribution test cases (the negatives of the AUROC)")
     parser.add_argument("--id_val", nargs=2, default=None, metavar=("PRED_FOLDER", "LABEL_FOLDER"),
@@ -35,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "every folder)")
     parser.add_argument("--threshold_percentile", type=float, default=95.0,
                         help="percentile of the ID validation scores used as threshold (default: 95)")
+    parser.add_argument("--fail_below", type=float, default=FAILURE_DICE, metavar="DICE",
+                        help="a segmentation with a Dice below this is a failure: the silent-failure rates, the "
+                             "failure counts of the summary and the report's silent failures (default: "
+                             f"{FAILURE_DICE:g})")
     parser.add_argument("--images", nargs=2, action="append", default=None, metavar=("GROUP", "IMAGE_FOLDER"),
                         help="input images (CASE_0000<ending>) of a group (id_test, id_val or a domain's name) for "
                              "report.html's thumbnails; repeat per group (default: the images* folder next to the "
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_ood.evaluation import (
         EVALUATION_MD,
         build_group_specs,
+        check_fail_below,
         check_output_folder,
         evaluate,
         render_outputs,
@@ -70,10 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     check_output_folder(args.o)
     check_gallery_size(args.report_cases)
+    check_fail_below(args.fail_below)
     specs = build_group_specs(args.id_test, args.id_val, args.domain)
     image_sources = resolve_image_sources(specs, args.images)  # checked before any work, like the other folders
     setup = resolve_label_setup(specs, args.labels, args.file_ending)
-    evaluation = evaluate(specs, setup, args.methods, args.threshold_percentile)
+    evaluation = evaluate(specs, setup, args.methods, args.threshold_percentile, args.fail_below)
     for warning in evaluation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     files = render_outputs(evaluation)

@@ -81,21 +81,32 @@ def _numerics_env() -> dict[str, str]:
 
 
 def format_summary_table(markdown: str) -> str:
-    """``ood_summary.md`` for a terminal: bullets without markdown emphasis, the table with aligned columns."""
-    text, rows = [], []
+    """``ood_summary.md`` for a terminal: bullets without markdown emphasis, each table with aligned columns,
+    section headings (below the title) as plain lines."""
+    text: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+            table = ["  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows]
+            table.insert(1, "  ".join("-" * w for w in widths))
+            text.extend(["", *table])
+            rows.clear()
+
     for line in markdown.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
             if not all(set(c) <= set("-:") for c in cells):
                 rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            text.extend(["", line[3:].strip()])
         elif line.strip() and not line.startswith("#"):
             text.append(line.replace("**", ""))
-    if rows:
-        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-        table = ["  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
-        table.insert(1, "  ".join("-" * w for w in widths))
-        text += [""] + table
+    flush()
     return "\n".join(text)
 
 

@@ -8,6 +8,7 @@ from nnunet_ood.evaluation.table import (
     EVALUATION_MD,
     Evaluation,
     build_group_specs,
+    check_fail_below,
     check_output_folder,
     evaluate,
     render_outputs,
@@ -15,5 +16,5 @@ from nnunet_ood.evaluation.table import (
     write_outputs,
 )
 
-__all__ = ["EVALUATION_MD", "Evaluation", "build_group_specs", "check_output_folder", "evaluate", "render_outputs",
-           "resolve_label_setup", "write_outputs"]
+__all__ = ["EVALUATION_MD", "Evaluation", "build_group_specs", "check_fail_below", "check_output_folder", "evaluate",
+           "render_outputs", "resolve_label_setup", "write_outputs"]

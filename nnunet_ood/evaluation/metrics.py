@@ -112,23 +112,42 @@ def esce(normalized_uncertainty: ArrayLike, dice: ArrayLike, n_bins: int = 10) -
     return float(np.sum(count[used] / u.size * gap))
 
 
-def aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
-    """Area under the selective-risk-vs-coverage curve (Jaeger et al.), ties handled.
+def risk_coverage_curve(uncertainty: ArrayLike, risk: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The selective-risk-vs-coverage curve (Jaeger et al.) whose area is :func:`aurc`.
 
-    Cases are accepted from the least to the most uncertain; cases with equal uncertainty are
-    accepted together. With n_j cases accepted at the j-th distinct uncertainty and r_j their mean
-    risk, AURC = sum_j (n_j - n_{j-1}) / n * r_j. Without ties this is the mean over k = 1..n of the
-    mean risk of the k least uncertain cases.
+    Cases are accepted from the least to the most uncertain; cases with equal uncertainty are accepted
+    together (a selection rule cannot tell them apart). Returns one point per distinct uncertainty: the
+    coverage n_j / n after accepting the j-th group and the mean risk r_j of the n_j accepted cases. The curve
+    is a step function: r_j holds on the coverage interval (n_{j-1} / n, n_j / n].
     """
     u, r = _finite_1d(uncertainty, "uncertainty"), _finite_1d(risk, "risk")
     if u.shape != r.shape or u.size == 0:
-        raise ValueError("aurc needs equally many (at least one) uncertainties and risks")
+        raise ValueError("the risk-coverage curve needs equally many (at least one) uncertainties and risks")
     order = np.argsort(u, kind="stable")
     u, r = u[order], r[order]
     last_of_group = np.r_[u[1:] != u[:-1], True]  # the last case of each run of equal uncertainty
     accepted = np.arange(1, u.size + 1)[last_of_group]
-    selective_risk = np.cumsum(r)[last_of_group] / accepted
-    return float(np.sum(np.diff(np.r_[0, accepted]) / u.size * selective_risk))
+    return accepted / u.size, np.cumsum(r)[last_of_group] / accepted
+
+
+def oracle_risk_coverage_curve(risk: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's curve: coverage k / n and mean of the k smallest risks, k = 1..n (area: :func:`oracle_aurc`)."""
+    r = np.sort(_finite_1d(risk, "risk"))
+    if r.size == 0:
+        raise ValueError("the oracle curve needs at least one risk")
+    k = np.arange(1, r.size + 1)
+    return k / r.size, np.cumsum(r) / k
+
+
+def aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
+    """Area under the selective-risk-vs-coverage curve (Jaeger et al.), ties handled.
+
+    The area of the step curve of :func:`risk_coverage_curve`: with n_j cases accepted at the j-th distinct
+    uncertainty and r_j their mean risk, AURC = sum_j (n_j - n_{j-1}) / n * r_j. Without ties this is the mean
+    over k = 1..n of the mean risk of the k least uncertain cases.
+    """
+    coverage, selective_risk = risk_coverage_curve(uncertainty, risk)
+    return float(np.sum(np.diff(np.r_[0.0, coverage]) * selective_risk))
 
 
 def oracle_aurc(risk: ArrayLike) -> float:
@@ -146,3 +165,47 @@ def oracle_aurc(risk: ArrayLike) -> float:
 def e_aurc(uncertainty: ArrayLike, risk: ArrayLike) -> float:
     """Excess AURC: :func:`aurc` minus :func:`oracle_aurc` (never negative)."""
     return aurc(uncertainty, risk) - oracle_aurc(risk)
+
+
+def selective_outcomes(accepted: ArrayLike, dice: ArrayLike, fail_below: float) -> dict[str, float]:
+    """What an accept/review decision did: ``coverage`` (share accepted), ``silent_rate`` (share of all cases
+    accepted and failed, i.e. Dice below ``fail_below``) and ``silent_rate_accepted`` (share of the accepted
+    cases that failed; NaN when none is accepted). All NaN for no cases."""
+    a = np.asarray(accepted, dtype=bool).ravel()
+    d = _finite_1d(dice, "dice")
+    if a.shape != d.shape:
+        raise ValueError(f"selective_outcomes needs equal lengths, got {a.size} and {d.size}")
+    nan = float("nan")
+    if a.size == 0:
+        return {"coverage": nan, "silent_rate": nan, "silent_rate_accepted": nan}
+    silent = int(np.sum(a & (d < fail_below)))
+    n_accepted = int(a.sum())
+    return {"coverage": n_accepted / a.size, "silent_rate": silent / a.size,
+            "silent_rate_accepted": silent / n_accepted if n_accepted else nan}
+
+
+def pearson(x: ArrayLike, y: ArrayLike) -> float:
+    """Pearson correlation; pairs with a NaN dropped; NaN for fewer than two pairs or a constant side."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson needs equal lengths, got {x.size} and {y.size}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):  # exactly constant: rounding in the mean must not
+        return float("nan")                                     # leave a spurious tiny variance
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def dice_prediction_errors(predicted_dice: ArrayLike, dice: ArrayLike) -> dict[str, float]:
+    """How well a predicted Dice matches the true one: ``dice_mae`` (mean absolute error) and ``dice_pearson``
+    (:func:`pearson`), over the pairs whose prediction is not NaN; NaN when there are none."""
+    p = np.asarray(predicted_dice, dtype=np.float64).ravel()
+    d = _finite_1d(dice, "dice")
+    if p.shape != d.shape:
+        raise ValueError(f"dice_prediction_errors needs equal lengths, got {p.size} and {d.size}")
+    keep = ~np.isnan(p)
+    mae = float(np.mean(np.abs(p[keep] - d[keep]))) if keep.any() else float("nan")
+    return {"dice_mae": mae, "dice_pearson": pearson(p[keep], d[keep])}

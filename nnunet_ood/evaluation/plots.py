@@ -9,10 +9,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from nnunet_ood.evaluation.table import RiskCoverage
 
 UNSCORED_X = 1.05  # where cases without a score are drawn on the normalised-uncertainty axis
 _COLORS = ("tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:green", "tab:brown", "tab:pink", "tab:gray",
@@ -128,8 +132,50 @@ def correlation_png(methods: Sequence[str], domains: Sequence[str],
     ax.set_xticklabels(list(methods))
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("Spearman(score, 1 - Dice)")
-    ax.set_title("Correlation with segmentation failure (ID test + shifted cases)")
+    ax.set_title("Correlation with segmentation failure (the cases of each table row)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def risk_coverage_png(curves: Sequence[RiskCoverage], oracle: tuple[np.ndarray, np.ndarray] | None,
+                      colors: Mapping[str, str] | None = None) -> bytes:
+    """Selective risk (mean 1 - Dice of the accepted cases) against coverage, all methods in one figure.
+
+    Each curve is drawn as the step function whose area is its AURC (ties accepted together); methods that
+    predict the Dice (``highlighted``) thick and on top, the others thin; the oracle dashed. A dot marks where a
+    method's prediction-time decision operates. ``curves`` come in legend order; ``colors``: method -> colour.
+    """
+    fig = Figure(figsize=(9.6, 5.2))
+    ax = fig.add_subplot(1, 1, 1)
+    top = 0.0
+    for i, c in enumerate(curves):
+        color = _color(c.method, i, colors)
+        width, z = (3.2, 5) if c.highlighted else (1.3, 3)
+        unscored = f", {c.n_unscored} unscored left out" if c.n_unscored else ""
+        # r_j holds on (n_{j-1}/n, n_j/n]: "steps-pre" from coverage 0 draws exactly that step function
+        x, y = np.r_[0.0, c.coverage], np.r_[c.risk[0], c.risk]
+        ax.plot(x, y, drawstyle="steps-pre", color=color, linewidth=width, zorder=z, alpha=1.0 if c.highlighted
+                else 0.85, label=f"{c.method} (AURC {c.aurc:.3f}{unscored})")
+        top = max(top, float(np.max(c.risk)))
+        if c.point is not None and math.isfinite(c.point[1]):
+            ax.scatter([c.point[0]], [c.point[1]], s=110 if c.highlighted else 50, color=color, edgecolor="black",
+                       linewidth=1.0, zorder=8 if c.highlighted else 7)
+    if oracle is not None:
+        coverage, risk = oracle
+        area = float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))
+        ax.plot(np.r_[0.0, coverage], np.r_[risk[0], risk], drawstyle="steps-pre", color="black", linestyle="--",
+                linewidth=1.2, zorder=6, label=f"oracle (AURC {area:.3f})")  # on top: visible on a perfect curve
+        top = max(top, float(np.max(risk)))
+    if any(c.point is not None for c in curves):  # one legend entry explains every dot
+        ax.scatter([], [], s=50, color="lightgray", edgecolor="black", label="prediction-time decision (ood flag)")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(0.0, min(1.02, max(0.05, 1.1 * top)))
+    ax.set_xlabel("coverage (share of cases accepted, least uncertain first)")
+    ax.set_ylabel("risk of the accepted cases (mean 1 - Dice)")
+    ax.set_title("Risk vs coverage, ID test + shifted cases (area = AURC)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
     return _png_bytes(fig)

@@ -7,6 +7,11 @@ Groups of cases:
   threshold of FPR, TPR and detection error;
 * one group per shifted domain (the positives).
 
+Besides the detection and ranking metrics, every row says what each method's accept/review decision taken at
+prediction time did (the ``ood`` flag of ``ood_scores.csv``: accepted = not flagged, a NaN score is never
+accepted): coverage and the realised silent-failure rates (accepted and Dice below ``fail_below``), and, for
+methods that predict the Dice (``Method.predicts_dice``, e.g. ``quality``), the error of that prediction.
+
 Each group is one prediction folder of ``nnUNetv2_predict_ood`` (segmentations, ``ood_scores.csv``,
 ``ood_scores.json``, ``dataset.json``) plus a folder with the reference label files; its cases are the cases of
 its ``ood_scores.csv``. Everything is read and checked by :func:`evaluate` before anything is written, and
@@ -31,7 +36,18 @@ import numpy as np
 
 from nnunet_ood.calibration import normalize_score
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.evaluation.metrics import aurc, auroc, e_aurc, esce, spearman, threshold_metrics
+from nnunet_ood.evaluation.metrics import (
+    aurc,
+    auroc,
+    dice_prediction_errors,
+    e_aurc,
+    esce,
+    oracle_risk_coverage_curve,
+    risk_coverage_curve,
+    selective_outcomes,
+    spearman,
+    threshold_metrics,
+)
 from nnunet_ood.io.atomic import atomic_write_bytes
 from nnunet_ood.io.json_files import read_json
 from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
@@ -41,7 +57,7 @@ ID_VAL = "id_val"
 DOMAIN = "domain"
 ALL_SHIFTED = "all shifted"
 MIN_CASES = 2  # distribution metrics need at least this many (scored) cases in every group they use
-FAILURE_DICE = 0.6  # below this Dice a segmentation counts as failed (silent failure when also accepted)
+FAILURE_DICE = 0.6  # default --fail_below: below this Dice a segmentation counts as failed (silent when accepted)
 PREDICT_COMMAND = "nnUNetv2_predict_ood"
 
 EVALUATION_CSV = "ood_evaluation.csv"
@@ -49,13 +65,19 @@ EVALUATION_MD = "ood_evaluation.md"
 CASES_CSV = "ood_cases.csv"
 SCORE_PLOT = "score_distributions.png"
 CORRELATION_PLOT = "correlation_with_failure.png"
+RISK_COVERAGE_PLOT = "risk_coverage.png"
 
+#: what the prediction-time accept/review decision did, and how well a predicted Dice matches the true one
+DECISION_COLUMNS: tuple[str, ...] = ("coverage", "silent_rate", "silent_rate_accepted", "dice_mae", "dice_pearson")
 METRIC_COLUMNS: tuple[str, ...] = ("method", "domain", "n_id", "n_domain", "n_unscored", "auroc", "fpr", "tpr",
-                                   "detection_error", "esce", "spearman", "aurc", "e_aurc", "mean_dice", "threshold")
+                                   "detection_error", "esce", "spearman", "aurc", "e_aurc", "mean_dice", "threshold",
+                                   *DECISION_COLUMNS)
 MARKDOWN_HEADERS: dict[str, str] = {
     "method": "method", "domain": "domain", "n_id": "n_id", "n_domain": "n_domain", "n_unscored": "n_unscored",
     "auroc": "AUROC", "fpr": "FPR", "tpr": "TPR", "detection_error": "det. error", "esce": "ESCE",
-    "spearman": "Spearman", "aurc": "AURC", "e_aurc": "e-AURC", "mean_dice": "mean Dice"}
+    "spearman": "Spearman", "aurc": "AURC", "e_aurc": "e-AURC", "mean_dice": "mean Dice",
+    "coverage": "coverage", "silent_rate": "silent", "silent_rate_accepted": "silent (accepted)",
+    "dice_mae": "Dice MAE", "dice_pearson": "Dice r"}
 
 LabelOrRegion = int | tuple[int, ...]
 
@@ -93,15 +115,35 @@ class ScoreTable:
     normalized: dict[str, dict[str, float]]  # method -> case -> normalised score in [0, 1]
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {"low", "high", "threshold"}
     provenance: dict[str, Any] = field(default_factory=dict)  # the model that predicted it (PROVENANCE_KEYS)
+    flagged: dict[str, dict[str, bool]] = field(default_factory=dict)  # method -> case -> ood flag (sent to review)
+    fail_below: dict[str, list[float]] = field(default_factory=dict)  # method -> fail_below its document records
+
+    def has_flag(self, method: str) -> bool:
+        """Whether ``method``'s ``ood`` flags are a decision: its calibration has a finite threshold.
+
+        Uncalibrated methods (fold ensembles without a site calibration) are written with ``ood`` False
+        everywhere, which is no decision. Without a calibration entry (hand-made or older tables) the flags are
+        taken as written.
+        """
+        entry = self.calibration.get(method)
+        if entry is None:
+            return True
+        threshold = entry.get("threshold")
+        return isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
 
 
 @dataclass(frozen=True)
 class CaseValues:
-    """Aligned per-case arrays of one set of cases for one method."""
+    """Aligned per-case arrays of one set of cases for one method.
+
+    ``accepted``: the cases the method's prediction-time decision accepted (not flagged, finite score); None
+    when the method makes no decision (no calibrated threshold) in some of these cases' folders.
+    """
 
     score: np.ndarray
     normalized: np.ndarray
     dice: np.ndarray
+    accepted: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -118,12 +160,15 @@ class CaseValues:
 
     def scored(self) -> CaseValues:
         keep = self.scored_mask
-        return CaseValues(self.score[keep], self.normalized[keep], self.dice[keep])
+        return CaseValues(self.score[keep], self.normalized[keep], self.dice[keep],
+                          None if self.accepted is None else self.accepted[keep])
 
     @staticmethod
     def concat(parts: Sequence[CaseValues]) -> CaseValues:
+        accepted = None if any(p.accepted is None for p in parts) else \
+            np.concatenate([np.asarray(p.accepted, dtype=bool) for p in parts])
         return CaseValues(np.concatenate([p.score for p in parts]), np.concatenate([p.normalized for p in parts]),
-                          np.concatenate([p.dice for p in parts]))
+                          np.concatenate([p.dice for p in parts]), accepted)
 
 
 @dataclass
@@ -135,9 +180,16 @@ class Group:
     dice: np.ndarray
     score: dict[str, np.ndarray]
     normalized: dict[str, np.ndarray]
+    flagged: dict[str, np.ndarray] = field(default_factory=dict)  # prediction-time ood flags; only methods with one
+
+    def accepted(self, method: str) -> np.ndarray | None:
+        """Cases ``method`` accepted at prediction time (not flagged; a NaN score never), None without a decision."""
+        if method not in self.flagged:
+            return None
+        return ~np.asarray(self.flagged[method], dtype=bool) & np.isfinite(self.score[method])
 
     def values(self, method: str) -> CaseValues:
-        return CaseValues(self.score[method], self.normalized[method], self.dice)
+        return CaseValues(self.score[method], self.normalized[method], self.dice, self.accepted(method))
 
 
 @dataclass
@@ -151,6 +203,8 @@ class Evaluation:
     warnings: list[str]
     calibration: dict[str, dict[str, Any]]
     percentile: float
+    fail_below: float = FAILURE_DICE  # Dice below which a segmentation counts as failed
+    dice_methods: list[str] = field(default_factory=list)  # the evaluated methods that predict the Dice
 
 
 def _short_list(items: Sequence[str], limit: int = 5) -> str:
@@ -265,19 +319,36 @@ def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None
 PROVENANCE_KEYS = ("model_folder", "configuration", "plans", "folds", "checkpoint")
 
 
-def _read_score_document(folder: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-method calibration and the model's provenance from ``ood_scores.json`` (empty if missing)."""
+def recorded_fail_below(document: Any, method: str) -> list[float]:
+    """The ``fail_below`` values ``ood_scores.json`` records for ``method``: every numeric ``fail_below`` inside
+    an object that the document keys by the method's name, at any depth (``{"quality": {"fail_below": 0.7}}``,
+    ``{"calibration_per_fold": {"0": {"quality": {"risk_threshold": {"fail_below": 0.7}}}}}``), the per-case
+    ``scores`` list left out."""
+    found: set[float] = set()
+
+    def walk(node: Any, depth: int, inside: bool) -> None:
+        if depth > 8 or not isinstance(node, dict):  # a score document is shallow; never follow it far
+            return
+        for key, value in node.items():
+            if key == "scores" and depth == 0:
+                continue
+            if inside and key == "fail_below" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                found.add(float(value))
+            walk(value, depth + 1, inside or key == method)
+
+    walk(document, 0, False)
+    return sorted(found)
+
+
+def _read_score_document(folder: str) -> dict[str, Any]:
+    """``ood_scores.json`` of a prediction folder as a dict (empty if missing or not an object)."""
     path = os.path.join(folder, JSON_NAME)
     if not os.path.isfile(path):
-        return {}, {}
+        return {}
     document = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); re-run "
                                                              f"{PREDICT_COMMAND} into {folder}"))
-    if not isinstance(document, dict):
-        return {}, {}
-    calibration = document.get("calibration")
-    calibration = {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) \
-        else {}
-    return calibration, {k: document[k] for k in PROVENANCE_KEYS if k in document}
+    return document if isinstance(document, dict) else {}
 
 
 def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]) -> list[str]:
@@ -293,7 +364,11 @@ def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]
 
 
 def load_score_table(folder: str) -> ScoreTable:
-    """Read and check the ``ood_scores.csv`` of a prediction folder (plus the calibration of ``ood_scores.json``)."""
+    """Read and check the ``ood_scores.csv`` of a prediction folder (plus the calibration of ``ood_scores.json``).
+
+    Columns are read by name: the ``decision`` column of newer tables (``accept``/``review`` for the quality
+    method, the same as its ``ood`` flag) is not needed, and older tables without it read the same.
+    """
     path = os.path.join(folder, CSV_NAME)
     if not os.path.isfile(path):
         raise OODInputError(f"no {CSV_NAME} in {folder}; {PREDICT_COMMAND} writes it next to the segmentations")
@@ -308,6 +383,7 @@ def load_score_table(folder: str) -> ScoreTable:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     score: dict[str, dict[str, float]] = {m: {} for m in methods}
     normalized: dict[str, dict[str, float]] = {m: {} for m in methods}
+    flagged: dict[str, dict[str, bool]] = {m: {} for m in methods}
     for r in rows:
         if r["case"] in score[r["method"]]:
             raise OODInputError(f"{path} has two rows for case {r['case']}, method {r['method']}; re-run "
@@ -317,7 +393,14 @@ def load_score_table(folder: str) -> ScoreTable:
                                 f"{r['method']} is outside [0, 1]; re-run {PREDICT_COMMAND}")
         score[r["method"]][r["case"]] = r["score"]
         normalized[r["method"]][r["case"]] = r["normalized"]
-    return ScoreTable(folder, cases, methods, score, normalized, *_read_score_document(folder))
+        flagged[r["method"]][r["case"]] = bool(r["ood"])
+    document = _read_score_document(folder)
+    calibration = document.get("calibration")
+    calibration = {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) \
+        else {}
+    recorded = {m: values for m in methods if (values := recorded_fail_below(document, m))}
+    return ScoreTable(folder, cases, methods, score, normalized, calibration,
+                      {k: document[k] for k in PROVENANCE_KEYS if k in document}, flagged, recorded)
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -399,7 +482,10 @@ def load_group(spec: GroupSpec, table: ScoreTable, methods: Sequence[str], setup
     score = {m: np.array([table.score[m].get(c, np.nan) for c in table.cases], dtype=np.float64) for m in methods}
     normalized = {m: np.array([table.normalized[m].get(c, np.nan) for c in table.cases], dtype=np.float64)
                   for m in methods}
-    return Group(spec, list(table.cases), dice, score, normalized)
+    # a case without a row was not scored: it is not accepted either
+    flagged = {m: np.array([table.flagged[m].get(c, True) for c in table.cases], dtype=bool)
+               for m in methods if table.has_flag(m)}
+    return Group(spec, list(table.cases), dice, score, normalized, flagged)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -409,8 +495,38 @@ def _nan_row(method: str, domain: str) -> dict[str, Any]:
     return {c: float("nan") for c in METRIC_COLUMNS} | {"method": method, "domain": domain}
 
 
+def _ranking_metrics(row: dict[str, Any], pooled: CaseValues) -> None:
+    """ESCE, Spearman, AURC and e-AURC of scored cases into ``row``."""
+    risk = 1.0 - pooled.dice
+    if np.isfinite(pooled.normalized).all():  # ESCE is defined on the normalised scale only
+        row["esce"] = esce(pooled.normalized, pooled.dice)
+    row.update(spearman=spearman(pooled.score, risk), aurc=aurc(pooled.score, risk),
+               e_aurc=e_aurc(pooled.score, risk))
+
+
+def decision_metrics(values: CaseValues, fail_below: float = FAILURE_DICE,
+                     predicts_dice: bool = False) -> dict[str, float]:
+    """The :data:`DECISION_COLUMNS` of one set of cases (all of them, unscored ones included).
+
+    * ``coverage``, ``silent_rate`` and ``silent_rate_accepted``
+      (:func:`nnunet_ood.evaluation.metrics.selective_outcomes`) of the prediction-time decision, failure =
+      Dice below ``fail_below``; NaN without a decision (``values.accepted`` is None) or without cases.
+    * ``dice_mae`` and ``dice_pearson`` of the predicted Dice ``1 - score`` over the scored cases, only for a
+      method that ``predicts_dice``; NaN otherwise.
+    """
+    out = {c: float("nan") for c in DECISION_COLUMNS}
+    if values.accepted is not None and values.n:
+        out.update(selective_outcomes(values.accepted, values.dice, fail_below))
+    if predicts_dice:
+        scored = values.scored()
+        if scored.n:
+            out.update(dice_prediction_errors(1.0 - scored.score, scored.dice))
+    return out
+
+
 def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues | None, shifted: CaseValues,
-               percentile: float = 95.0) -> dict[str, Any]:
+               percentile: float = 95.0, fail_below: float = FAILURE_DICE,
+               predicts_dice: bool = False) -> dict[str, Any]:
     """One row of the table: ``shifted`` (positives) against ``id_test`` (negatives) for one method.
 
     * AUROC and the threshold metrics use every case (a NaN score counts as maximally uncertain, i.e. rejected);
@@ -420,6 +536,7 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
     * ESCE (normalised scores), Spearman (raw score vs 1 - Dice), AURC and e-AURC (risk 1 - Dice) pool the scored
       ID test and shifted cases.
     * Every metric needs at least :data:`MIN_CASES` (scored) cases in each group it uses, else it is NaN.
+    * The :data:`DECISION_COLUMNS` are those of the shifted cases alone (:func:`decision_metrics`).
     """
     row = _nan_row(method, domain)
     id_scored, shifted_scored = id_test.scored(), shifted.scored()
@@ -435,35 +552,71 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
             t = threshold_metrics(val_scores, id_test.score, shifted.score, percentile)
             row.update(fpr=t["fpr"], tpr=t["tpr"], detection_error=t["detection_error"])
     if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
-        pooled = CaseValues.concat([id_scored, shifted_scored])
-        risk = 1.0 - pooled.dice
-        calibrated = np.isfinite(pooled.normalized)
-        if calibrated.all():  # ESCE is defined on the normalised scale only
-            row["esce"] = esce(pooled.normalized, pooled.dice)
-        row.update(spearman=spearman(pooled.score, risk), aurc=aurc(pooled.score, risk),
-                   e_aurc=e_aurc(pooled.score, risk))
+        _ranking_metrics(row, CaseValues.concat([id_scored, shifted_scored]))
+    row.update(decision_metrics(shifted, fail_below, predicts_dice))
     return row
 
 
-def compute_metric_rows(groups: Sequence[Group], methods: Sequence[str], percentile: float) -> list[dict[str, Any]]:
-    """Rows for every method x (each shifted domain, then all shifted domains pooled)."""
+def id_metric_row(method: str, id_test: CaseValues, id_val: CaseValues | None, percentile: float = 95.0,
+                  fail_below: float = FAILURE_DICE, predicts_dice: bool = False) -> dict[str, Any]:
+    """The ``id_test`` row of a method: only what the ID test cases alone define.
+
+    ``n_id``, ``n_unscored``, ``mean_dice``, the threshold and TPR (share of ID test cases at or below it), ESCE,
+    Spearman, AURC and e-AURC over the scored ID test cases, and the :data:`DECISION_COLUMNS` of the ID test
+    cases (the guarantee of a risk-controlled decision is about in-distribution cases). AUROC, FPR, detection
+    error and ``n_domain`` need shifted cases: NaN.
+    """
+    row = _nan_row(method, ID_TEST)
+    scored = id_test.scored()
+    row.update(n_id=id_test.n, n_unscored=id_test.n - scored.n,
+               mean_dice=float(id_test.dice.mean()) if id_test.n else float("nan"))
+    val_scores = id_val.scored().score if id_val is not None else np.empty(0)
+    if val_scores.size >= MIN_CASES:
+        row["threshold"] = float(np.percentile(val_scores, percentile))
+        if id_test.n >= MIN_CASES:
+            row["tpr"] = threshold_metrics(val_scores, id_test.score, np.empty(0), percentile)["tpr"]
+    if scored.n >= MIN_CASES:
+        _ranking_metrics(row, scored)
+    row.update(decision_metrics(id_test, fail_below, predicts_dice))
+    return row
+
+
+def compute_metric_rows(groups: Sequence[Group], methods: Sequence[str], percentile: float,
+                        fail_below: float = FAILURE_DICE, dice_methods: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows for every method x (the ID test cases, each shifted domain, then all shifted domains pooled)."""
     id_test = next(g for g in groups if g.spec.role == ID_TEST)
     id_val = next((g for g in groups if g.spec.role == ID_VAL), None)
     domains = [g for g in groups if g.spec.role == DOMAIN]
     rows = []
     for method in methods:
         val = id_val.values(method) if id_val is not None else None
+        options = {"fail_below": fail_below, "predicts_dice": method in dice_methods}
+        rows.append(id_metric_row(method, id_test.values(method), val, percentile, **options))
         for domain in domains:
             rows.append(metric_row(method, domain.spec.name, id_test.values(method), val, domain.values(method),
-                                   percentile))
+                                   percentile, **options))
         pooled = CaseValues.concat([d.values(method) for d in domains])
-        rows.append(metric_row(method, ALL_SHIFTED, id_test.values(method), val, pooled, percentile))
+        rows.append(metric_row(method, ALL_SHIFTED, id_test.values(method), val, pooled, percentile, **options))
     return rows
 
 
+def method_predicts_dice(name: str) -> bool:
+    """Whether the registered method ``name`` predicts the Dice (its score is 1 - predicted Dice); unknown
+    names (methods of a newer or older plugin, hand-made tables) do not."""
+    from nnunet_ood.methods import REGISTRY  # light: method modules import neither torch nor nnU-Net
+
+    return name in REGISTRY and bool(getattr(REGISTRY.get(name), "predicts_dice", False))
+
+
 def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequence[Mapping[str, Any]],
-                  percentile: float, dropped_methods: Sequence[str] = ()) -> list[str]:
-    """Notes under the table: definitions, and why a value is undefined ("-")."""
+                  percentile: float, dropped_methods: Sequence[str] = (), fail_below: float = FAILURE_DICE,
+                  dice_methods: Sequence[str] = (), recorded_fail_below: Mapping[str, Mapping[str, Sequence[float]]]
+                  | None = None) -> list[str]:
+    """Notes under the table: definitions, and why a value is undefined ("-").
+
+    ``recorded_fail_below``: method -> group -> the ``fail_below`` values the ``ood_scores.json`` of the group's
+    prediction folder records; a value other than ``fail_below`` for a method in ``dice_methods`` gets a note.
+    """
     has_val = any(g.spec.role == ID_VAL for g in groups)
     notes = [
         "AUROC: each shifted domain (positive) against the ID test cases (negative); unscored (NaN) cases count as "
@@ -474,6 +627,18 @@ def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequenc
         "ESCE (normalised scores), Spearman (raw score vs 1 - Dice), AURC and e-AURC (risk = 1 - Dice) pool the ID "
         "test cases with the row's shifted cases; mean Dice is that of the shifted cases.",
         f"A metric needs at least {MIN_CASES} (scored) cases in every group it uses; '-' marks an undefined value.",
+        "id_test rows: the ID test cases alone (TPR at the threshold; ESCE, Spearman, AURC and e-AURC among them; "
+        "their mean Dice); AUROC, FPR and detection error need shifted cases.",
+        f"coverage, silent and silent (accepted): the accept/review decision taken at prediction time (the ood "
+        f"flag of {CSV_NAME}; accepted = not flagged, a case that could not be scored is never accepted), over "
+        f"the row's own cases (the ID test cases, a domain's, or all shifted cases). silent = accepted and failed "
+        f"(Dice < {fail_below:g}) among all cases; silent (accepted) = the same among the accepted cases; coverage "
+        "= share accepted. '-' for a method whose flag is no decision (no calibrated threshold, e.g. fold "
+        "ensembles without a site calibration).",
+        "Dice MAE and Dice r: for methods whose score is a predicted risk 1 - Dice, the mean absolute error and "
+        "the Pearson correlation of the predicted Dice (1 - score) with the true Dice over the row's scored cases"
+        + (f" ({', '.join(dice_methods)})" if dice_methods else " (none of the evaluated methods)") + "; '-' for the "
+        "other methods.",
     ]
     if dropped_methods:
         notes.append(f"Method(s) {', '.join(dropped_methods)} are not in every prediction folder and were left out.")
@@ -490,6 +655,20 @@ def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequenc
                 notes.append(f"{method}: {unscored} case(s) of {g.spec.name} could not be scored (NaN); they count "
                              "as maximally uncertain for the AUROC and are left out of every other metric "
                              "(column n_unscored).")
+    for method in methods:
+        without = [g.spec.name for g in groups if g.spec.role != ID_VAL and method not in g.flagged]
+        if without:
+            notes.append(f"{method}: no calibrated threshold in the prediction folder(s) of {', '.join(without)}, so "
+                         "its flags are no accept/review decision there: coverage and silent rates are undefined.")
+    for method in dice_methods:
+        by_folder = (recorded_fail_below or {}).get(method, {})
+        differing = [group for group, values in by_folder.items() if any(v != fail_below for v in values)]
+        if differing:
+            values = sorted({v for group in differing for v in by_folder[group]})
+            notes.append(f"{method} was fitted to keep failures at Dice < {' or '.join(f'{v:g}' for v in values)} "
+                         f"rare ({JSON_NAME} of {_short_list(differing)}), but this evaluation counts Dice < "
+                         f"{fail_below:g} as a failure: its silent rates do not check its own guarantee; pass "
+                         f"--fail_below {values[0]:g} for that.")
     compared = [g for g in groups if g.spec.role != ID_VAL]
     constant = [m for m in methods if _is_constant(np.concatenate([g.score[m] for g in compared]))]
     for method in constant:
@@ -509,10 +688,14 @@ def _is_constant(scores: np.ndarray) -> bool:
 
 
 def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: Sequence[str] | None = None,
-             percentile: float = 95.0) -> Evaluation:
-    """Read and check every input, compute per-case Dice and all metric rows. Writes nothing."""
+             percentile: float = 95.0, fail_below: float = FAILURE_DICE) -> Evaluation:
+    """Read and check every input, compute per-case Dice and all metric rows. Writes nothing.
+
+    ``fail_below``: a segmentation with a Dice below it is a failure (silent rates, failure counts, galleries).
+    """
     if not 0 < percentile <= 100:
         raise OODInputError(f"--threshold_percentile must be in (0, 100], got {percentile:g}")
+    check_fail_below(fail_below)
     tables = [load_score_table(s.prediction_folder) for s in specs]
     methods, dropped = resolve_methods(tables, requested_methods)
     for spec, table in zip(specs, tables):
@@ -520,8 +703,10 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     example = os.path.join(specs[0].label_folder, tables[0].cases[0] + setup.file_ending)
     reader = make_reader(setup.file_ending, example)
     groups = [load_group(s, t, methods, setup, reader) for s, t in zip(specs, tables)]
-    rows = compute_metric_rows(groups, methods, percentile)
-    notes = collect_notes(groups, methods, rows, percentile, dropped)
+    dice_methods = [m for m in methods if method_predicts_dice(m)]
+    rows = compute_metric_rows(groups, methods, percentile, fail_below, dice_methods)
+    recorded = {m: {s.name: t.fail_below[m] for s, t in zip(specs, tables) if m in t.fail_below} for m in dice_methods}
+    notes = collect_notes(groups, methods, rows, percentile, dropped, fail_below, dice_methods, recorded)
     warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
                 "dropped; pass --methods to require them"] if dropped else []
     warnings += provenance_warnings(tables, specs)
@@ -529,7 +714,13 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     for table in tables:  # the ID test folder's calibration first, then any other folder's
         for method, values in table.calibration.items():
             calibration.setdefault(method, values)
-    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile)
+    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods)
+
+
+def check_fail_below(fail_below: float) -> None:
+    """``--fail_below`` must be a Dice in (0, 1]."""
+    if not (isinstance(fail_below, (int, float)) and 0 < fail_below <= 1):
+        raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {fail_below}")
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -594,6 +785,49 @@ def format_cases_csv(groups: Sequence[Group], methods: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+# ----------------------------------------------------------------------------------------------- risk-coverage
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """One method's risk-coverage curve over the ID test and shifted cases it scored.
+
+    ``coverage``/``risk``: :func:`~nnunet_ood.evaluation.metrics.risk_coverage_curve` (its area is ``aurc``);
+    ``point``: where the prediction-time decision operates on these cases (share accepted, mean risk of the
+    accepted; the risk NaN when it accepts none), None without a decision.
+    """
+
+    method: str
+    coverage: np.ndarray
+    risk: np.ndarray
+    aurc: float
+    n_unscored: int
+    highlighted: bool
+    point: tuple[float, float] | None
+
+
+def risk_coverage_curves(evaluation: Evaluation) -> tuple[list[RiskCoverage], tuple[np.ndarray, np.ndarray] | None]:
+    """Every method's curve over the pooled ID test and shifted cases (the set of the pooled rows' AURC:
+    scored cases only), methods that predict the Dice first, and the oracle's curve over all these cases."""
+    compared = [g for g in evaluation.groups if g.spec.role != ID_VAL]
+    curves = []
+    for method in evaluation.methods:
+        values = CaseValues.concat([g.values(method) for g in compared])
+        scored = values.scored()
+        if not scored.n:
+            continue
+        coverage, risk = risk_coverage_curve(scored.score, 1.0 - scored.dice)
+        point = None
+        if scored.accepted is not None:
+            taken = scored.accepted
+            point = (float(taken.mean()), float(np.mean(1.0 - scored.dice[taken])) if taken.any() else float("nan"))
+        curves.append(RiskCoverage(method, coverage, risk, aurc(scored.score, 1.0 - scored.dice),
+                                   values.n - scored.n, method in evaluation.dice_methods, point))
+    curves.sort(key=lambda c: not c.highlighted)  # stable: table order within each kind
+    dice = np.concatenate([g.dice for g in compared]) if compared else np.empty(0)
+    return curves, (oracle_risk_coverage_curve(1.0 - dice) if dice.size else None)
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 
 
@@ -608,6 +842,7 @@ def render_outputs(evaluation: Evaluation) -> dict[str, bytes]:
         correlation_png,
         dice_vs_uncertainty_png,
         group_color,
+        risk_coverage_png,
         score_distributions_png,
     )
     from nnunet_ood.evaluation.summary import SUMMARY_MD, flag_threshold, flagged, format_summary
@@ -625,12 +860,14 @@ def render_outputs(evaluation: Evaluation) -> dict[str, bytes]:
         points = [(g.spec.name, g.normalized[method], g.dice, flagged(g.score[method], raw) if threshold is not None
                    else None) for g in shown]
         files[f"dice_vs_uncertainty_{safe_file_part(method)}.png"] = dice_vs_uncertainty_png(method, points, threshold,
-                                                                                      FAILURE_DICE, colors)
+                                                                                      evaluation.fail_below, colors)
     distributions = {m: [(g.spec.name, g.normalized[m]) for g in evaluation.groups] for m in evaluation.methods}
     files[SCORE_PLOT] = score_distributions_png(distributions, colors)
     domains = list(dict.fromkeys(r["domain"] for r in evaluation.rows))
     rho = {(r["method"], r["domain"]): r["spearman"] for r in evaluation.rows}
     files[CORRELATION_PLOT] = correlation_png(evaluation.methods, domains, rho, colors)
+    method_colors = {m: group_color(i) for i, m in enumerate(evaluation.methods)}
+    files[RISK_COVERAGE_PLOT] = risk_coverage_png(*risk_coverage_curves(evaluation), method_colors)
     files[SUMMARY_MD] = format_summary(evaluation).encode()
     return files
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,25 +273,47 @@ def training_case_scores(context: FitContext, methods: Sequence[PatchFeatureMeth
     return scores
 
 
-def validation_pass(context: FitContext, methods: Sequence[Method], models: FoldModels,
-                    aggregations: dict[str, str], keep_logits: bool) -> dict[str, dict[str, float]]:
-    """Case scores of the validation cases, every method from one prediction per case, as at inference."""
+def scored_predictions(context: FitContext, methods: Sequence[Method], models: FoldModels,
+                       aggregations: dict[str, str], cases: Sequence[tuple[str, Callable[[], torch.Tensor]]],
+                       desc: str, mirrored: bool = False) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
+    """``(key, final logits, case scores)`` of each case, predicted once as at inference with every method scored.
+
+    ``cases`` gives a key and a loader of the preprocessed image per case. Mirroring is on when ``mirrored`` or
+    when a method needs the final logits or mirrored passes (feature scores and sd come from the un-mirrored
+    pass either way).
+    """
     predictor = context.predictor
-    needs_final_logits = keep_logits or any(m.kind in (MethodKind.LOGITS, MethodKind.FOLD_ENSEMBLE)
-                                            or m.requires.mirroring for m in methods)
-    scores = {}
-    with mirroring(predictor, needs_final_logits):  # feature scores and sd come from the un-mirrored pass
+    mirrored = mirrored or any(m.kind in (MethodKind.LOGITS, MethodKind.FOLD_ENSEMBLE) or m.requires.mirroring
+                               for m in methods)
+    with mirroring(predictor, mirrored):
         scorer = predictor.make_scorer(methods, [models], aggregations)
         try:
             with predictor.scoring(scorer):
-                for key in tqdm(context.val_keys, disable=not context.progress,
-                                desc=f"fold {context.fold}: scoring the validation cases"):
-                    logits = predictor.predict_logits_from_preprocessed_data(context.load_case(key))
-                    scores[key] = dict(scorer.last.scores)
-                    if keep_logits:
-                        context.keep_validation_logits(key, logits)
+                for key, load in tqdm(cases, disable=not context.progress, desc=desc):
+                    logits = predictor.predict_logits_from_preprocessed_data(load())
+                    yield key, logits, dict(scorer.last.scores)
         finally:
             scorer.remove()
+
+
+def validation_pass(context: FitContext, methods: Sequence[Method], models: FoldModels,
+                    aggregations: dict[str, str], keep_logits: bool,
+                    on_logits: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, dict[str, float]]:
+    """Case scores of the validation cases, every method from one prediction per case, as at inference.
+
+    ``keep_logits``: keep the final logits for :func:`validation_logit_pass`; ``on_logits(key, logits)`` sees
+    each case's final logits (the failure table's clean rows). Both predict with mirroring, as default inference.
+    """
+    scores = {}
+    cases = [(key, lambda key=key: context.load_case(key)) for key in context.val_keys]
+    for key, logits, case_scores in scored_predictions(
+            context, methods, models, aggregations, cases, f"fold {context.fold}: scoring the validation cases",
+            mirrored=keep_logits or on_logits is not None):
+        scores[key] = case_scores
+        if keep_logits:
+            context.keep_validation_logits(key, logits)
+        if on_logits is not None:
+            on_logits(key, logits)
     return scores
 
 

@@ -38,6 +38,7 @@ from nnunet_ood.calibration import FALSE_ALARM_RATE, MethodCalibration, min_case
 from nnunet_ood.detectors.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
 from nnunet_ood.errors import OODError, OODInputError
+from nnunet_ood.fitting.failure_table import FailureTableBuilder, label_setup
 from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.fitting.passes import (
     EncoderPass,
@@ -53,7 +54,7 @@ from nnunet_ood.fitting.split import fold_split, preprocessed_folders
 from nnunet_ood.folds import Fold, parse_fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.io.state import FoldOODState, check_fingerprint, load_fold_state, read_manifest, save_fold_state
-from nnunet_ood.methods import REGISTRY, FoldModels, Method, MethodKind
+from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels, Method, MethodKind
 
 #: provenance entries that hold one value per method (merged method by method on a partial refit)
 PER_METHOD_PROVENANCE = ("train_case_scores", "val_case_scores", "feature_dim")
@@ -82,8 +83,14 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: list[Method
     except OODError:
         return None
     refits_autoencoder = any(m.requires.autoencoder for m in refit)
-    candidates = [m for m in manifest["methods"] if m not in {r.name for r in refit}
-                  and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)]
+    refit_names = {r.name for r in refit}
+    candidates = [m for m, entry in manifest["methods"].items() if m not in refit_names
+                  and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)
+                  and not refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {}))]
+    for m, entry in manifest["methods"].items():
+        if m not in refit_names and refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {})):
+            print(f"{fold_dir}: the fitted {m} is dropped: it reads the scores of methods fitted again now; fit it "
+                  f"again with them ({FIT_COMMAND} --ood ... {m})")
     keep = []
     for name in candidates:
         try:
@@ -138,6 +145,10 @@ def _methods_to_fit(context: FitContext) -> list[Method]:
         for m in [m for m in methods if m.requires.mirroring]:
             context.log(f"this model has no mirror axes, so {m.name} (it needs mirrored passes) is not fitted")
             methods.remove(m)
+    if not context.val_keys:
+        for m in [m for m in methods if m.needs_failure_table]:
+            context.log(f"has no validation cases, so {m.name} (it learns from them) is not fitted")
+            methods.remove(m)
     return methods
 
 
@@ -174,14 +185,33 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
         provenance.update(calibration_parts=n_parts, n_train_patches=stats.n_patches,
                           n_train_patches_total=stats.n_total_patches, normalization_cases=len(kept))
         del stats  # the kept features
+    table_methods = [m for m in methods if m.needs_failure_table]
+    inputs = [m for m in methods if m not in table_methods and m.kind is not MethodKind.DERIVED]
+    builder = FailureTableBuilder(context, [m.name for m in inputs]) if table_methods else None
+    started = time.perf_counter()
     try:
-        val_scores = validation_pass(context, [m for m in methods if m not in late], models, aggregations,
-                                     keep_logits=bool(late))
+        val_scores = validation_pass(context, [m for m in methods if m not in late and m not in table_methods],
+                                     models, aggregations, keep_logits=bool(late),
+                                     on_logits=builder.clean_row if builder else None)
         if late:
             for key, scores in validation_logit_pass(context, late, models, aggregations).items():
                 val_scores[key].update(scores)
     finally:
         context.close()
+    seconds = {"validation": round(time.perf_counter() - started, 2)}
+    if builder is not None:  # the failure table: clean rows from above, corrupted versions predicted now
+        started = time.perf_counter()
+        builder.corrupted_rows(inputs, models, aggregations,
+                               max(m.failure_table_versions(options) for m in table_methods))
+        table = builder.table(val_scores)
+        seconds["failure_table"] = round(time.perf_counter() - started, 2)
+        provenance["failure_table"] = {"rows": len(table), "cases": len(context.val_keys)}
+        for m in table_methods:
+            clean = m.fit_on_failure_table(context, models, table, [i.name for i in inputs],
+                                           label_setup(context.label_manager), builder.reference)
+            for key, value in clean.items():
+                val_scores[key][m.name] = value
+    provenance["pass_seconds"] = seconds  # the failure table's cost next to the validation pass it repeats
     for m in methods:
         provenance.update(m.fit_report(context, models))
     return models, train_scores, val_scores, provenance
@@ -214,8 +244,12 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     kept = _kept_state(fold_dir, context.predictor, methods)
     models, train_scores, val_scores, provenance = _run_passes(context, methods)
     names, train, val = [m.name for m in methods], sorted(train_scores), context.val_keys
-    calibration = {}
+    calibration, own_calibration = {}, set()
     for m in methods:  # bounds from the validation cases, or from cross-fitted training cases (feature methods)
+        own = m.fold_calibration(models.method_params.get(m.name, {}))
+        if own is not None:
+            calibration[m.name], own_calibration = own, own_calibration | {m.name}
+            continue
         bounds_from = [train_scores[k][m.name] for k in train] if train and m.kind is MethodKind.PATCH_FEATURES \
             else [val_scores[k][m.name] for k in val]
         calibration[m.name] = MethodCalibration.from_scores(bounds_from, [val_scores[k][m.name] for k in val],
@@ -240,6 +274,10 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     where = save_fold_state(fold_dir, state)
     for m in names:
         c = calibration[m]
+        if m in own_calibration:
+            context.log(f"{m}: threshold {c.threshold:.4g} from its own fit (rate {c.false_alarm_rate:g} on "
+                        f"{c.n_val_cases} validation cases) -> {where}")
+            continue
         context.log(f"{m}: threshold {c.threshold:.4g} "
                     f"(false-alarm rate {FALSE_ALARM_RATE:g} on {len(val)} validation cases), normalisation "
                     f"[{c.low:.4g}, {c.high:.4g}] -> {where}")

@@ -185,7 +185,7 @@ class CaseScorer:
                 if own is not None:
                     scores[m.name] = float(own)
         for m in self.derived_methods:
-            scores[m.name] = float(m.derived_score(scores, [f.method_params.get(m.name, {}) for f in self.folds]))
+            scores[m.name] = float(m.derived_score(scores, [f.method_params.get(m.name, {}) for f in self.folds], view))
         if not self._input_finite:  # nnU-Net predicts non-finite inputs anyway; their scores must not look valid
             scores = {m: math.nan for m in scores}
         self.last = CaseOutcome([m.name for m in self.methods], {m.name: scores[m.name] for m in self.methods},

@@ -29,7 +29,14 @@ from nnunet_ood.inference.case_scorer import CaseOutcome
 from nnunet_ood.io.inputs import check_map_collisions
 from nnunet_ood.io.map_dtypes import maps_metadata, normalization_bounds
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
-from nnunet_ood.io.scores import collect_records, has_case_record, write_case_record, write_score_tables
+from nnunet_ood.io.scores import (
+    collect_records,
+    decision,
+    has_case_record,
+    write_case_record,
+    write_score_tables,
+)
+from nnunet_ood.methods import REGISTRY, MethodKind
 
 if TYPE_CHECKING:
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
@@ -97,10 +104,17 @@ class PredictionOutputs:
         self.unfinished_case = None
         result = CaseOODResult(case, scores, None, outcome.methods)
         p.ood_results.append(result)
-        flags = [m for m, s in scores.items() if s["ood"]]
+        deciding = self.decision_methods()
+        flags = [m for m, s in scores.items() if s["ood"] and m not in deciding]
+        decisions = "".join(f"; {m}: {decision(scores[m]['ood'])} (predicted Dice {1 - scores[m]['score']:.2f})"
+                            for m in deciding)
         # one line per case as it is scored (nnU-Net's sequential mode prints nothing of its own per case)
-        print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag"), flush=True)
+        print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag") + decisions, flush=True)
         return result
+
+    def decision_methods(self) -> list[str]:
+        """Methods in use whose flag is an accept/review decision (they predict Dice)."""
+        return [m for m in self.predictor.ood_methods if REGISTRY.get(m).predicts_dice]
 
     def _case_name(self) -> str:
         if self.current_case and self.current_case.get("ofile"):
@@ -147,8 +161,12 @@ class PredictionOutputs:
         if not run or run["output_folder"] is None:
             return
         records = collect_records(run["output_folder"], run["cases"], self.run_signature())
-        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, self.table_metadata())
+        deciding = self.decision_methods()
+        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, self.table_metadata(), deciding)
         print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
+        for m in deciding:
+            review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
+            print(f"{m}: {len(records) - review} of {len(records)} cases accepted, {review} sent to review")
 
     def unfinished(self, lists, outputs, prev, save_probabilities: bool):
         """``--continue_prediction``: a case is done only when its segmentation, OOD record and maps all exist."""
@@ -163,7 +181,8 @@ class PredictionOutputs:
             ([output_truncated + ".npz"] if save_probabilities else [])
         if p.save_ood_maps:
             ending = map_file_ending(p.plans_manager, p.dataset_json)
-            files += [map_filename(output_truncated, m, ending) for m in p.ood_methods]
+            files += [map_filename(output_truncated, m, ending) for m in p.ood_methods
+                      if REGISTRY.get(m).kind is not MethodKind.DERIVED]  # derived methods have no maps
         # a file of 0 bytes is what a killed writer leaves: not finished
         return all(isfile(f) and os.path.getsize(f) > 0 for f in files) and has_case_record(
             os.path.dirname(output_truncated) or ".", os.path.basename(output_truncated), self.run_signature())

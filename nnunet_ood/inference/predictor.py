@@ -33,7 +33,7 @@ from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, Recor
 from nnunet_ood.inference.thresholds import fit_setting_notes, fold_calibration, named_calibration
 from nnunet_ood.io.map_dtypes import check_dtype_name, check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import map_file_ending
-from nnunet_ood.io.state import FoldOODState, load_fold_state
+from nnunet_ood.io.state import FoldOODState, load_fold_state, read_manifest
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
 from nnunet_ood.sliding_window import revert_padding_slicer
 
@@ -104,7 +104,11 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         """Load and check ``fold_X/ood`` for every fold in use; select the methods and build their scorer."""
         mirroring = bool(self.use_mirroring and self.allowed_mirroring_axes)
         n_folds = len(self.use_folds)
-        wanted = REGISTRY.check_requested(self.requested_ood_methods, n_folds, mirroring)
+        requested = self.requested_ood_methods
+        if requested is not None:  # derived methods (quality) need the methods they read
+            entries = read_manifest(join(self.model_folder, f"fold_{self.use_folds[0]}"))["methods"]
+            requested = REGISTRY.with_inputs(requested, entries)
+        wanted = REGISTRY.check_requested(requested, n_folds, mirroring)
         states = [load_fold_state(join(self.model_folder, f"fold_{fold}"), self.fingerprint_for(i), wanted,
                                   device=self.device) for i, fold in enumerate(self.use_folds)]
         for fold, state in zip(self.use_folds, states):
@@ -112,7 +116,7 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
                 raise OODStateError(f"fold {fold} has OOD methods {state.methods} but fold {self.use_folds[0]} has "
                                     f"{states[0].methods}; select common ones with --ood or re-fit with "
                                     "nnUNetv2_fit_ood")
-        methods, notes = REGISTRY.methods_in_use(self.requested_ood_methods, states[0].methods, n_folds, mirroring)
+        methods, notes = REGISTRY.methods_in_use(requested, states[0].methods, n_folds, mirroring)
         for note in notes:
             print(note)
         self.ood_states, self.ood_methods = states, [m.name for m in methods]

@@ -19,7 +19,9 @@ from nnunet_ood.io.atomic import atomic_write_text
 RECORDS_DIRNAME = "ood_cases"
 CSV_NAME = "ood_scores.csv"
 JSON_NAME = "ood_scores.json"
-CSV_COLUMNS = ("case", "method", "score", "normalized", "ood")
+CSV_COLUMNS = ("case", "method", "score", "normalized", "ood", "decision")
+#: the ``decision`` of a method that predicts Dice (its ``ood`` flag: sent to review); empty for other methods
+ACCEPT, REVIEW = "accept", "review"
 
 
 def _json_number(x: float) -> float | None:
@@ -69,9 +71,16 @@ def _nan_if_none(x: float | None) -> float:
     return float("nan") if x is None else float(x)
 
 
+def decision(ood: bool) -> str:
+    """``review`` for a flagged case, ``accept`` otherwise."""
+    return REVIEW if ood else ACCEPT
+
+
 def write_score_tables(output_folder: str, records: list[dict[str, Any]], methods: list[str],
-                       metadata: Mapping[str, Any]) -> tuple[str, str]:
-    """Write the tidy CSV (``case,method,score,normalized,ood``) and the JSON with thresholds and provenance."""
+                       metadata: Mapping[str, Any], decision_methods: Iterable[str] = ()) -> tuple[str, str]:
+    """Write the tidy CSV (``case,method,score,normalized,ood,decision``) and the JSON with thresholds and
+    provenance. ``decision`` is ``accept``/``review`` on the rows of ``decision_methods``, empty elsewhere."""
+    deciding = set(decision_methods)
     rows = []
     for record in sorted(records, key=lambda r: r["case"]):
         for method in methods:
@@ -79,7 +88,8 @@ def write_score_tables(output_folder: str, records: list[dict[str, Any]], method
             if entry is None:
                 continue
             rows.append({"case": record["case"], "method": method, "score": _nan_if_none(entry["score"]),
-                         "normalized": _nan_if_none(entry["normalized"]), "ood": bool(entry["ood"])})
+                         "normalized": _nan_if_none(entry["normalized"]), "ood": bool(entry["ood"]),
+                         "decision": decision(bool(entry["ood"])) if method in deciding else ""})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -97,7 +107,9 @@ def write_score_tables(output_folder: str, records: list[dict[str, Any]], method
 
 
 def read_score_csv(path: str) -> list[dict[str, Any]]:
-    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``)."""
+    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``; ``decision`` is empty in
+    tables written before it existed)."""
     with open(path, newline="") as f:
         return [{"case": r["case"], "method": r["method"], "score": float(r["score"]),
-                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True"} for r in csv.DictReader(f)]
+                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True", "decision": r.get("decision") or ""}
+                for r in csv.DictReader(f)]

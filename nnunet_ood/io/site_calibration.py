@@ -48,6 +48,8 @@ class SiteCalibration:
     case_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> case -> score
     created: str = ""
     plugin_version: str = __version__
+    #: methods whose threshold was chosen on labelled cases (-l): the rule's settings and each case's Dice
+    labelled: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n_cases(self) -> int:
@@ -76,7 +78,8 @@ class SiteCalibration:
                 "false_alarm_rate": self.false_alarm_rate,
                 "calibration": {m: c.to_json() for m, c in self.calibration.items()},
                 "case_scores": {m: {k: (v if math.isfinite(v) else None) for k, v in s.items()}
-                                for m, s in self.case_scores.items()}}
+                                for m, s in self.case_scores.items()},
+                "labelled": self.labelled}
 
     def check_model(self, model: Mapping[str, Any]) -> None:
         """The model in use must be the one the calibration was made for (one-line error)."""
@@ -139,8 +142,12 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
     calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}") for m, c in document["calibration"].items()}
     case_scores = {m: {k: math.nan if v is None else float(v) for k, v in s.items()}
                    for m, s in document["case_scores"].items() if isinstance(s, dict)}
+    labelled = document.get("labelled", {})
+    if not isinstance(labelled, dict):
+        raise _bad(path, "'labelled' is not a dict")
     return SiteCalibration(name, document["model"], document["settings"], document["false_alarm_rate"], calibration,
-                           case_scores, str(document.get("created", "")), str(document.get("plugin_version", "")))
+                           case_scores, str(document.get("created", "")), str(document.get("plugin_version", "")),
+                           labelled)
 
 
 def score_settings(tile_step_size: float, use_mirroring: bool, use_gaussian: bool) -> dict[str, Any]:

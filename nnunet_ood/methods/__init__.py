@@ -12,7 +12,8 @@ parse their arguments first).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.methods.base import (
@@ -53,6 +54,7 @@ _METHODS: tuple[str, ...] = (
     "nnunet_ood.methods.ensemble:EnsembleEntropy",
     "nnunet_ood.methods.ensemble:EnsembleMI",
     "nnunet_ood.methods.ensemble:PairwiseDice",
+    "nnunet_ood.methods.quality:Quality",
 )
 
 
@@ -116,6 +118,8 @@ class MethodRegistry:
             raise OODInputError(f"unknown OOD method(s) {', '.join(unknown)}; choose from "
                                 f"{_names(self.fittable)}")
         methods = [self._methods[n] for n in names]
+        if all(m.kind is MethodKind.DERIVED for m in methods):  # a derived method alone: from the default scores
+            methods += [m for m in self.default_fit if m not in methods]
         if any(m.requires.autoencoder for m in methods):
             methods += [m for m in self.fittable if m.requires.autoencoder]
         missing = {d for m in methods for d in m.requires.methods} - {m.name for m in methods}
@@ -143,6 +147,18 @@ class MethodRegistry:
         wanted = [m.name for m in methods if m.fittable]
         wanted += [d for m in methods for d in m.requires.methods if d not in wanted]
         return wanted
+
+    def with_inputs(self, requested: Sequence[str] | None, entries: Mapping[str, Any]) -> list[str] | None:
+        """``requested`` plus the methods that requested derived methods read, from their fitted manifest
+        ``entries`` (a derived method is computed from their case scores, so they are computed too)."""
+        if requested is None:
+            return None
+        wanted = list(dict.fromkeys(requested))
+        for name in list(wanted):
+            method, entry = self.get(name), entries.get(name)
+            if method.kind is MethodKind.DERIVED and isinstance(entry, Mapping):
+                wanted += [d for d in method.inputs_of(entry.get("config") or {}) if d not in wanted]
+        return [m.name for m in self if m.name in wanted]  # table order
 
     def methods_in_use(self, requested: Sequence[str] | None, fitted: Sequence[str], n_folds: int,
                        mirroring: bool) -> tuple[list[Method], list[str]]:

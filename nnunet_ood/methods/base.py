@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.detectors.base import FeatureDetector
     from nnunet_ood.fitting.passes import FitContext
 
@@ -96,6 +97,12 @@ class Method:
     tap: ClassVar[str | None] = None
     #: its parameters are fitted on the validation cases' final logits (after the fit's validation pass)
     needs_validation_logits: ClassVar[bool] = False
+    #: its case score is a predicted risk 1 - Dice (so 1 - score is a predicted Dice); the evaluation reports
+    #: the error of that prediction
+    predicts_dice: ClassVar[bool] = False
+    #: fitted on the fold's failure table (validation cases, clean and corrupted, with Dice and scores) by
+    #: ``fit_on_failure_table``, after every other method of the fit
+    needs_failure_table: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -113,6 +120,18 @@ class Method:
     def fit_report(self, context: FitContext, models: FoldModels) -> dict[str, Any]:
         """Provenance entries recorded after the fit (e.g. checks a user should read); none by default."""
         return {}
+
+    def fold_calibration(self, params: Mapping[str, Any]) -> MethodCalibration | None:
+        """Its calibration from its own fitted parameters, if not from the validation cases' scores (``None``)."""
+        return None
+
+    def failure_table_versions(self, options: Any) -> int:
+        """Corrupted versions of each validation case it needs in the failure table (``needs_failure_table``)."""
+        return 0
+
+    def inputs_of(self, params: Mapping[str, Any]) -> list[str]:
+        """The methods whose case scores it reads, given its fitted parameters (derived methods)."""
+        return list(self.requires.methods)
 
     # ------------------------------------------------------------------ state (one fold)
     def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
@@ -202,7 +221,9 @@ class DerivedMethod(Method):
 
     kind = MethodKind.DERIVED
 
-    def derived_score(self, case_scores: Mapping[str, float], fold_params: Sequence[Mapping[str, Any]]) -> float:
+    def derived_score(self, case_scores: Mapping[str, float], fold_params: Sequence[Mapping[str, Any]],
+                      view: Any = None) -> float:
+        """The case score from the other methods' ``case_scores``; ``view`` (a ``CaseView``) has the final logits."""
         raise NotImplementedError
 
 

@@ -1,10 +1,12 @@
 """``report.html`` of ``nnUNetv2_evaluate_ood``: the evaluation as one page a person can read.
 
 The headline (best method at detecting shifts and at predicting failures, and what the latter's flag does per
-group: :mod:`nnunet_ood.evaluation.summary`, the same numbers as ``ood_summary.md``), the metric table, the plots
-already written next to it, and two galleries drawn with the best failure predictor: the silent failures (Dice
-below the failure Dice, not flagged) and the most uncertain cases, each with its input slice, reference,
-prediction and that method's uncertainty map (thumbnails in ``report_files/``).
+group: :mod:`nnunet_ood.evaluation.summary`, the same numbers as ``ood_summary.md``; for methods that predict the
+Dice, what their accept/review decision did), the metric table and the table of the prediction-time decisions,
+the plots already written next to it (the risk-coverage curves first), and two galleries drawn with the best
+failure predictor: the silent failures (Dice below the evaluation's ``fail_below``, not flagged) and the most
+uncertain cases, each with its input slice, reference, prediction and that method's uncertainty map (thumbnails
+in ``report_files/``).
 
 Input images are looked up per group: ``--images GROUP FOLDER``, else the nnU-Net raw-data sibling of the label
 folder (``labelsTs_x`` -> ``imagesTs_x``, ``labelsTr`` -> ``imagesTr``). Without them the gallery shows the
@@ -26,9 +28,11 @@ from nnunet_ood.evaluation.summary import best_methods, flag_threshold, flagged,
 from nnunet_ood.evaluation.table import (
     ALL_SHIFTED,
     CORRELATION_PLOT,
-    FAILURE_DICE,
+    DECISION_COLUMNS,
+    ID_TEST,
     ID_VAL,
     MARKDOWN_HEADERS,
+    RISK_COVERAGE_PLOT,
     SCORE_PLOT,
     Evaluation,
     Group,
@@ -146,14 +150,14 @@ def _shown_groups(evaluation: Evaluation) -> list[Group]:
 
 
 def silent_failures(evaluation: Evaluation, method: str) -> list[GalleryCase]:
-    """Failed (Dice below :data:`FAILURE_DICE`) and not flagged by ``method`` (the summary's threshold), lowest Dice
-    first; empty when the method has no threshold."""
+    """Failed (Dice below the evaluation's ``fail_below``) and not flagged by ``method`` (the summary's threshold),
+    lowest Dice first; empty when the method has no threshold."""
     threshold = flag_threshold(evaluation, method)
     if math.isnan(threshold):
         return []
     found = []
     for group in _shown_groups(evaluation):
-        missed = (group.dice < FAILURE_DICE) & ~flagged(group.score[method], threshold)
+        missed = (group.dice < evaluation.fail_below) & ~flagged(group.score[method], threshold)
         found += [GalleryCase(group, int(i)) for i in np.flatnonzero(missed)]
     return sorted(found, key=lambda c: (c.group.dice[c.index], c.group.spec.name, c.case))
 
@@ -189,8 +193,9 @@ def _headline(evaluation: Evaluation, method: str | None) -> str:
                      "below shows what its flag does.")
     else:
         items.append("Best at predicting failures: undefined (no AURC could be computed).")
-    items.append(f"A failure is a segmentation with Dice &lt; {FAILURE_DICE:g}; missed = failed and not flagged "
-                 "(a silent failure).")
+    items.append(f"A failure is a segmentation with Dice &lt; {evaluation.fail_below:g}; missed = failed and not "
+                 "flagged (a silent failure).")
+    items += _decision_items(evaluation)
     rows = []
     for r in group_rows(evaluation, best["failure"]):
         share = "-" if math.isnan(r["flagged"]) else f"{r['flagged']:.0%}"
@@ -202,8 +207,59 @@ def _headline(evaluation: Evaluation, method: str | None) -> str:
             page.table(header, rows) + "</div>")
 
 
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1%}"
+
+
+def _decision_items(evaluation: Evaluation) -> list[str]:
+    """One headline item per method that predicts the Dice: what its prediction-time decision did on the ID test
+    cases and on all shifted cases (the rows' coverage and silent rates)."""
+    items = []
+    for method in evaluation.dice_methods:
+        rows = {r["domain"]: r for r in evaluation.rows if r["method"] == method}
+        parts = []
+        for domain, name in ((ID_TEST, "the ID test cases"), (ALL_SHIFTED, "all shifted cases")):
+            r = rows.get(domain)
+            if r is None or math.isnan(r["coverage"]):
+                continue
+            parts.append(f"on {name} it accepts {_percent(r['coverage'])}, silent failures "
+                         f"{_percent(r['silent_rate'])} of all cases ({_percent(r['silent_rate_accepted'])} of the "
+                         f"accepted), predicted Dice off by {page.number(r['dice_mae'])} on average")
+        if parts:
+            items.append(f"Accept/review decision of <b>{page.esc(method)}</b> (flag of the prediction): "
+                         + "; ".join(parts) + ".")
+    return items
+
+
+def _decision_table(evaluation: Evaluation) -> str:
+    """The prediction-time decisions: coverage, silent rates and the predicted-Dice errors of the ID test cases and
+    of all shifted cases, methods that predict the Dice first (bold); methods without any of these values are
+    named below the table instead."""
+    methods = [m for m in evaluation.dice_methods if m in evaluation.methods] + \
+        [m for m in evaluation.methods if m not in evaluation.dice_methods]
+    by_key = {(r["method"], r["domain"]): r for r in evaluation.rows}
+    body, undecided = [], []
+    for method in methods:
+        shown = [by_key[(method, d)] for d in (ID_TEST, ALL_SHIFTED) if (method, d) in by_key]
+        if all(math.isnan(r[c]) for r in shown for c in DECISION_COLUMNS):
+            undecided.append(method)
+            continue
+        for r in shown:
+            name = page.esc(method)
+            cases = r["n_id"] if r["domain"] == ID_TEST else r["n_domain"]
+            body.append([f"<b>{name}</b>" if method in evaluation.dice_methods else name, page.esc(r["domain"]),
+                         page.number(cases), *(page.number(r[c]) for c in DECISION_COLUMNS)])
+    out = page.table(["method", "cases", "n", *(MARKDOWN_HEADERS[c] for c in DECISION_COLUMNS)], body,
+                     text_columns=2) if body else ""
+    if undecided:
+        out += (f'<p class="note">No accept/review decision (no calibrated threshold) and no predicted Dice: '
+                f"{page.esc(', '.join(undecided))}.</p>")
+    return out
+
+
 def _metric_table(rows: Sequence[Mapping], best: Mapping[str, str | None], pooled_only: bool) -> str:
-    columns = [c for c in MARKDOWN_HEADERS if not (pooled_only and c == "domain")]
+    # the pooled table keeps to the detection and ranking metrics; the decisions have their own table
+    columns = [c for c in MARKDOWN_HEADERS if not (pooled_only and (c == "domain" or c in DECISION_COLUMNS))]
     shown = [r for r in rows if r["domain"] == ALL_SHIFTED] if pooled_only else list(rows)
     body, classes = [], []
     for r in shown:
@@ -227,7 +283,8 @@ def _plots(plot_names: Sequence[str], featured: Sequence[str]) -> str:
     dice = {n for n in names if n.startswith("dice_vs_uncertainty_")}
     first = [f"dice_vs_uncertainty_{safe_file_part(m)}.png" for m in dict.fromkeys(featured) if m]
     first = [n for n in first if n in dice]
-    shown = first + [n for n in (SCORE_PLOT, CORRELATION_PLOT) if n in names]
+    shown = [n for n in (RISK_COVERAGE_PLOT,) if n in names] + first + \
+        [n for n in (SCORE_PLOT, CORRELATION_PLOT) if n in names]
     rest = sorted(dice - set(first))
     out = '<div class="plots">' + "".join(page.linked_image(n, n, "wide" if n == CORRELATION_PLOT else None)
                                           for n in shown) + "</div>"
@@ -238,7 +295,7 @@ def _plots(plot_names: Sequence[str], featured: Sequence[str]) -> str:
 
 
 def _case_card(item: GalleryCase, method: str, case: CaseSlices, thumbs: Mapping[str, str], threshold: float,
-               methods: Sequence[str], maps_missing: bool, image_source: ImageSource) -> str:
+               methods: Sequence[str], maps_missing: bool, image_source: ImageSource, fail_below: float) -> str:
     g, i = item.group, item.index
     score, normalized = float(g.score[method][i]), float(g.normalized[method][i])
     is_flagged = None if math.isnan(threshold) else bool(flagged(np.array([score]), threshold)[0])
@@ -254,7 +311,7 @@ def _case_card(item: GalleryCase, method: str, case: CaseSlices, thumbs: Mapping
                            "segmentation not readable", box),
                page.figure(thumbs.get(MAP), f"uncertainty: {method}", f"{item.case} {method} map", map_missing, box)]
     dice = float(g.dice[i])
-    pill = ('<span class="pill bad">failed</span>' if dice < FAILURE_DICE else '<span class="pill good">ok</span>')
+    pill = ('<span class="pill bad">failed</span>' if dice < fail_below else '<span class="pill good">ok</span>')
     flag = "-" if is_flagged is None else ("flagged" if is_flagged else "not flagged")
     where = "" if case.slice_index is None else \
         (f'<div class="note">axial slice {case.slice_index} of {case.n_slices} (array axis 0; largest disagreement '
@@ -268,7 +325,7 @@ def _case_card(item: GalleryCase, method: str, case: CaseSlices, thumbs: Mapping
             f"{page.esc(method)}: score {page.compact(score)}, normalised {page.number(normalized)}, "
             f"<b>{flag}</b></div>{where}{notes}"
             f"<details><summary>scores of every method</summary>{others}</details>")
-    css = "flagged" if dice < FAILURE_DICE else "ok"
+    css = "flagged" if dice < fail_below else "ok"
     return f'<div class="card {css}"><div class="thumbs">{"".join(figures)}</div><div class="info">{info}</div></div>'
 
 
@@ -314,12 +371,13 @@ def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: 
         keyed = [((c.group.spec.name, c.index), c) for c in items]
         return '<div class="cards">' + "".join(
             _case_card(c, method, slices[k], thumbs[k], threshold, evaluation.methods, maps_missing,
-                       sources[k[0]]) for k, c in keyed) + "</div>"
+                       sources[k[0]], evaluation.fail_below) for k, c in keyed) + "</div>"
 
     parts = ["<h1>OOD evaluation report</h1>",
              f'<div class="meta">{_sources_text(evaluation, sources)}<br>page written '
              f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}</div>',
              '<p class="note"><a href="#headline">headline</a> &middot; <a href="#metrics">metrics</a> &middot; '
+             '<a href="#decisions">decisions</a> &middot; '
              '<a href="#plots">plots</a> &middot; <a href="#silent">silent failures</a> &middot; '
              '<a href="#uncertain">most uncertain cases</a></p>']
     parts += [f'<div class="warn">{page.esc(w)}</div>' for w in evaluation.warnings]
@@ -330,6 +388,14 @@ def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: 
               _metric_table(evaluation.rows, best, pooled_only=True),
               "<details><summary>every domain</summary>" + _metric_table(evaluation.rows, best, pooled_only=False) +
               "</details>",
+              '<h3 id="decisions">Accept/review decisions at prediction time</h3>',
+              '<p class="note">What each method\'s own flag in ood_scores.csv did (accepted = not flagged; a case '
+              "that could not be scored is never accepted): coverage = share accepted; silent = accepted and failed "
+              f"(Dice &lt; {evaluation.fail_below:g}) among all cases; silent (accepted) = the same among the "
+              "accepted cases. Dice MAE and Dice r: error and Pearson correlation of the predicted Dice (1 - score) "
+              "of methods that predict it (bold). Rows: the ID test cases and all shifted cases; every domain is in "
+              "the table above.</p>",
+              _decision_table(evaluation),
               "<details><summary>notes on the metrics</summary><ul>" +
               "".join(f"<li>{page.esc(n)}</li>" for n in evaluation.notes) + "</ul></details>",
               '<h2 id="plots">Plots</h2>', _plots(plot_names, [method, best["shift"]])]
@@ -353,13 +419,13 @@ def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: 
         parts.append('<p class="note">No threshold for the gallery method: silent failures cannot be told '
                      "apart.</p>")
     elif not silent:
-        parts.append(f'<p class="note">None: every failure (Dice &lt; {FAILURE_DICE:g}) is flagged by '
+        parts.append(f'<p class="note">None: every failure (Dice &lt; {evaluation.fail_below:g}) is flagged by '
                      f"{page.esc(method)}.</p>")
     else:
         shown = f"the {max_cases} with the lowest Dice of {len(silent)}" if len(silent) > max_cases else \
             f"all {len(silent)}"
-        parts.append(f'<p class="note">Failed (Dice &lt; {FAILURE_DICE:g}) and not flagged by {page.esc(method)}: '
-                     f"{shown}, lowest Dice first.</p>" + cards(silent[:max_cases]))
+        parts.append(f'<p class="note">Failed (Dice &lt; {evaluation.fail_below:g}) and not flagged by '
+                     f"{page.esc(method)}: {shown}, lowest Dice first.</p>" + cards(silent[:max_cases]))
     parts += ['<h2 id="uncertain">Most uncertain cases</h2>',
               f'<p class="note">The {len(uncertain)} case(s) with the highest {page.esc(method or "-")} score (ID '
               "test and shifted domains), highest first.</p>", cards(uncertain)]

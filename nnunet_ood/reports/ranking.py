@@ -99,17 +99,26 @@ def calibration_bounds(document: Mapping[str, object]) -> dict[str, tuple[float,
     return out
 
 
+def has_maps(method: str) -> bool:
+    """Whether the method writes voxel maps (derived methods do not; unknown names are assumed to)."""
+    from nnunet_ood.methods import REGISTRY, MethodKind
+
+    return method not in REGISTRY or REGISTRY.get(method).kind is not MethodKind.DERIVED
+
+
 def overlay_method(scores: Mapping[str, MethodScore], methods: Sequence[str], method: str | None,
                    bounds: Mapping[str, tuple[float, float]] | None = None) -> str | None:
-    """The method whose map a case shows: ``method`` if given, else the one with the highest normalised score.
+    """The method whose map a case shows: ``method`` if given and it has maps, else the one with the highest
+    normalised score among the methods with maps (a derived method such as ``quality`` has none).
 
     Ties (typically several methods clipped at 1) go to the method whose score lies furthest beyond its scale, the
     unclipped ``(score - low) / (high - low)`` with the ``bounds`` of ``ood_scores.json``, then to the first in
     table order. Without any finite normalised score: the first method with a row.
     """
-    if method is not None:
+    mapped = [m for m in methods if has_maps(m)]
+    if method is not None and method in mapped:
         return method
-    present = [m for m in methods if m in scores]
+    present = [m for m in mapped if m in scores]
     finite = [m for m in present if math.isfinite(scores[m].normalized)]
     if not finite:
         return present[0] if present else None

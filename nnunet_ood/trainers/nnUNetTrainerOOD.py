@@ -13,6 +13,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ood.errors import OODError
 from nnunet_ood.fitting.options import FitOptions
+from nnunet_ood.methods.quality import QualityConfig
 from nnunet_ood.methods.sd import SDTrainingConfig
 
 __all__ = ["nnUNetTrainerOOD", "nnUNetTrainerOOD_1epoch", "nnUNetTrainerOOD_5epochs", "nnUNetTrainerOOD_10epochs",
@@ -110,8 +111,10 @@ class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
     training_seed = 0
     training_threads = 2
     num_demo_epochs = 20
-    ood_fit_options = FitOptions(method_configs={"sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20,
-                                                                        max_epochs=8, patience=2, val_batches=4)})
+    # 12 validation cases in fold 0: a tolerated rate of 0.1 needs 9 of them (0.05 would need 19)
+    ood_fit_options = FitOptions(method_configs={
+        "sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=8, patience=2, val_batches=4),
+        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4)})
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -125,8 +128,9 @@ class nnUNetTrainerOOD_demo_full(nnUNetTrainerOOD_demo):
     """``nnunet_ood_demo --full``: 30 epochs of 20 iterations and a longer AE schedule (about 4 minutes), seeded."""
 
     num_demo_epochs = 30
-    ood_fit_options = FitOptions(method_configs={"sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20,
-                                                                        max_epochs=15, patience=3, val_batches=4)})
+    ood_fit_options = FitOptions(method_configs={
+        "sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=15, patience=3, val_batches=4),
+        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4)})
 
 
 class nnUNetTrainerOOD_smoke(nnUNetTrainerOOD):

@@ -1,0 +1,175 @@
+"""``quality``: the predicted risk 1 - Dice of a case, and the accept/review decision with a stated risk.
+
+Fitted on the fold's failure table (:mod:`nnunet_ood.fitting.failure_table`: the validation cases, clean and
+corrupted, with their Dice and every other fitted method's score), the quality model
+(:class:`nnunet_ood.quality.model.QualityModel`) predicts a case's risk from those scores and from simple
+properties of its predicted segmentation (relative volume per class, connected components). Its case score
+is that risk; ``1 - score`` is the predicted Dice. The ``ood`` flag of this method is the decision: a case is
+sent to review when its predicted risk is above the threshold chosen by conformal risk control
+(:mod:`nnunet_ood.quality.risk_control`), so that the expected share of cases accepted and failed (Dice below
+``--fail_below``) is at most ``--max_silent_failures`` for cases exchangeable with the calibration cases.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.methods.base import DerivedMethod, FoldModels
+from nnunet_ood.methods.options import option
+
+if TYPE_CHECKING:
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.quality.table import FailureTable
+
+MODEL_FILE = "quality_model.json"
+#: keys of the fitted parameters that live in files of their own rather than in the manifest
+_IN_FILES = ("model", "table_csv", "_model")
+
+
+@dataclass
+class QualityConfig:
+    """What a failure is, how many silent failures are tolerated, and how many failure examples to make."""
+
+    key: ClassVar[str] = "quality"
+    title: ClassVar[str] = "quality model and accept/review decision"
+
+    fail_below: float = option(0.6, "--fail_below", "a segmentation with Dice below this is a failure", type=float,
+                               metavar="DICE")
+    max_silent_failures: float = option(
+        0.05, "--max_silent_failures", "tolerated expected share of cases that are accepted and fail (conformal "
+        "risk control on the calibration cases); needs at least 1/rate - 1 calibration cases", type=float,
+        metavar="RATE")
+    corruptions_per_case: int = option(
+        2, "--corruptions_per_case", "corrupted versions of each validation case in the failure table (each costs "
+        "one more prediction of the validation cases)", type=int, metavar="N")
+    seed: int = option(0, None, "seed of the corruptions and the grouped cross-validation (nnUNetv2_fit_ood --seed)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fail_below <= 1:
+            raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {self.fail_below}")
+        if not 0 < self.max_silent_failures < 1:
+            raise OODInputError(f"--max_silent_failures must be a rate in (0, 1), got {self.max_silent_failures}")
+        if self.corruptions_per_case < 0:
+            raise OODInputError(f"--corruptions_per_case must be 0 or more, got {self.corruptions_per_case}")
+
+
+class Quality(DerivedMethod):
+    name = "quality"
+    summary = ("predicted risk 1 - Dice of the case from the other methods' scores and the segmentation's volume "
+               "and pieces; flag = sent to review by conformal risk control")
+    config = QualityConfig
+    predicts_dice = True
+    needs_failure_table = True
+
+    # ------------------------------------------------------------------ fit
+    def fit_on_failure_table(self, context: FitContext, models: FoldModels, table: FailureTable,
+                             inputs: Sequence[str], setup: Mapping[str, Any],
+                             reference: Mapping[str, float]) -> dict[str, float]:
+        """Fit the model and the threshold into ``models``; return the clean validation cases' predicted risks."""
+        from nnunet_ood.quality.model import QualityModel
+        from nnunet_ood.quality.risk_control import crc_threshold
+
+        config: QualityConfig = context.options.config(QualityConfig)
+        model = QualityModel(table.features, seed=context.seed).fit(table.matrix(), table.dice, table.groups)
+        risk = model.oof_risk_
+        threshold = crc_threshold(risk, table.dice, config.fail_below, config.max_silent_failures, table.groups)
+        context.log(f"quality: {model.cv_report_.get('chosen')} chosen by cross-validation grouped by case on "
+                    f"{len(table)} versions of {len(set(table.groups))} validation cases; accept below a predicted "
+                    f"risk of {threshold.threshold:.3g} (covers {threshold.coverage:.0%} of them)")
+        if not threshold.enough:
+            from nnunet_ood.quality.risk_control import min_groups_for
+
+            context.log(f"quality: {threshold.n_groups} validation cases are too few for --max_silent_failures "
+                        f"{config.max_silent_failures:g} (needs {min_groups_for(config.max_silent_failures)}): every "
+                        "case goes to review; calibrate on a site's labelled cases (nnUNetv2_calibrate_ood -l) or "
+                        "allow a larger rate")
+        params = {"inputs": list(inputs), "features": list(table.features), "label_setup": dict(setup),
+                  "reference_volumes": dict(reference), "fail_below": config.fail_below,
+                  "max_silent_failures": config.max_silent_failures,
+                  "corruptions_per_case": config.corruptions_per_case, "risk_threshold": threshold.to_json(),
+                  "cross_validation": model.cv_report_, "model": model.to_json(),
+                  "table_csv": table.to_csv({"oof_risk": list(risk)})}
+        models.method_params[self.name] = params
+        # the validation cases' scores as a prediction gives them (the refitted model; risk control used the
+        # out-of-fold ones, in the table)
+        clean = [i for i, r in enumerate(table.rows) if r["version"] == 0]
+        in_sample = model.predict_risk(table.matrix()[clean])
+        return {table.rows[i]["case"]: float(v) for i, v in zip(clean, in_sample)}
+
+    def fold_calibration(self, params: Mapping[str, Any]) -> MethodCalibration:
+        """Risk on [0, 1] as it is; the threshold from conformal risk control."""
+        from nnunet_ood.calibration import MethodCalibration
+        from nnunet_ood.quality.risk_control import RiskThreshold
+
+        threshold = RiskThreshold.from_json(params["risk_threshold"], "the quality method's risk threshold")
+        return MethodCalibration(low=0.0, high=1.0, threshold=threshold.threshold, n_train_cases=0,
+                                 n_val_cases=threshold.n_groups, aggregation="mean",
+                                 false_alarm_rate=threshold.alpha)
+
+    def failure_table_versions(self, options: Any) -> int:
+        return options.config(QualityConfig).corruptions_per_case
+
+    def inputs_of(self, params: Mapping[str, Any]) -> list[str]:
+        return list(params.get("inputs", []))
+
+    # ------------------------------------------------------------------ state
+    def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
+        from nnunet_ood.io.atomic import atomic_write_bytes, atomic_write_text
+        from nnunet_ood.quality.model import QualityModel
+        from nnunet_ood.quality.table import CSV_NAME, PLOT_NAME, dice_by_severity_png, read_failure_table
+
+        params = models.method_params[self.name]
+        QualityModel.from_json(params["model"], "the fitted quality model").save(os.path.join(folder, MODEL_FILE))
+        atomic_write_text(os.path.join(folder, CSV_NAME), params["table_csv"])
+        table = read_failure_table(params["table_csv"], extra=("oof_risk",))
+        atomic_write_bytes(os.path.join(folder, PLOT_NAME), dice_by_severity_png(table))
+        return {"file": MODEL_FILE, "class": "QualityModel",
+                "config": {k: v for k, v in params.items() if k not in _IN_FILES}}
+
+    def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
+        from nnunet_ood.quality.model import QualityModel
+        from nnunet_ood.quality.table import CSV_NAME
+
+        config = entry.get("config")
+        if not isinstance(config, dict) or entry.get("file") != MODEL_FILE or \
+                any(k not in config for k in ("inputs", "features", "label_setup", "reference_volumes",
+                                              "risk_threshold")):
+            raise OODStateError(f"the quality entry in {folder} lacks its model file or parameters")
+        model = QualityModel.load(os.path.join(folder, MODEL_FILE))
+        if list(model.feature_names) != list(config["features"]):
+            raise OODStateError(f"the quality model in {folder} reads other features than its manifest names")
+        try:
+            with open(os.path.join(folder, CSV_NAME)) as f:
+                table_csv = f.read()
+        except OSError:
+            table_csv = ""
+        models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
+                                           "_model": model}
+
+    # ------------------------------------------------------------------ score
+    def derived_score(self, case_scores: Mapping[str, float], fold_params: Sequence[Mapping[str, Any]],
+                      view: Any = None) -> float:
+        """Mean over the folds of each fold model's predicted risk (NaN when an input is missing or NaN)."""
+        import numpy as np
+
+        from nnunet_ood.fitting.failure_table import LabelSetup
+        from nnunet_ood.quality.model import QualityModel
+        from nnunet_ood.quality.properties import segmentation_properties
+
+        if view is None or view.logits is None:
+            return math.nan
+        risks = []
+        for params in fold_params:
+            model = params.get("_model") or QualityModel.from_json(params["model"], "the quality model")
+            properties = segmentation_properties(view.logits, LabelSetup(params["label_setup"]),
+                                                 params["reference_volumes"])
+            values = {**{m: case_scores.get(m, math.nan) for m in params["inputs"]}, **properties}
+            x = np.array([[values.get(f, math.nan) for f in params["features"]]], dtype=np.float64)
+            risks.append(float(model.predict_risk(x)[0]))
+        return float(np.mean(risks)) if risks else math.nan

@@ -1,0 +1,404 @@
+"""The quality model: a case's risk r = 1 - Dice predicted from its feature row (method scores, segmentation
+properties), chosen among a few simple candidates by cross-validation grouped by case, stored as plain JSON.
+
+Candidates (:func:`candidates`), in this order (the order breaks exact ties of the CV error):
+
+* ``constant``: the mean training risk (the model to beat);
+* ``ridge(alpha=A)`` for A in :data:`RIDGE_ALPHAS` (largest first): ridge regression on robustly standardised
+  features (median, scale IQR / 1.349, else the standard deviation, else 1), the standardised values clipped to
+  [-:data:`CLIP`, :data:`CLIP`] so that one far-out score cannot push the linear model into nonsense; closed
+  form, intercept unpenalised (as scikit-learn's ``Ridge``);
+* ``isotonic(F)`` for every feature F: a monotone fit of the risk on F alone, its direction the sign of
+  Spearman's correlation on the training part (increasing when it is 0 or undefined), stored as knots (x, y)
+  and evaluated with ``np.interp`` (flat beyond the end knots).
+
+The chosen candidate has the lowest mean absolute error of its out-of-fold predictions (:func:`group_kfold`
+over the cases, so versions of one case are never on both sides), pooled over rows; it is then refitted on all
+rows. Every prediction is clipped to [0, 1]. Rows with a non-finite feature or Dice are left out of the fit;
+at prediction a NaN feature gives a NaN risk (the case goes to review), while +-inf is beyond every knot and
+clip: the most extreme value.
+
+Stored JSON (:meth:`QualityModel.to_json`): ``format`` ("nnunet_ood.quality_model"), ``schema_version`` (1),
+``feature_names``, ``seed``, ``n_splits``, ``predictor`` (``{"kind": "constant", "value"}``, ``{"kind": "ridge",
+"alpha", "clip", "center", "scale", "coef", "intercept"}`` or ``{"kind": "isotonic", "feature", "increasing", "x",
+"y"}``) and ``cross_validation`` (the CV report). Reading it is strict and never executes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.quality.grouped_cv import group_kfold
+
+#: ridge penalties tried, each its own candidate (on standardised features; the penalty adds to X'X)
+RIDGE_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+#: standardised features are clipped to [-CLIP, CLIP] before the linear model sees them
+CLIP = 5.0
+#: the normal distribution's IQR in standard deviations: IQR / 1.349 estimates the std robustly
+_IQR_TO_STD = 1.349
+FORMAT = "nnunet_ood.quality_model"
+SCHEMA_VERSION = 1
+SELECTION = "lowest grouped-CV mean absolute error (ties: first candidate in order)"
+REFIT = "re-fit with nnUNetv2_fit_ood"
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks of ``values``, tied values sharing their average rank."""
+    _, inverse, counts = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + ends - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties averaged); NaN when either side is constant or has < 2 values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2:
+        return math.nan
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb) / denom if denom > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def robust_scaling(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(center, scale)`` per column: the median, and IQR / 1.349, else the std, else 1 (never 0)."""
+    center = np.median(X, axis=0)
+    q25, q75 = np.percentile(X, [25, 75], axis=0)
+    scale = (q75 - q25) / _IQR_TO_STD
+    std = X.std(axis=0)
+    # a feature constant on most rows has IQR 0: fall back on the std, and on 1 for a constant feature
+    scale = np.where(scale > 0, scale, np.where(std > 0, std, 1.0))
+    return center, scale
+
+
+def standardise(X: np.ndarray, center: np.ndarray, scale: np.ndarray, clip: float = CLIP) -> np.ndarray:
+    """``(X - center) / scale`` clipped to ``[-clip, clip]`` (NaN stays NaN)."""
+    return np.clip((X - center) / scale, -clip, clip)
+
+
+def fit_ridge(Z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    """``(coef, intercept)`` minimising ``|y - Z coef - intercept|^2 + alpha |coef|^2`` (intercept unpenalised)."""
+    z_mean, y_mean = Z.mean(axis=0), float(y.mean())
+    Zc = Z - z_mean
+    gram = Zc.T @ Zc + alpha * np.eye(Z.shape[1])
+    coef = np.linalg.solve(gram, Zc.T @ (y - y_mean))  # alpha > 0: the system is positive definite
+    return coef, y_mean - float(z_mean @ coef)
+
+
+def fit_isotonic(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Knots ``(kx, ky)`` of the least-squares monotone fit of ``y`` on ``x`` (pool adjacent violators).
+
+    Tied x values are pooled first (their mean y, weighted by their count), as scikit-learn's
+    ``IsotonicRegression`` does; ``np.interp(x_new, kx, ky)`` then reproduces its ``out_of_bounds="clip"``
+    predictions. Only the two ends of each constant block are kept: ``kx`` is strictly increasing.
+    """
+    ux, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    weight = counts.astype(np.float64)
+    value = np.bincount(inverse, weights=np.asarray(y, dtype=np.float64), minlength=ux.size) / weight
+    sign = 1.0 if increasing else -1.0  # a decreasing fit of y is an increasing fit of -y
+    block_value: list[float] = []
+    block_weight: list[float] = []
+    block_start: list[int] = []
+    for i in range(ux.size):
+        v, w, start = sign * float(value[i]), float(weight[i]), i
+        while block_value and block_value[-1] >= v:  # pool violators (and equal blocks: fewer knots)
+            pw = block_weight.pop()
+            v = (block_value.pop() * pw + v * w) / (pw + w)
+            w += pw
+            start = block_start.pop()
+        block_value.append(v)
+        block_weight.append(w)
+        block_start.append(start)
+    kx: list[float] = []
+    ky: list[float] = []
+    ends = [*block_start[1:], ux.size]
+    for v, start, end in zip(block_value, block_start, ends):
+        for j in sorted({start, end - 1}):
+            kx.append(float(ux[j]))
+            ky.append(sign * v)
+    return np.array(kx), np.array(ky)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One kind of model the cross-validation compares: ``constant``, ``ridge`` (with ``alpha``) or
+    ``isotonic`` (on ``feature``)."""
+
+    kind: str
+    alpha: float | None = None
+    feature: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "ridge":
+            return f"ridge(alpha={self.alpha:g})"
+        if self.kind == "isotonic":
+            return f"isotonic({self.feature})"
+        return self.kind
+
+
+def candidates(feature_names: Sequence[str]) -> list[Candidate]:
+    """The candidates in their tie-breaking order: constant, ridge (largest alpha first), isotonic per feature."""
+    return [Candidate("constant"), *(Candidate("ridge", alpha=a) for a in sorted(RIDGE_ALPHAS, reverse=True)),
+            *(Candidate("isotonic", feature=f) for f in feature_names)]
+
+
+def fit_candidate(candidate: Candidate, X: np.ndarray, risk: np.ndarray,
+                  feature_names: Sequence[str]) -> dict[str, Any]:
+    """Fit ``candidate`` on finite rows ``X`` and their risks; the fitted predictor as a JSON-able spec."""
+    if candidate.kind == "constant":
+        return {"kind": "constant", "value": float(risk.mean())}
+    if candidate.kind == "ridge":
+        center, scale = robust_scaling(X)
+        coef, intercept = fit_ridge(standardise(X, center, scale), risk, float(candidate.alpha))
+        return {"kind": "ridge", "alpha": float(candidate.alpha), "clip": CLIP, "center": center.tolist(),
+                "scale": scale.tolist(), "coef": coef.tolist(), "intercept": float(intercept)}
+    x = X[:, list(feature_names).index(candidate.feature)]
+    increasing = not spearman(x, risk) < 0  # 0 or undefined (a constant side): increasing, the fit is flat
+    kx, ky = fit_isotonic(x, risk, increasing)
+    return {"kind": "isotonic", "feature": candidate.feature, "increasing": increasing, "x": kx.tolist(),
+            "y": ky.tolist()}
+
+
+def predict_spec(spec: dict[str, Any], X: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
+    """Risk of every row of ``X`` under a fitted spec, clipped to [0, 1]; NaN where any feature is NaN."""
+    if spec["kind"] == "constant":
+        risk = np.full(X.shape[0], spec["value"], dtype=np.float64)
+    elif spec["kind"] == "ridge":
+        Z = standardise(X, np.asarray(spec["center"]), np.asarray(spec["scale"]), spec["clip"])
+        risk = np.nan_to_num(Z, nan=0.0) @ np.asarray(spec["coef"], dtype=np.float64) + spec["intercept"]
+    else:
+        x = X[:, list(feature_names).index(spec["feature"])]
+        risk = np.interp(np.nan_to_num(x, nan=0.0), spec["x"], spec["y"])  # NaNs are put back below
+    risk = np.clip(risk, 0.0, 1.0)
+    risk[np.isnan(X).any(axis=1)] = np.nan
+    return risk
+
+
+def _spec_name(spec: dict[str, Any]) -> str:
+    return Candidate(spec["kind"], alpha=spec.get("alpha"), feature=spec.get("feature")).name
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _corrupt(where: str, detail: str) -> OODStateError:
+    return OODStateError(f"corrupted quality model in {where}: {detail}; {REFIT}")
+
+
+def _keys(obj: Any, required: Sequence[str], what: str, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict) or set(obj) != set(required):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise _corrupt(where, f"{what} must have exactly the keys {', '.join(required)} (got {got})")
+    return obj
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _corrupt(where, f"{what} = {value!r} is not a finite number")
+    return float(value)
+
+
+def _integer(value: Any, what: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _corrupt(where, f"{what} = {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _numbers(value: Any, what: str, where: str, length: int | None = None) -> list[float]:
+    if not isinstance(value, list) or (length is not None and len(value) != length) or not value:
+        size = f"{length} " if length is not None else "a non-empty list of "
+        raise _corrupt(where, f"{what} must be {size}numbers")
+    return [_number(v, f"{what}[{i}]", where) for i, v in enumerate(value)]
+
+
+def _check_spec(spec: Any, feature_names: Sequence[str], where: str) -> dict[str, Any]:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    p = len(feature_names)
+    if kind == "constant":
+        _keys(spec, ("kind", "value"), "the constant predictor", where)
+        return {"kind": kind, "value": _number(spec["value"], "value", where)}
+    if kind == "ridge":
+        _keys(spec, ("kind", "alpha", "clip", "center", "scale", "coef", "intercept"), "the ridge predictor", where)
+        out = {"kind": kind, "alpha": _number(spec["alpha"], "alpha", where),
+               "clip": _number(spec["clip"], "clip", where), "center": _numbers(spec["center"], "center", where, p),
+               "scale": _numbers(spec["scale"], "scale", where, p), "coef": _numbers(spec["coef"], "coef", where, p),
+               "intercept": _number(spec["intercept"], "intercept", where)}
+        if out["alpha"] <= 0 or out["clip"] <= 0 or min(out["scale"]) <= 0:
+            raise _corrupt(where, "the ridge predictor needs alpha, clip and every scale > 0")
+        return out
+    if kind == "isotonic":
+        _keys(spec, ("kind", "feature", "increasing", "x", "y"), "the isotonic predictor", where)
+        if spec["feature"] not in feature_names or not isinstance(spec["increasing"], bool):
+            raise _corrupt(where, f"the isotonic predictor's feature {spec['feature']!r} is not one of the model's "
+                                  "features, or its direction is not true/false")
+        x = _numbers(spec["x"], "x", where)
+        y = _numbers(spec["y"], "y", where, len(x))
+        dy = np.diff(y) if spec["increasing"] else -np.diff(y)
+        if np.any(np.diff(x) <= 0) or np.any(dy < 0):
+            raise _corrupt(where, "the isotonic knots must have increasing x and y monotone in the stated direction")
+        return {"kind": kind, "feature": spec["feature"], "increasing": spec["increasing"], "x": x, "y": y}
+    raise _corrupt(where, f"unknown predictor kind {kind!r} (one of constant, ridge, isotonic)")
+
+
+_REPORT_KEYS = ("chosen", "selection", "n_rows", "n_groups", "n_dropped", "n_splits", "candidates")
+_CANDIDATE_KEYS = ("name", "cv_mae", "cv_spearman")
+
+
+def _check_report(report: Any, where: str) -> dict[str, Any]:
+    _keys(report, _REPORT_KEYS, "cross_validation", where)
+    if not isinstance(report["chosen"], str) or not isinstance(report["selection"], str):
+        raise _corrupt(where, "cross_validation's chosen and selection must be strings")
+    out = {"chosen": report["chosen"], "selection": report["selection"]}
+    for key in ("n_rows", "n_groups", "n_dropped", "n_splits"):
+        out[key] = _integer(report[key], f"cross_validation.{key}", where, 0)
+    if not isinstance(report["candidates"], list) or not report["candidates"]:
+        raise _corrupt(where, "cross_validation.candidates must be a non-empty list")
+    rows = []
+    for entry in report["candidates"]:
+        _keys(entry, _CANDIDATE_KEYS, "a cross-validation candidate", where)
+        rho = None if entry["cv_spearman"] is None else _number(entry["cv_spearman"], "cv_spearman", where)
+        mae = _number(entry["cv_mae"], "cv_mae", where)
+        if not isinstance(entry["name"], str) or mae < 0 or (rho is not None and not -1 <= rho <= 1):
+            raise _corrupt(where, f"cross-validation candidate {entry['name']!r}: needs a string name, cv_mae >= 0 "
+                                  "and cv_spearman null or in [-1, 1]")
+        rows.append({"name": entry["name"], "cv_mae": mae, "cv_spearman": rho})
+    if out["chosen"] not in [r["name"] for r in rows]:
+        raise _corrupt(where, f"cross_validation.chosen {out['chosen']!r} is not one of its candidates")
+    out["candidates"] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class QualityModel:
+    """Predicts a case's risk 1 - Dice from its features (columns named by ``feature_names``)."""
+
+    def __init__(self, feature_names: Sequence[str], seed: int = 0, n_splits: int = 5) -> None:
+        names = list(feature_names)
+        if not names or any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise OODInputError(f"the quality model needs distinct feature names (strings), got {names!r}")
+        if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
+            raise OODInputError(f"the quality model's cross-validation needs n_splits >= 2, got {n_splits!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise OODInputError(f"the quality model's seed must be an integer >= 0, got {seed!r}")
+        self.feature_names = names
+        self.seed = int(seed)
+        self.n_splits = int(n_splits)
+        self.predictor_: dict[str, Any] | None = None
+        self.cv_report_: dict[str, Any] = {}
+        #: the chosen candidate's out-of-fold risks of the rows given to fit (NaN for rows left out); None when
+        #: the model was loaded rather than fitted
+        self.oof_risk_: np.ndarray | None = None
+
+    def _matrix(self, X: Any) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
+            raise OODInputError(f"the quality model reads {len(self.feature_names)} features "
+                                f"({', '.join(self.feature_names)}), got an array of shape {X.shape}; pass one row "
+                                "per case and one column per feature, in that order")
+        return X
+
+    def fit(self, X: np.ndarray, dice: np.ndarray, groups: Sequence[str]) -> QualityModel:
+        """Choose a candidate by grouped cross-validation of its mean absolute error and refit it on all rows.
+
+        ``groups`` names each row's case: its versions stay on one side of every split. Rows with a non-finite
+        feature or Dice are left out (counted in ``cv_report_["n_dropped"]``); at least 2 cases must remain.
+        """
+        X = self._matrix(X)
+        dice = np.asarray(dice, dtype=np.float64).reshape(-1)
+        groups = [str(g) for g in groups]
+        if not len(dice) == len(groups) == X.shape[0]:
+            raise OODInputError(f"the quality model got {X.shape[0]} feature rows, {len(dice)} Dice values and "
+                                f"{len(groups)} groups; give one of each per row")
+        if np.any((dice < 0) | (dice > 1)):
+            raise OODInputError("Dice values must lie in [0, 1] (NaN for unknown); check the failure table")
+        keep = np.isfinite(X).all(axis=1) & np.isfinite(dice)
+        Xk, risk = X[keep], 1.0 - dice[keep]
+        gk = [g for g, k in zip(groups, keep) if k]
+        if len(set(gk)) < 2:
+            raise OODInputError(f"the quality model needs rows of at least 2 cases with finite features and Dice, "
+                                f"got {len(set(gk))} ({int((~keep).sum())} of {len(keep)} rows have NaN/Inf); "
+                                "check the failure table's features")
+        folds = group_kfold(gk, self.n_splits, self.seed)
+        cands = candidates(self.feature_names)
+        oof = np.empty((len(cands), len(risk)))
+        for train, test in folds:
+            for c, candidate in enumerate(cands):
+                spec = fit_candidate(candidate, Xk[train], risk[train], self.feature_names)
+                oof[c, test] = predict_spec(spec, Xk[test], self.feature_names)
+        mae = np.abs(oof - risk).mean(axis=1)
+        best = int(np.argmin(mae))  # the first of equal errors: the simpler candidate
+        rows = []
+        for c, candidate in enumerate(cands):
+            rho = spearman(oof[c], risk)
+            rows.append({"name": candidate.name, "cv_mae": float(mae[c]),
+                         "cv_spearman": None if math.isnan(rho) else rho})
+        self.predictor_ = fit_candidate(cands[best], Xk, risk, self.feature_names)
+        self.cv_report_ = {"chosen": cands[best].name, "selection": SELECTION, "n_rows": int(keep.sum()),
+                           "n_groups": len(set(gk)), "n_dropped": int((~keep).sum()), "n_splits": len(folds),
+                           "candidates": rows}
+        self.oof_risk_ = np.full(len(dice), np.nan)
+        self.oof_risk_[keep] = oof[best]
+        return self
+
+    def _fitted(self) -> dict[str, Any]:
+        if self.predictor_ is None:
+            raise OODStateError(f"the quality model is not fitted; call fit or load a fitted one ({REFIT})")
+        return self.predictor_
+
+    def predict_risk(self, X: np.ndarray) -> np.ndarray:
+        """Predicted risk 1 - Dice per row, in [0, 1]; NaN for rows with a NaN feature (send them to review)."""
+        return predict_spec(self._fitted(), self._matrix(X), self.feature_names)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything needed to predict (and the CV report), as plain JSON: lists of floats, strings, ints."""
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "feature_names": list(self.feature_names),
+                "seed": self.seed, "n_splits": self.n_splits, "predictor": json.loads(json.dumps(self._fitted())),
+                "cross_validation": json.loads(json.dumps(self.cv_report_))}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> QualityModel:
+        """A model from :meth:`to_json`'s dict; any missing, extra or ill-typed key -> :class:`OODStateError`."""
+        _keys(obj, ("format", "schema_version", "feature_names", "seed", "n_splits", "predictor",
+                    "cross_validation"), "the quality model", where)
+        if obj["format"] != FORMAT or obj["schema_version"] != SCHEMA_VERSION or isinstance(obj["schema_version"],
+                                                                                            bool):
+            raise _corrupt(where, f"format {obj['format']!r} version {obj['schema_version']!r} is not {FORMAT} "
+                                  f"version {SCHEMA_VERSION}")
+        names = obj["feature_names"]
+        if not isinstance(names, list) or not names or any(not isinstance(n, str) for n in names) or \
+                len(set(names)) != len(names):
+            raise _corrupt(where, "feature_names must be a non-empty list of distinct strings")
+        model = cls(names, seed=_integer(obj["seed"], "seed", where, 0),
+                    n_splits=_integer(obj["n_splits"], "n_splits", where, 2))
+        model.predictor_ = _check_spec(obj["predictor"], names, where)
+        model.cv_report_ = _check_report(obj["cross_validation"], where)
+        if model.cv_report_["chosen"] != _spec_name(model.predictor_):
+            raise _corrupt(where, f"the predictor ({_spec_name(model.predictor_)}) is not the one cross_validation "
+                                  f"chose ({model.cv_report_['chosen']})")
+        return model
+
+    def save(self, path: str) -> None:
+        """Write the model as a JSON file, atomically."""
+        from nnunet_ood.io.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> QualityModel:
+        """Read a model written by :meth:`save`. Only JSON is parsed: anything else (a pickle, a binary or
+        malformed file) raises :class:`OODStateError`; nothing in the file is ever executed."""
+        try:
+            with open(path, "rb") as f:
+                obj = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise OODStateError(f"cannot read the quality model {path} as JSON ({e}); {REFIT}") from None
+        return cls.from_json(obj, str(path))

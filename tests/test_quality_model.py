@@ -1,0 +1,404 @@
+"""The quality model: grouped folds, its candidates against scikit-learn, CV selection, out-of-fold risks, and
+its JSON state (strict, never unpickled)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold
+
+from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.quality.grouped_cv import group_kfold
+from nnunet_ood.quality.model import (
+    CLIP,
+    RIDGE_ALPHAS,
+    Candidate,
+    QualityModel,
+    candidates,
+    fit_candidate,
+    fit_isotonic,
+    fit_ridge,
+    predict_spec,
+    robust_scaling,
+    spearman,
+    standardise,
+)
+
+REFIT = "re-fit with nnUNetv2_fit_ood"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def case_groups(n_cases: int, versions: int) -> list[str]:
+    return [f"case{c:03d}" for c in range(n_cases) for _ in range(versions)]
+
+
+def nonlinear_data(rng, n_cases=60, versions=3):
+    """Risk a steep monotone (decreasing) function of feature ``s1``; ``s0`` and ``s2`` are noise."""
+    n = n_cases * versions
+    X = rng.normal(size=(n, 3))
+    risk = 0.1 + 0.8 / (1 + np.exp(8 * X[:, 1])) + 0.03 * rng.normal(size=n)
+    return X, 1 - np.clip(risk, 0, 1), case_groups(n_cases, versions)
+
+
+def linear_data(rng, n_cases=60, versions=3):
+    """Risk a linear mix of four features, none enough on its own."""
+    n = n_cases * versions
+    X = rng.normal(size=(n, 4))
+    risk = 0.5 + 0.08 * (X[:, 0] + X[:, 1] - X[:, 2] + X[:, 3]) + 0.02 * rng.normal(size=n)
+    return X, 1 - np.clip(risk, 0, 1), case_groups(n_cases, versions)
+
+
+# ---------------------------------------------------------------------------------------------- group_kfold
+def test_group_kfold_never_splits_a_group_and_covers_every_row_once():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n_groups = int(rng.integers(2, 25))
+        groups = [f"g{g}" for g in rng.integers(0, n_groups, int(rng.integers(n_groups, 100)))]
+        n_splits = int(rng.integers(2, 8))
+        folds = group_kfold(groups, n_splits, seed=int(rng.integers(100)))
+        assert len(folds) == min(n_splits, len(set(groups)))
+        tests = np.concatenate([test for _, test in folds])
+        assert np.array_equal(np.sort(tests), np.arange(len(groups)))  # every row exactly once as test
+        for train, test in folds:
+            assert len(test) > 0
+            assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(groups)))
+            assert not {groups[i] for i in train} & {groups[i] for i in test}
+
+
+def test_group_kfold_balances_rows_like_sklearn():
+    """The same largest-first, lightest-fold assignment as GroupKFold: equal sorted fold sizes, whatever the
+    seed (groups of equal size are interchangeable), and a spread of at most the largest group."""
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        sizes = rng.integers(1, 12, int(rng.integers(5, 30)))
+        groups = np.repeat([f"g{i}" for i in range(len(sizes))], sizes)
+        k = int(rng.integers(2, 6))
+        ours = sorted(len(test) for _, test in group_kfold(list(groups), k, seed=int(rng.integers(100))))
+        theirs = sorted(len(test) for _, test in GroupKFold(n_splits=k).split(groups, groups=groups))
+        assert ours == theirs
+        assert ours[-1] - ours[0] <= sizes.max()
+
+
+def test_group_kfold_deterministic_and_seeded():
+    groups = case_groups(20, 3)
+    a, b = group_kfold(groups, 5, seed=3), group_kfold(groups, 5, seed=3)
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    c = group_kfold(groups, 5, seed=4)
+    assert any(not np.array_equal(x[1], y[1]) for x, y in zip(a, c))  # equal-size groups: the seed decides
+
+
+def test_group_kfold_bad_input():
+    with pytest.raises(OODInputError, match="at least 2 groups"):
+        group_kfold(["a", "a", "a"], 5, 0)
+    with pytest.raises(OODInputError, match="no rows"):
+        group_kfold([], 5, 0)
+    with pytest.raises(OODInputError, match="n_splits"):
+        group_kfold(["a", "b"], 1, 0)
+    assert len(group_kfold(["a", "b", "c", "a"], 10, 0)) == 3  # capped at the number of groups
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def test_ridge_equals_sklearn_on_standardised_clipped_inputs():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(80, 4)) * [1, 10, 0.1, 3] + [0, 5, -2, 100]
+    X[:3, 0] = [50, -40, 30]  # far-out values: clipped at CLIP
+    X[:, 3] = np.where(rng.random(80) < 0.8, 100.0, X[:, 3])  # IQR 0: the std is the scale
+    y = rng.random(80)
+    center, scale = robust_scaling(X)
+    assert np.all(scale > 0)
+    Z = standardise(X, center, scale)
+    assert np.abs(Z).max() == CLIP
+    Z_new = standardise(rng.normal(size=(20, 4)) * 20, center, scale)
+    for alpha in RIDGE_ALPHAS:
+        coef, intercept = fit_ridge(Z, y, alpha)
+        ref = Ridge(alpha=alpha).fit(Z, y)
+        np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-10)
+        assert intercept == pytest.approx(ref.intercept_, abs=1e-10)
+        np.testing.assert_allclose(Z_new @ coef + intercept, ref.predict(Z_new), atol=1e-10)
+        # the fitted candidate predicts the same, clipped to [0, 1]
+        spec = fit_candidate(Candidate("ridge", alpha=alpha), X, y, ["a", "b", "c", "d"])
+        X_new = rng.normal(size=(20, 4)) * 20
+        expected = np.clip(ref.predict(standardise(X_new, center, scale)), 0, 1)
+        np.testing.assert_allclose(predict_spec(spec, X_new, ["a", "b", "c", "d"]), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_isotonic_equals_sklearn(increasing):
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        x = np.round(rng.normal(size=70), 1)  # ties
+        y = (x if increasing else -x) * 0.2 + rng.normal(size=70)
+        kx, ky = fit_isotonic(x, y, increasing)
+        assert np.all(np.diff(kx) > 0)
+        assert np.all(np.diff(ky) >= 0) if increasing else np.all(np.diff(ky) <= 0)
+        ref = IsotonicRegression(increasing=increasing, out_of_bounds="clip").fit(x, y)
+        grid = np.linspace(x.min(), x.max(), 301)
+        np.testing.assert_allclose(np.interp(grid, kx, ky), ref.predict(grid), atol=1e-10)
+        np.testing.assert_allclose(np.interp(x, kx, ky), ref.predict(x), atol=1e-10)
+        outside = np.array([x.min() - 5, x.max() + 5])
+        np.testing.assert_allclose(np.interp(outside, kx, ky), [ky[0], ky[-1]])  # flat beyond the ends
+
+
+def test_isotonic_candidate_direction_from_spearman():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(50, 2))
+    y = np.clip(0.5 - 0.2 * X[:, 1] + 0.05 * rng.normal(size=50), 0, 1)
+    spec = fit_candidate(Candidate("isotonic", feature="b"), X, y, ["a", "b"])
+    assert spec["increasing"] is False and spec["feature"] == "b"
+    assert spearman(X[:, 1], y) < 0
+    flat = fit_candidate(Candidate("isotonic", feature="a"), np.ones((10, 2)), np.linspace(0, 1, 10), ["a", "b"])
+    assert flat["x"] == [1.0] and flat["y"] == [pytest.approx(0.5)]  # constant feature: the mean
+
+
+def test_candidate_order():
+    names = [c.name for c in candidates(["s0", "s1"])]
+    assert names == ["constant", "ridge(alpha=1000)", "ridge(alpha=100)", "ridge(alpha=10)", "ridge(alpha=1)",
+                     "ridge(alpha=0.1)", "isotonic(s0)", "isotonic(s1)"]
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_selection_picks_isotonic_for_a_monotone_nonlinear_risk():
+    X, dice, groups = nonlinear_data(np.random.default_rng(5))
+    model = QualityModel(["s0", "s1", "s2"], seed=0).fit(X, dice, groups)
+    report = model.cv_report_
+    assert report["chosen"] == "isotonic(s1)"
+    assert report["n_rows"] == 180 and report["n_groups"] == 60 and report["n_dropped"] == 0
+    assert report["n_splits"] == 5
+    maes = {c["name"]: c["cv_mae"] for c in report["candidates"]}
+    assert len(maes) == 1 + len(RIDGE_ALPHAS) + 3 and min(maes.values()) == maes["isotonic(s1)"]
+    assert maes["isotonic(s1)"] < 0.7 * min(v for k, v in maes.items() if k.startswith("ridge"))
+    chosen = next(c for c in report["candidates"] if c["name"] == "isotonic(s1)")
+    assert chosen["cv_spearman"] > 0.8  # lower than its MAE suggests: the flat ends of a monotone fit tie
+    json.dumps(report, allow_nan=False)  # JSON-able as it is
+    assert model.predictor_["increasing"] is False
+
+
+def test_selection_picks_ridge_for_a_linear_mix():
+    X, dice, groups = linear_data(np.random.default_rng(6))
+    model = QualityModel(["a", "b", "c", "d"], seed=1).fit(X, dice, groups)
+    assert model.cv_report_["chosen"].startswith("ridge(")
+    assert model.predictor_["kind"] == "ridge"
+    maes = {c["name"]: c["cv_mae"] for c in model.cv_report_["candidates"]}
+    assert maes[model.cv_report_["chosen"]] < 0.5 * min(v for k, v in maes.items() if k.startswith("isotonic"))
+    risk = model.predict_risk(X)
+    assert np.abs(risk - (1 - dice)).mean() < 0.03
+
+
+def test_oof_risks_are_the_chosen_candidate_fitted_without_the_fold():
+    X, dice, groups = nonlinear_data(np.random.default_rng(7), n_cases=25)
+    X[5, 0] = np.nan  # dropped row
+    dice[9] = np.nan  # dropped row
+    names = ["s0", "s1", "s2"]
+    model = QualityModel(names, seed=2, n_splits=4).fit(X, dice, groups)
+    assert model.cv_report_["n_dropped"] == 2 and model.cv_report_["n_rows"] == len(dice) - 2
+    keep = np.isfinite(X).all(axis=1) & np.isfinite(dice)
+    assert np.isnan(model.oof_risk_[~keep]).all() and np.isfinite(model.oof_risk_[keep]).all()
+    chosen = next(c for c in candidates(names) if c.name == model.cv_report_["chosen"])
+    Xk, rk, gk = X[keep], 1 - dice[keep], [g for g, k in zip(groups, keep) if k]
+    expected = np.empty(len(rk))
+    for train, test in group_kfold(gk, 4, seed=2):
+        expected[test] = predict_spec(fit_candidate(chosen, Xk[train], rk[train], names), Xk[test], names)
+    np.testing.assert_allclose(model.oof_risk_[keep], expected)
+    mae = next(c["cv_mae"] for c in model.cv_report_["candidates"] if c["name"] == chosen.name)
+    assert mae == pytest.approx(np.abs(expected - rk).mean())
+
+
+def test_oof_risk_of_an_outlier_case_does_not_see_itself():
+    """Every case has risk 0.1 but one, with risk 0.9 and the largest feature values: a monotone fit on all rows
+    fits it perfectly, but out of fold every candidate can only have learned 0.1."""
+    n_cases, versions = 20, 3
+    groups = case_groups(n_cases, versions)
+    rng = np.random.default_rng(8)
+    X = rng.random((n_cases * versions, 2)) * 0.5
+    risk = np.full(len(groups), 0.1)
+    outlier = np.array([g == "case007" for g in groups])
+    X[outlier] = 1.0 + rng.random((versions, 2))
+    risk[outlier] = 0.9
+    model = QualityModel(["a", "b"], seed=0).fit(X, 1 - risk, groups)
+    np.testing.assert_allclose(model.oof_risk_[outlier], 0.1, atol=1e-9)
+    np.testing.assert_allclose(model.oof_risk_[~outlier], 0.1, atol=0.05)
+    in_sample = fit_candidate(Candidate("isotonic", feature="a"), X, risk, ["a", "b"])
+    np.testing.assert_allclose(predict_spec(in_sample, X, ["a", "b"]), risk, atol=1e-12)  # in sample: perfect
+
+
+def test_predict_nan_clipping_and_columns():
+    X, dice, groups = linear_data(np.random.default_rng(9))
+    model = QualityModel(["a", "b", "c", "d"]).fit(X, dice, groups)
+    spec = model.predictor_
+    center, scale = np.array(spec["center"]), np.array(spec["scale"])
+    rows = np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0], [1e9, 1e9, -1e9, 1e9], [np.inf, np.inf, -np.inf, np.inf]])
+    risk = model.predict_risk(rows)
+    assert np.isnan(risk[0]) and np.isfinite(risk[1:]).all()
+    assert np.all((risk[1:] >= 0) & (risk[1:] <= 1))
+    at_clip = (center + CLIP * scale * np.array([1, 1, -1, 1]))[None]
+    # a far-out (even infinite) value is worth no more than CLIP scales from the median
+    np.testing.assert_allclose(risk[2:], model.predict_risk(at_clip)[0])
+    raw = (np.array([CLIP, CLIP, -CLIP, CLIP]) @ np.array(spec["coef"])) + spec["intercept"]
+    assert risk[2] == pytest.approx(min(max(raw, 0.0), 1.0))
+    assert raw > 1 and risk[2] == 1.0  # the linear model runs past 1: clipped
+    with pytest.raises(OODInputError, match="reads 4 features"):
+        model.predict_risk(X[:, :3])
+    with pytest.raises(OODInputError, match="reads 4 features"):
+        model.predict_risk(X[0])
+    with pytest.raises(OODStateError, match="not fitted"):
+        QualityModel(["a"]).predict_risk(np.zeros((1, 1)))
+
+
+def test_fit_bad_input():
+    X, dice, groups = linear_data(np.random.default_rng(10), n_cases=5)
+    with pytest.raises(OODInputError, match="one of each per row"):
+        QualityModel(["a", "b", "c", "d"]).fit(X, dice[:-1], groups)
+    with pytest.raises(OODInputError, match=r"\[0, 1\]"):
+        QualityModel(["a", "b", "c", "d"]).fit(X, dice + 2, groups)
+    with pytest.raises(OODInputError, match="at least 2 cases"):
+        QualityModel(["a", "b", "c", "d"]).fit(X, dice, ["one"] * len(dice))
+    X_nan = X.copy()
+    X_nan[:, 2] = np.nan
+    with pytest.raises(OODInputError, match="at least 2 cases"):
+        QualityModel(["a", "b", "c", "d"]).fit(X_nan, dice, groups)
+    with pytest.raises(OODInputError, match="distinct feature names"):
+        QualityModel(["a", "a"])
+    with pytest.raises(OODInputError, match="n_splits"):
+        QualityModel(["a"], n_splits=1)
+
+
+# ---------------------------------------------------------------------------------------------- JSON state
+def fitted_models():
+    """One fitted model per predictor kind."""
+    rng = np.random.default_rng(11)
+    X, dice, groups = nonlinear_data(rng)
+    iso = QualityModel(["s0", "s1", "s2"], seed=0).fit(X, dice, groups)
+    X, dice, groups = linear_data(rng)
+    ridge = QualityModel(["a", "b", "c", "d"], seed=0).fit(X, dice, groups)
+    # every candidate is exact on a constant risk: the tie goes to the first candidate, the constant
+    flat = QualityModel(["x"], seed=0).fit(rng.normal(size=(60, 1)), np.full(60, 0.75), case_groups(30, 2))
+    assert [c["cv_mae"] for c in flat.cv_report_["candidates"]] == [0.0] * 7
+    assert [m.predictor_["kind"] for m in (iso, ridge, flat)] == ["isotonic", "ridge", "constant"]
+    return iso, ridge, flat
+
+
+def test_json_round_trip_gives_identical_predictions(tmp_path):
+    rng = np.random.default_rng(12)
+    for i, model in enumerate(fitted_models()):
+        X = rng.normal(size=(50, len(model.feature_names))) * 3
+        X[3, 0] = np.nan
+        obj = json.loads(json.dumps(model.to_json(), allow_nan=False))  # plain JSON
+        again = QualityModel.from_json(obj, "here")
+        assert again.feature_names == model.feature_names and again.seed == model.seed
+        assert again.n_splits == model.n_splits and again.cv_report_ == model.cv_report_
+        np.testing.assert_array_equal(again.predict_risk(X), model.predict_risk(X))
+        path = tmp_path / f"model{i}.json"
+        model.save(str(path))
+        loaded = QualityModel.load(str(path))
+        np.testing.assert_array_equal(loaded.predict_risk(X), model.predict_risk(X))
+        assert loaded.to_json() == model.to_json()
+        assert loaded.oof_risk_ is None  # calibration data are not part of the stored model
+
+
+def corruptions(obj):
+    """(description, corrupted copy) for each kind of damage."""
+    def edit(fn):
+        bad = copy.deepcopy(obj)
+        fn(bad)
+        return bad
+
+    kind = obj["predictor"]["kind"]
+    out = [
+        ("not a dict", [obj]),
+        ("missing key", edit(lambda o: o.pop("predictor"))),
+        ("extra key", edit(lambda o: o.update(extra=1))),
+        ("wrong format", edit(lambda o: o.update(format="sklearn"))),
+        ("newer schema", edit(lambda o: o.update(schema_version=2))),
+        ("names not a list", edit(lambda o: o.update(feature_names="a,b"))),
+        ("duplicate names", edit(lambda o: o["feature_names"].append(o["feature_names"][0]))),
+        ("seed string", edit(lambda o: o.update(seed="0"))),
+        ("seed bool", edit(lambda o: o.update(seed=True))),
+        ("n_splits 1", edit(lambda o: o.update(n_splits=1))),
+        ("predictor kind", edit(lambda o: o["predictor"].update(kind="forest"))),
+        ("predictor extra key", edit(lambda o: o["predictor"].update(extra=0))),
+        ("report missing key", edit(lambda o: o["cross_validation"].pop("n_rows"))),
+        ("report chosen other", edit(lambda o: o["cross_validation"].update(chosen="constant" if kind != "constant"
+                                                                            else "ridge(alpha=1)"))),
+        ("report mae nan", edit(lambda o: o["cross_validation"]["candidates"][0].update(cv_mae=float("nan")))),
+        ("report spearman 2", edit(lambda o: o["cross_validation"]["candidates"][0].update(cv_spearman=2.0))),
+        ("report n_rows bool", edit(lambda o: o["cross_validation"].update(n_rows=True))),
+    ]
+    if kind == "ridge":
+        out += [
+            ("coef length", edit(lambda o: o["predictor"]["coef"].pop())),
+            ("coef nan", edit(lambda o: o["predictor"]["coef"].__setitem__(0, float("nan")))),
+            ("center inf", edit(lambda o: o["predictor"]["center"].__setitem__(1, float("inf")))),
+            ("scale string", edit(lambda o: o["predictor"]["scale"].__setitem__(0, "1.0"))),
+            ("scale zero", edit(lambda o: o["predictor"]["scale"].__setitem__(0, 0.0))),
+            ("intercept missing", edit(lambda o: o["predictor"].pop("intercept"))),
+            ("alpha negative", edit(lambda o: o["predictor"].update(alpha=-1.0))),
+        ]
+    elif kind == "isotonic":
+        out += [
+            ("x not increasing", edit(lambda o: o["predictor"]["x"].reverse())),
+            ("y against direction", edit(lambda o: o["predictor"].update(increasing=not o["predictor"]["increasing"]))),
+            ("x y lengths", edit(lambda o: o["predictor"]["y"].pop())),
+            ("unknown feature", edit(lambda o: o["predictor"].update(feature="zzz"))),
+            ("x empty", edit(lambda o: o["predictor"].update(x=[], y=[]))),
+            ("y nan", edit(lambda o: o["predictor"]["y"].__setitem__(0, float("nan")))),
+        ]
+    else:
+        out += [("value string", edit(lambda o: o["predictor"].update(value="0.5"))),
+                ("value nan", edit(lambda o: o["predictor"].update(value=float("nan"))))]
+    return out
+
+
+def test_from_json_refuses_corrupted_dicts():
+    for model in fitted_models():
+        obj = model.to_json()
+        QualityModel.from_json(copy.deepcopy(obj), "here")  # the original is fine
+        for what, bad in corruptions(obj):
+            with pytest.raises(OODStateError, match=f"in here: .*{REFIT}") as err:
+                QualityModel.from_json(bad, "here")
+            assert "\n" not in str(err.value), what
+
+
+class _Payload:
+    """Unpickling calls open(marker, "w"): a file appears if anything unpickles it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_never_unpickles_and_reads_only_json(tmp_path):
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(str(probe))))
+    assert probe.exists()  # the payload is live: unpickling would leave its marker
+    marker = tmp_path / "marker"
+    evil = tmp_path / "quality_model.json"
+    evil.write_bytes(pickle.dumps(_Payload(str(marker))))
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):  # protocol 0 is ASCII text
+        evil.write_bytes(pickle.dumps(_Payload(str(marker)), protocol=protocol))
+        with pytest.raises(OODStateError, match=f"as JSON.*{REFIT}"):
+            QualityModel.load(str(evil))
+    assert not marker.exists()
+
+    model = fitted_models()[2]
+    pickled_dict = tmp_path / "dict.pkl"
+    pickled_dict.write_bytes(pickle.dumps(model.to_json()))
+    not_json = tmp_path / "text.json"
+    not_json.write_text("predictor = constant\n")
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(np.random.default_rng(0).bytes(256))
+    for path in (pickled_dict, not_json, binary, tmp_path / "missing.json"):
+        with pytest.raises(OODStateError, match=REFIT):
+            QualityModel.load(str(path))
+    for bad in ({**model.to_json(), "extra": 1}, {k: v for k, v in model.to_json().items() if k != "seed"}):
+        path = tmp_path / "keys.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(OODStateError, match=f"{path}.*{REFIT}"):
+            QualityModel.load(str(path))
