@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold
@@ -17,7 +19,9 @@ from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.quality.grouped_cv import group_kfold
 from nnunet_ood.quality.model import (
     CLIP,
+    MEAN_SIZES,
     RIDGE_ALPHAS,
+    TIE_BREAK,
     Candidate,
     QualityModel,
     candidates,
@@ -51,6 +55,17 @@ def linear_data(rng, n_cases=60, versions=3):
     n = n_cases * versions
     X = rng.normal(size=(n, 4))
     risk = 0.5 + 0.08 * (X[:, 0] + X[:, 1] - X[:, 2] + X[:, 3]) + 0.02 * rng.normal(size=n)
+    return X, 1 - np.clip(risk, 0, 1), case_groups(n_cases, versions)
+
+
+def averaged_data(rng, n_cases=60, versions=3):
+    """Risk a steep monotone function of the mean of two noisy readings ``f1`` and ``-f3`` of one latent score
+    (each alone is worse); ``n0`` and ``n2`` are noise."""
+    n = n_cases * versions
+    z = rng.normal(size=n)
+    X = np.column_stack([rng.normal(size=n), z + 0.7 * rng.normal(size=n), rng.normal(size=n),
+                         -(z + 0.7 * rng.normal(size=n))])
+    risk = 0.05 + 0.9 / (1 + np.exp(-2 * (X[:, 1] - X[:, 3]))) + 0.02 * rng.normal(size=n)
     return X, 1 - np.clip(risk, 0, 1), case_groups(n_cases, versions)
 
 
@@ -121,11 +136,13 @@ def test_ridge_equals_sklearn_on_standardised_clipped_inputs():
         np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-10)
         assert intercept == pytest.approx(ref.intercept_, abs=1e-10)
         np.testing.assert_allclose(Z_new @ coef + intercept, ref.predict(Z_new), atol=1e-10)
-        # the fitted candidate predicts the same, clipped to [0, 1]
+        # the fitted candidate predicts the same, clipped to [0, 1] (the tie-break moves it by at most TIE_BREAK)
         spec = fit_candidate(Candidate("ridge", alpha=alpha), X, y, ["a", "b", "c", "d"])
         X_new = rng.normal(size=(20, 4)) * 20
         expected = np.clip(ref.predict(standardise(X_new, center, scale)), 0, 1)
-        np.testing.assert_allclose(predict_spec(spec, X_new, ["a", "b", "c", "d"]), expected, atol=1e-10)
+        np.testing.assert_allclose(predict_spec(spec, X_new, ["a", "b", "c", "d"], tie_break=False), expected,
+                                   atol=1e-10)
+        assert np.abs(predict_spec(spec, X_new, ["a", "b", "c", "d"]) - expected).max() <= TIE_BREAK
 
 
 @pytest.mark.parametrize("increasing", [True, False])
@@ -159,7 +176,167 @@ def test_isotonic_candidate_direction_from_spearman():
 def test_candidate_order():
     names = [c.name for c in candidates(["s0", "s1"])]
     assert names == ["constant", "ridge(alpha=1000)", "ridge(alpha=100)", "ridge(alpha=10)", "ridge(alpha=1)",
-                     "ridge(alpha=0.1)", "isotonic(s0)", "isotonic(s1)"]
+                     "ridge(alpha=0.1)", "isotonic(s0)", "isotonic(s1)"]  # k = 2 is not < 2 features: no mean
+    assert [c.name for c in candidates(["s0", "s1", "s2"])][-4:] == [
+        "isotonic(s0)", "isotonic(s1)", "isotonic(s2)", "isotonic_mean(k=2)"]
+    assert [c.name for c in candidates([f"s{i}" for i in range(5)])][-2:] == [
+        "isotonic_mean(k=2)", "isotonic_mean(k=3)"]  # k = 5 is not < 5
+    six = candidates([f"s{i}" for i in range(6)])
+    assert [c.name for c in six][-4:] == ["isotonic(s5)", *(f"isotonic_mean(k={k})" for k in MEAN_SIZES)]
+    assert len(six) == 1 + len(RIDGE_ALPHAS) + 6 + len(MEAN_SIZES)
+
+
+def mean_data(rng, n=150):
+    """A latent score read by features of decreasing strength, some reversed, one rounded (ties), one constant."""
+    z = rng.normal(size=n)
+    noise = rng.normal(size=(n, 7))
+    X = np.column_stack([z + 3 * noise[:, 0], -(z + 0.3 * noise[:, 1]), z + 0.6 * noise[:, 2], np.ones(n),
+                         np.round(z + noise[:, 4]), -(z + 2 * noise[:, 5]), noise[:, 6]])
+    risk = np.clip(0.5 + 0.3 * np.tanh(1.5 * z) + 0.05 * rng.normal(size=n), 0, 1)
+    return X, risk, [f"f{j}" for j in range(X.shape[1])]
+
+
+@pytest.mark.parametrize("k", MEAN_SIZES)
+def test_isotonic_mean_equals_the_mean_of_sklearn_fits_on_the_most_correlated_features(k):
+    rng = np.random.default_rng(16)
+    X, risk, names = mean_data(rng)
+    # the reference, independently: |Spearman| by scipy (a constant column: NaN, counted as 0), largest first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about the constant column
+        rho = np.array([spearmanr(X[:, j], risk).statistic for j in range(X.shape[1])])
+    assert np.isnan(rho[3]) and rho[1] < 0 and rho[5] < 0
+    best = np.argsort(-np.nan_to_num(np.abs(rho), nan=0.0), kind="stable")[:k]
+    fits = [IsotonicRegression(increasing=bool(rho[j] >= 0), out_of_bounds="clip").fit(X[:, j], risk) for j in best]
+
+    spec = fit_candidate(Candidate("isotonic_mean", k=k), X, risk, names)
+    assert spec["kind"] == "isotonic_mean" and len(spec["members"]) == k
+    assert [m["feature"] for m in spec["members"]] == [names[j] for j in best]
+    assert [m["increasing"] for m in spec["members"]] == [bool(rho[j] >= 0) for j in best]
+    assert [m["increasing"] for m in spec["members"]][:2] == [False, True]  # f1 reversed, f2 not
+    X_new = np.concatenate([X, rng.normal(size=(100, X.shape[1])) * 3])  # inside and beyond the training range
+    expected = np.clip(np.mean([f.predict(X_new[:, j]) for f, j in zip(fits, best)], axis=0), 0, 1)
+    plain = predict_spec(spec, X_new, names, tie_break=False)
+    np.testing.assert_allclose(plain, expected, atol=1e-10)
+    # with the tie-break: the mean of the members' tie-broken predictions (their risks lie in [0, 1])
+    tb = predict_spec(spec, X_new, names)
+    np.testing.assert_allclose(tb, np.mean([predict_spec(m, X_new, names) for m in spec["members"]], axis=0),
+                               atol=1e-12)
+    assert np.abs(tb - plain).max() <= TIE_BREAK and tb.min() >= 0 and tb.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- tie-break
+@pytest.mark.parametrize("increasing", [True, False])
+def test_tie_break_orders_the_flat_stretches_of_an_isotonic_fit_like_its_feature(increasing):
+    rng = np.random.default_rng(13)
+    x = np.round(rng.uniform(-2, 2, 120), 1)
+    y = np.clip(0.5 + 0.3 * np.tanh(x if increasing else -x) + 0.15 * rng.normal(size=120), 0, 1)
+    names = ["noise", "x"]
+    spec = fit_candidate(Candidate("isotonic", feature="x"), np.column_stack([rng.normal(size=120), x]), y, names)
+    assert spec["increasing"] is increasing
+    kx, ky = np.array(spec["x"]), np.array(spec["y"])
+    sign = 1 if increasing else -1  # the fit's direction
+
+    def predict(xs, **kw):
+        return predict_spec(spec, np.column_stack([np.zeros(len(xs)), xs]), names, **kw)
+
+    # beyond the last knot and before the first: flat without the tie-break, ordered like the feature with it
+    for beyond in (kx[-1] + np.array([0.01, 0.5, 1, 10, 1e3, 1e9]), kx[0] - np.array([1e9, 1e3, 10, 1, 0.5, 0.01])):
+        plain = predict(beyond, tie_break=False)
+        assert np.all(plain == plain[0])
+        assert np.all(sign * np.diff(predict(beyond)) > 0)
+    # inside the widest flat block (two knots, one y: the noise makes the fit pool)
+    flat = np.flatnonzero(np.diff(ky) == 0)
+    assert flat.size
+    i = flat[np.argmax(np.diff(kx)[flat])]
+    inside = np.linspace(kx[i], kx[i + 1], 9)
+    plain = predict(inside, tie_break=False)
+    assert np.all(plain == plain[0])
+    assert np.all(sign * np.diff(predict(inside)) > 0)
+    # everywhere: strictly monotone in the fit's direction, within TIE_BREAK of the fit, in [0, 1]
+    grid = np.concatenate([[-np.inf, -1e12], np.linspace(-5, 5, 1001), [1e12, np.inf]])
+    tb, plain = predict(grid), predict(grid, tie_break=False)
+    np.testing.assert_allclose(plain[2:-2], np.interp(grid[2:-2], kx, ky), atol=1e-12)
+    np.testing.assert_array_equal(plain[[0, 1, -2, -1]], [ky[0], ky[0], ky[-1], ky[-1]])
+    assert np.all(sign * np.diff(tb) > 0)
+    assert np.abs(tb - plain).max() <= TIE_BREAK and tb.min() >= 0 and tb.max() <= 1
+    # a NaN in any column, even one the fit does not read, gives NaN
+    rows = np.array([[0.0, np.nan], [np.nan, 0.0], [0.0, 0.0]])
+    for tie_break in (True, False):
+        risk = predict_spec(spec, rows, names, tie_break=tie_break)
+        assert np.isnan(risk[:2]).all() and np.isfinite(risk[2])
+
+
+def test_tie_break_orders_clipped_ridge_predictions_like_the_unclipped_linear_score():
+    rng = np.random.default_rng(14)
+    X, dice, _ = linear_data(rng)
+    names = ["a", "b", "c", "d"]
+    spec = fit_candidate(Candidate("ridge", alpha=1.0), X, 1 - dice, names)
+    center, scale, coef = (np.array(spec[key]) for key in ("center", "scale", "coef"))
+    assert np.array_equal(np.sign(coef), [1, 1, -1, 1])
+
+    def linear(rows):  # by hand: no clip of the standardised features, nor of the risk
+        return ((rows - center) / scale) @ coef + spec["intercept"]
+
+    for side, bound in ((1, 1.0), (-1, 0.0)):  # far along (against) the risk's direction: clipped at 1 (at 0)
+        rows = center + scale * (side * np.sign(coef) * rng.uniform(3, 60, (60, 1)) + rng.normal(size=(60, 4)))
+        plain = predict_spec(spec, rows, names, tie_break=False)
+        rows = rows[plain == bound]
+        assert len(rows) >= 40 and np.all(np.abs((rows - center) / scale) > CLIP, axis=1).any()
+        tb = predict_spec(spec, rows, names)
+        np.testing.assert_array_equal(np.argsort(tb), np.argsort(linear(rows)))
+        assert len(np.unique(tb)) == len(rows) and np.abs(tb - bound).max() <= TIE_BREAK
+        assert tb.min() >= 0 and tb.max() <= 1
+
+    # standardised features beyond CLIP: one prediction without the tie-break, the linear order with it
+    hand = {"kind": "ridge", "alpha": 1.0, "clip": CLIP, "center": [1.0, -2.0], "scale": [2.0, 0.5],
+            "coef": [0.05, -0.03], "intercept": 0.3}
+    rows = np.column_stack([1 + 2 * rng.uniform(CLIP + 0.1, 200, 50), -2 + 0.5 * rng.uniform(CLIP + 0.1, 200, 50)])
+    plain = predict_spec(hand, rows, ["a", "b"], tie_break=False)
+    np.testing.assert_allclose(plain, 0.3 + CLIP * (0.05 - 0.03))
+    by_hand = ((rows - [1.0, -2.0]) / [2.0, 0.5]) @ [0.05, -0.03] + 0.3
+    assert by_hand.min() < 0 < 1 < by_hand.max()  # the linear score itself runs past [0, 1]
+    tb = predict_spec(hand, rows, ["a", "b"])
+    np.testing.assert_array_equal(np.argsort(tb), np.argsort(by_hand))
+    assert np.abs(tb - plain).max() <= TIE_BREAK
+    nan_rows = np.array([[np.nan, 0.0], [0.0, np.nan], [np.nan, np.nan]])
+    assert np.isnan(predict_spec(hand, nan_rows, ["a", "b"])).all()
+    assert np.isnan(predict_spec(hand, nan_rows, ["a", "b"], tie_break=False)).all()
+
+
+def test_tie_break_of_a_constant_is_its_midpoint():
+    spec = {"kind": "constant", "value": 0.8}
+    rows = np.array([[0.0], [1e9], [-np.inf], [np.nan]])
+    np.testing.assert_array_equal(predict_spec(spec, rows, ["a"], tie_break=False)[:3], 0.8)
+    np.testing.assert_allclose(predict_spec(spec, rows, ["a"])[:3], (1 - TIE_BREAK) * 0.8 + TIE_BREAK * 0.5)
+    assert np.isnan(predict_spec(spec, rows, ["a"])[3])
+
+
+def test_infinite_features_give_finite_risks_in_range():
+    """+-inf is beyond every knot and clip: a finite risk, the most extreme one, never NaN (nor may the unclipped
+    linear score of the tie-break overflow into inf - inf)."""
+    rng = np.random.default_rng(15)
+    p = 6
+    names = [f"x{j}" for j in range(p)]
+    rows = np.sign(rng.normal(size=(64, p))) * np.inf
+    rows[::4, 0] = rng.normal(size=16)  # some finite values among them
+    rows[1::4, 1] = 1e308
+    for coef_range in (0.5, 3.0):
+        for _ in range(10):
+            spec = {"kind": "ridge", "alpha": 1.0, "clip": CLIP, "center": rng.normal(size=p).tolist(),
+                    "scale": rng.uniform(1e-3, 2, p).tolist(),
+                    "coef": rng.uniform(-coef_range, coef_range, p).tolist(), "intercept": 0.5}
+            with np.errstate(over="ignore"):
+                tb, plain = predict_spec(spec, rows, names), predict_spec(spec, rows, names, tie_break=False)
+            assert np.isfinite(plain).all() and np.isfinite(tb).all()
+            assert np.abs(tb - plain).max() <= TIE_BREAK and tb.min() >= 0 and tb.max() <= 1
+    iso = {"kind": "isotonic", "feature": "x1", "increasing": False, "x": [0.0, 1.0], "y": [0.9, 0.1]}
+    mean = {"kind": "isotonic_mean", "members": [iso, {**iso, "feature": "x2", "increasing": True, "y": [0.2, 0.7]}]}
+    for spec in (iso, mean):
+        tb, plain = predict_spec(spec, rows, names), predict_spec(spec, rows, names, tie_break=False)
+        assert np.isfinite(tb).all() and np.abs(tb - plain).max() <= TIE_BREAK
+    x = np.array([[0.0, -np.inf, 0, 0, 0, 0], [0.0, -1e300, 0, 0, 0, 0], [0.0, 1e300, 0, 0, 0, 0],
+                  [0.0, np.inf, 0, 0, 0, 0]])
+    assert np.all(np.diff(predict_spec(iso, x, names)) < 0)  # +-inf: the most extreme, still ordered
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -171,12 +348,23 @@ def test_selection_picks_isotonic_for_a_monotone_nonlinear_risk():
     assert report["n_rows"] == 180 and report["n_groups"] == 60 and report["n_dropped"] == 0
     assert report["n_splits"] == 5
     maes = {c["name"]: c["cv_mae"] for c in report["candidates"]}
-    assert len(maes) == 1 + len(RIDGE_ALPHAS) + 3 and min(maes.values()) == maes["isotonic(s1)"]
+    assert list(maes) == [c.name for c in candidates(["s0", "s1", "s2"])]
+    assert len(maes) == 1 + len(RIDGE_ALPHAS) + 3 + 1 and min(maes.values()) == maes["isotonic(s1)"]
     assert maes["isotonic(s1)"] < 0.7 * min(v for k, v in maes.items() if k.startswith("ridge"))
     chosen = next(c for c in report["candidates"] if c["name"] == "isotonic(s1)")
-    assert chosen["cv_spearman"] > 0.8  # lower than its MAE suggests: the flat ends of a monotone fit tie
+    assert chosen["cv_spearman"] > 0.8
     json.dumps(report, allow_nan=False)  # JSON-able as it is
     assert model.predictor_["increasing"] is False
+    # the monotone fit's blocks and flat ends tie many cases; the tie-broken out-of-fold risks tie none, and
+    # order every fold's cases like s1 (decreasing: the fit's direction)
+    plain = np.empty(len(dice))
+    for train, test in group_kfold(groups, 5, seed=0):
+        spec = fit_candidate(Candidate("isotonic", feature="s1"), X[train], 1 - dice[train], model.feature_names)
+        plain[test] = predict_spec(spec, X[test], model.feature_names, tie_break=False)
+        assert np.all(np.diff(model.oof_risk_[test][np.argsort(X[test, 1])]) < 0)
+    assert len(np.unique(plain)) < 0.8 * len(plain) and len(np.unique(model.oof_risk_)) == len(plain)
+    assert np.abs(model.oof_risk_ - plain).max() <= TIE_BREAK
+    assert chosen["cv_spearman"] == pytest.approx(spearman(model.oof_risk_, 1 - dice))
 
 
 def test_selection_picks_ridge_for_a_linear_mix():
@@ -188,6 +376,26 @@ def test_selection_picks_ridge_for_a_linear_mix():
     assert maes[model.cv_report_["chosen"]] < 0.5 * min(v for k, v in maes.items() if k.startswith("isotonic"))
     risk = model.predict_risk(X)
     assert np.abs(risk - (1 - dice)).mean() < 0.03
+
+
+def test_selection_picks_isotonic_mean_when_the_risk_follows_an_average_of_two_features():
+    X, dice, groups = averaged_data(np.random.default_rng(17))
+    names = ["n0", "f1", "n2", "f3"]
+    model = QualityModel(names, seed=0).fit(X, dice, groups)
+    assert model.cv_report_["chosen"] == "isotonic_mean(k=2)"
+    maes = {c["name"]: c["cv_mae"] for c in model.cv_report_["candidates"]}
+    assert list(maes)[-2:] == ["isotonic_mean(k=2)", "isotonic_mean(k=3)"]
+    others = [v for k, v in maes.items() if k != "isotonic_mean(k=2)"]
+    assert maes["isotonic_mean(k=2)"] < 0.9 * min(others)  # each feature alone (and the linear mix) is worse
+    # refitted on all rows: the two single monotone fits, f3 reversed
+    members = model.predictor_["members"]
+    assert sorted(m["feature"] for m in members) == ["f1", "f3"]
+    assert {m["feature"]: m["increasing"] for m in members} == {"f1": True, "f3": False}
+    for m in members:
+        assert m == fit_candidate(Candidate("isotonic", feature=m["feature"]), X, 1 - dice, names)
+    plain = predict_spec(model.predictor_, X, names, tie_break=False)
+    np.testing.assert_allclose(plain, np.mean([predict_spec(m, X, names, tie_break=False) for m in members], axis=0))
+    assert np.abs(model.predict_risk(X) - plain).max() <= TIE_BREAK
 
 
 def test_oof_risks_are_the_chosen_candidate_fitted_without_the_fold():
@@ -205,8 +413,12 @@ def test_oof_risks_are_the_chosen_candidate_fitted_without_the_fold():
     for train, test in group_kfold(gk, 4, seed=2):
         expected[test] = predict_spec(fit_candidate(chosen, Xk[train], rk[train], names), Xk[test], names)
     np.testing.assert_allclose(model.oof_risk_[keep], expected)
+    plain = np.empty(len(rk))  # the choice compares the fits without the tie-break
+    for train, test in group_kfold(gk, 4, seed=2):
+        plain[test] = predict_spec(fit_candidate(chosen, Xk[train], rk[train], names), Xk[test], names,
+                                   tie_break=False)
     mae = next(c["cv_mae"] for c in model.cv_report_["candidates"] if c["name"] == chosen.name)
-    assert mae == pytest.approx(np.abs(expected - rk).mean())
+    assert mae == pytest.approx(np.abs(plain - rk).mean())
 
 
 def test_oof_risk_of_an_outlier_case_does_not_see_itself():
@@ -221,10 +433,19 @@ def test_oof_risk_of_an_outlier_case_does_not_see_itself():
     X[outlier] = 1.0 + rng.random((versions, 2))
     risk[outlier] = 0.9
     model = QualityModel(["a", "b"], seed=0).fit(X, 1 - risk, groups)
-    np.testing.assert_allclose(model.oof_risk_[outlier], 0.1, atol=1e-9)
+    chosen = next(c for c in candidates(["a", "b"]) if c.name == model.cv_report_["chosen"])
+    for train, test in group_kfold(groups, 5, seed=0):  # the fit itself: exactly 0.1 out of fold
+        spec = fit_candidate(chosen, X[train], risk[train], ["a", "b"])
+        fold_risk = predict_spec(spec, X[test], ["a", "b"], tie_break=False)
+        np.testing.assert_allclose(fold_risk[outlier[test]], 0.1, atol=1e-9)
+        # the model's out-of-fold risks are these, tie-broken
+        assert np.abs(model.oof_risk_[test] - fold_risk).max() <= TIE_BREAK
+    assert np.abs(model.oof_risk_[outlier] - 0.1).max() <= TIE_BREAK
     np.testing.assert_allclose(model.oof_risk_[~outlier], 0.1, atol=0.05)
     in_sample = fit_candidate(Candidate("isotonic", feature="a"), X, risk, ["a", "b"])
-    np.testing.assert_allclose(predict_spec(in_sample, X, ["a", "b"]), risk, atol=1e-12)  # in sample: perfect
+    in_sample_risk = predict_spec(in_sample, X, ["a", "b"], tie_break=False)
+    np.testing.assert_allclose(in_sample_risk, risk, atol=1e-12)  # in sample: perfect
+    assert np.abs(predict_spec(in_sample, X, ["a", "b"]) - in_sample_risk).max() <= TIE_BREAK
 
 
 def test_predict_nan_clipping_and_columns():
@@ -232,16 +453,20 @@ def test_predict_nan_clipping_and_columns():
     model = QualityModel(["a", "b", "c", "d"]).fit(X, dice, groups)
     spec = model.predictor_
     center, scale = np.array(spec["center"]), np.array(spec["scale"])
-    rows = np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0], [1e9, 1e9, -1e9, 1e9], [np.inf, np.inf, -np.inf, np.inf]])
+    at_clip = center + CLIP * scale * np.array([1, 1, -1, 1])
+    rows = np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0], at_clip, [1e9, 1e9, -1e9, 1e9],
+                     [np.inf, np.inf, -np.inf, np.inf]])
     risk = model.predict_risk(rows)
-    assert np.isnan(risk[0]) and np.isfinite(risk[1:]).all()
+    plain = predict_spec(spec, rows, model.feature_names, tie_break=False)
+    assert np.isnan(risk[0]) and np.isnan(plain[0]) and np.isfinite(risk[1:]).all()
     assert np.all((risk[1:] >= 0) & (risk[1:] <= 1))
-    at_clip = (center + CLIP * scale * np.array([1, 1, -1, 1]))[None]
+    assert np.abs(risk[1:] - plain[1:]).max() <= TIE_BREAK
     # a far-out (even infinite) value is worth no more than CLIP scales from the median
-    np.testing.assert_allclose(risk[2:], model.predict_risk(at_clip)[0])
+    np.testing.assert_array_equal(plain[3:], plain[2])
     raw = (np.array([CLIP, CLIP, -CLIP, CLIP]) @ np.array(spec["coef"])) + spec["intercept"]
-    assert risk[2] == pytest.approx(min(max(raw, 0.0), 1.0))
-    assert raw > 1 and risk[2] == 1.0  # the linear model runs past 1: clipped
+    assert plain[2] == pytest.approx(min(max(raw, 0.0), 1.0))
+    assert raw > 1 and plain[2] == 1.0  # the linear model runs past 1: clipped
+    assert risk[2] < risk[3] < risk[4] < 1.0  # ... and the tie-break keeps them in the order of the linear score
     with pytest.raises(OODInputError, match="reads 4 features"):
         model.predict_risk(X[:, :3])
     with pytest.raises(OODInputError, match="reads 4 features"):
@@ -276,11 +501,15 @@ def fitted_models():
     iso = QualityModel(["s0", "s1", "s2"], seed=0).fit(X, dice, groups)
     X, dice, groups = linear_data(rng)
     ridge = QualityModel(["a", "b", "c", "d"], seed=0).fit(X, dice, groups)
-    # every candidate is exact on a constant risk: the tie goes to the first candidate, the constant
-    flat = QualityModel(["x"], seed=0).fit(rng.normal(size=(60, 1)), np.full(60, 0.75), case_groups(30, 2))
-    assert [c["cv_mae"] for c in flat.cv_report_["candidates"]] == [0.0] * 7
-    assert [m.predictor_["kind"] for m in (iso, ridge, flat)] == ["isotonic", "ridge", "constant"]
-    return iso, ridge, flat
+    # every candidate fits a constant risk exactly (the choice ignores the tie-break): the first, the constant, wins
+    flat = QualityModel(["x"], seed=0).fit(rng.normal(size=(60, 1)), np.full(60, 0.5), case_groups(30, 2))
+    maes = [c["cv_mae"] for c in flat.cv_report_["candidates"]]
+    assert len(maes) == 7 and max(maes) < 1e-12
+    X, dice, groups = averaged_data(rng)
+    mean = QualityModel(["n0", "f1", "n2", "f3"], seed=0).fit(X, dice, groups)
+    models = (iso, ridge, flat, mean)
+    assert [m.predictor_["kind"] for m in models] == ["isotonic", "ridge", "constant", "isotonic_mean"]
+    return models
 
 
 def test_json_round_trip_gives_identical_predictions(tmp_path):
@@ -348,10 +577,35 @@ def corruptions(obj):
             ("x empty", edit(lambda o: o["predictor"].update(x=[], y=[]))),
             ("y nan", edit(lambda o: o["predictor"]["y"].__setitem__(0, float("nan")))),
         ]
+    elif kind == "isotonic_mean":
+        def member(i, **kw):
+            return edit(lambda o: o["predictor"]["members"][i].update(**kw))
+
+        out += [
+            ("members empty", edit(lambda o: o["predictor"].update(members=[]))),
+            ("members not a list", edit(lambda o: o["predictor"].update(members=o["predictor"]["members"][0]))),
+            ("member constant", edit(lambda o: o["predictor"]["members"].__setitem__(0, {"kind": "constant",
+                                                                                          "value": 0.5}))),
+            ("member ridge", edit(lambda o: o["predictor"]["members"].append(copy.deepcopy(
+                corrupt_ridge_spec(len(o["feature_names"])))))),
+            ("member nested mean", edit(lambda o: o["predictor"]["members"].__setitem__(0, {
+                "kind": "isotonic_mean", "members": [o["predictor"]["members"][0]]}))),
+            ("member y non-monotone", member(0, y=[0.2, 0.9, 0.1], x=[0.0, 1.0, 2.0])),
+            ("member against direction", member(1, increasing=not obj["predictor"]["members"][1]["increasing"])),
+            ("member unknown feature", member(0, feature="zzz")),
+            ("member extra key", member(1, extra=0)),
+            ("member missing", edit(lambda o: o["predictor"]["members"].pop())),  # k no longer the chosen one
+            ("members extra key", edit(lambda o: o["predictor"].update(k=2))),
+        ]
     else:
         out += [("value string", edit(lambda o: o["predictor"].update(value="0.5"))),
                 ("value nan", edit(lambda o: o["predictor"].update(value=float("nan"))))]
     return out
+
+
+def corrupt_ridge_spec(p):
+    return {"kind": "ridge", "alpha": 1.0, "clip": CLIP, "center": [0.0] * p, "scale": [1.0] * p, "coef": [0.0] * p,
+            "intercept": 0.5}
 
 
 def test_from_json_refuses_corrupted_dicts():
@@ -362,6 +616,27 @@ def test_from_json_refuses_corrupted_dicts():
             with pytest.raises(OODStateError, match=f"in here: .*{REFIT}") as err:
                 QualityModel.from_json(bad, "here")
             assert "\n" not in str(err.value), what
+
+
+def test_from_json_refuses_bad_isotonic_mean_members():
+    model = fitted_models()[3]
+    obj = model.to_json()
+    member = obj["predictor"]["members"][0]
+    bad_members = [
+        ([], "non-empty list of isotonic members"),
+        ([member, {"kind": "constant", "value": 0.5}], "non-empty list of isotonic members"),
+        ([member, corrupt_ridge_spec(len(model.feature_names))], "non-empty list of isotonic members"),
+        ([member, {**member, "x": [0.0, 1.0, 2.0], "y": [0.1, 0.8, 0.3]}], "y monotone in the stated direction"),
+        ([member, {**member, "increasing": not member["increasing"]}], "y monotone in the stated direction"),
+    ]
+    for members, match in bad_members:
+        bad = copy.deepcopy(obj)
+        bad["predictor"]["members"] = members
+        with pytest.raises(OODStateError, match=f"in here: .*{match}.*{REFIT}"):
+            QualityModel.from_json(bad, "here")
+    again = QualityModel.from_json(copy.deepcopy(obj), "here")
+    X = np.random.default_rng(18).normal(size=(30, 4)) * 2
+    np.testing.assert_array_equal(again.predict_risk(X), model.predict_risk(X))
 
 
 class _Payload:
@@ -388,6 +663,7 @@ def test_load_never_unpickles_and_reads_only_json(tmp_path):
     assert not marker.exists()
 
     model = fitted_models()[2]
+    assert model.predictor_["kind"] == "constant"
     pickled_dict = tmp_path / "dict.pkl"
     pickled_dict.write_bytes(pickle.dumps(model.to_json()))
     not_json = tmp_path / "text.json"

@@ -79,6 +79,11 @@ def test_failure_table_rows_match_validation(tiny_project):
     corrupted = [r for r in rows if r["version"] != "0"]
     assert {r["case"] for r in corrupted} == set(val_cases)
     assert all(r["corruption"] != "none" and int(r["severity"]) in (1, 2, 3) for r in corrupted)
+    for case in val_cases:  # chained corruptions, never one twice in a case
+        chains = [r["corruption"].split("+") for r in corrupted if r["case"] == case]
+        assert all(len(c) == config["corruptions_per_version"] for c in chains)
+        used = [name for c in chains for name in c]
+        assert len(used) == len(set(used))
     assert (ood_dir(tiny_project) / "quality_calibration.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -104,3 +104,16 @@ def test_failure_table_round_trips_through_csv():
     assert dice_by_severity_png(back)[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(KeyError):
         table.add("c", 0, CLEAN, 0, 1.0, {"mahalanobis": 1.0})
+
+
+def test_quality_options_check_the_corruption_budget():
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.methods.quality import FAMILY_SIZE, QualityConfig
+    from nnunet_ood.quality.corruptions import CORRUPTIONS
+
+    assert FAMILY_SIZE == len(CORRUPTIONS)
+    QualityConfig(corruptions_per_case=6, corruptions_per_version=2)
+    for bad in ({"corruptions_per_case": 7, "corruptions_per_version": 2}, {"corruptions_per_version": 0},
+                {"corruptions_per_case": -1}, {"fail_below": 0.0}, {"max_silent_failures": 1.0}):
+        with pytest.raises(OODInputError):
+            QualityConfig(**bad)

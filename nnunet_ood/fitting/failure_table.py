@@ -73,28 +73,41 @@ class FailureTableBuilder:
         self._clean[key] = self._measure(logits, self.context.load_case_with_labels(key)[1])
 
     def corrupted_rows(self, methods: Sequence[Method], models: FoldModels, aggregations: dict[str, str],
-                       per_case: int) -> None:
-        """Predict ``per_case`` corrupted versions of every validation case, every method scored."""
+                       per_case: int, chain: int = 1) -> None:
+        """Predict ``per_case`` corrupted versions of every validation case, every method scored; each version
+        applies ``chain`` different corruptions of the family one after the other (a scanner rarely differs in
+        one way only)."""
         from nnunet_ood.quality.corruptions import corrupt, corruption_plan
 
         context = self.context
-        plan = corruption_plan(context.val_keys, per_case, context.seed)
+        plan = corruption_plan(context.val_keys, per_case * chain, context.seed)
+        versions: list[list[Any]] = []  # consecutive planned corruptions of a case, ``chain`` at a time
+        for step in plan:
+            if not versions or versions[-1][0].case != step.case or len(versions[-1]) == chain:
+                versions.append([])
+            versions[-1].append(step)
         labels: dict[int, Any] = {}
 
         def loader(i: int):
             def load() -> torch.Tensor:
-                version = plan[i]
-                data, seg = context.load_case_with_labels(version.case)
-                image, labels[i] = corrupt(data, np.asarray(seg[:]), version.corruption, version.severity, version.seed)
+                data, seg = context.load_case_with_labels(versions[i][0].case)
+                image, label = data, np.asarray(seg[:])
+                for step in versions[i]:
+                    image, label = corrupt(image, label, step.corruption, step.severity, step.seed)
+                labels[i] = label
                 return image
             return load
 
-        cases = [(str(i), loader(i)) for i in range(len(plan))]
+        cases = [(str(i), loader(i)) for i in range(len(versions))]
+        numbers: dict[str, int] = {}
         for key, logits, scores in scored_predictions(context, methods, models, aggregations, cases,
                                                       f"fold {context.fold}: scoring corrupted validation cases"):
-            version = plan[int(key)]
+            steps = versions[int(key)]
+            case = steps[0].case
+            numbers[case] = numbers.get(case, 0) + 1
             dice, properties = self._measure(logits, labels.pop(int(key)).numpy())
-            self._corrupted.append((version.case, version.version, version.corruption, version.severity, dice,
+            self._corrupted.append((case, numbers[case], "+".join(s.corruption for s in steps),
+                                    max(s.severity for s in steps), dice,
                                     {**{m: scores[m] for m in self.inputs}, **properties}))
 
     def table(self, val_scores: dict[str, dict[str, float]]) -> FailureTable:

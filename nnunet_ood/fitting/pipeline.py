@@ -201,8 +201,8 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
     seconds = {"validation": round(time.perf_counter() - started, 2)}
     if builder is not None:  # the failure table: clean rows from above, corrupted versions predicted now
         started = time.perf_counter()
-        builder.corrupted_rows(inputs, models, aggregations,
-                               max(m.failure_table_versions(options) for m in table_methods))
+        wanted = [m.failure_table_versions(options) for m in table_methods]
+        builder.corrupted_rows(inputs, models, aggregations, max(w[0] for w in wanted), max(w[1] for w in wanted))
         table = builder.table(val_scores)
         seconds["failure_table"] = round(time.perf_counter() - started, 2)
         provenance["failure_table"] = {"rows": len(table), "cases": len(context.val_keys)}

@@ -125,9 +125,10 @@ class Method:
         """Its calibration from its own fitted parameters, if not from the validation cases' scores (``None``)."""
         return None
 
-    def failure_table_versions(self, options: Any) -> int:
-        """Corrupted versions of each validation case it needs in the failure table (``needs_failure_table``)."""
-        return 0
+    def failure_table_versions(self, options: Any) -> tuple[int, int]:
+        """``(versions per validation case, corruptions chained per version)`` it needs in the failure table
+        (``needs_failure_table``)."""
+        return 0, 1
 
     def inputs_of(self, params: Mapping[str, Any]) -> list[str]:
         """The methods whose case scores it reads, given its fitted parameters (derived methods)."""

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from nnunet_ood.quality.table import FailureTable
 
 MODEL_FILE = "quality_model.json"
+#: members of the corruption family (nnunet_ood.quality.corruptions.CORRUPTIONS; not imported: it needs torch)
+FAMILY_SIZE = 12
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model")
 
@@ -48,6 +50,9 @@ class QualityConfig:
     corruptions_per_case: int = option(
         2, "--corruptions_per_case", "corrupted versions of each validation case in the failure table (each costs "
         "one more prediction of the validation cases)", type=int, metavar="N")
+    corruptions_per_version: int = option(
+        2, "--corruptions_per_version", "corruptions of the family applied one after the other in each version (a "
+        "scanner rarely differs in one way only); per case at most 12 corruptions in all", type=int, metavar="N")
     seed: int = option(0, None, "seed of the corruptions and the grouped cross-validation (nnUNetv2_fit_ood --seed)")
 
     def __post_init__(self) -> None:
@@ -55,8 +60,13 @@ class QualityConfig:
             raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {self.fail_below}")
         if not 0 < self.max_silent_failures < 1:
             raise OODInputError(f"--max_silent_failures must be a rate in (0, 1), got {self.max_silent_failures}")
-        if self.corruptions_per_case < 0:
-            raise OODInputError(f"--corruptions_per_case must be 0 or more, got {self.corruptions_per_case}")
+        if self.corruptions_per_case < 0 or self.corruptions_per_version < 1:
+            raise OODInputError(f"--corruptions_per_case must be 0 or more and --corruptions_per_version 1 or more, "
+                                f"got {self.corruptions_per_case} and {self.corruptions_per_version}")
+        if self.corruptions_per_case * self.corruptions_per_version > FAMILY_SIZE:
+            raise OODInputError(f"--corruptions_per_case x --corruptions_per_version must be at most {FAMILY_SIZE} "
+                                "(the corruption family; a case never gets one corruption twice), got "
+                                f"{self.corruptions_per_case} x {self.corruptions_per_version}")
 
 
 class Quality(DerivedMethod):
@@ -92,7 +102,8 @@ class Quality(DerivedMethod):
         params = {"inputs": list(inputs), "features": list(table.features), "label_setup": dict(setup),
                   "reference_volumes": dict(reference), "fail_below": config.fail_below,
                   "max_silent_failures": config.max_silent_failures,
-                  "corruptions_per_case": config.corruptions_per_case, "risk_threshold": threshold.to_json(),
+                  "corruptions_per_case": config.corruptions_per_case,
+                  "corruptions_per_version": config.corruptions_per_version, "risk_threshold": threshold.to_json(),
                   "cross_validation": model.cv_report_, "model": model.to_json(),
                   "table_csv": table.to_csv({"oof_risk": list(risk)})}
         models.method_params[self.name] = params
@@ -112,8 +123,9 @@ class Quality(DerivedMethod):
                                  n_val_cases=threshold.n_groups, aggregation="mean",
                                  false_alarm_rate=threshold.alpha)
 
-    def failure_table_versions(self, options: Any) -> int:
-        return options.config(QualityConfig).corruptions_per_case
+    def failure_table_versions(self, options: Any) -> tuple[int, int]:
+        config = options.config(QualityConfig)
+        return config.corruptions_per_case, config.corruptions_per_version
 
     def inputs_of(self, params: Mapping[str, Any]) -> list[str]:
         return list(params.get("inputs", []))

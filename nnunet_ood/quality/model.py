@@ -10,18 +10,22 @@ Candidates (:func:`candidates`), in this order (the order breaks exact ties of t
   form, intercept unpenalised (as scikit-learn's ``Ridge``);
 * ``isotonic(F)`` for every feature F: a monotone fit of the risk on F alone, its direction the sign of
   Spearman's correlation on the training part (increasing when it is 0 or undefined), stored as knots (x, y)
-  and evaluated with ``np.interp`` (flat beyond the end knots).
+  and evaluated with ``np.interp`` (flat beyond the end knots);
+* ``isotonic_mean(k=K)`` for K in :data:`MEAN_SIZES` (below the number of features): the mean of the isotonic fits
+  of the K features most rank-correlated (|Spearman|) with the risk on the training part.
 
 The chosen candidate has the lowest mean absolute error of its out-of-fold predictions (:func:`group_kfold`
 over the cases, so versions of one case are never on both sides), pooled over rows; it is then refitted on all
-rows. Every prediction is clipped to [0, 1]. Rows with a non-finite feature or Dice are left out of the fit;
-at prediction a NaN feature gives a NaN risk (the case goes to review), while +-inf is beyond every knot and
-clip: the most extreme value.
+rows. Every prediction is clipped to [0, 1] and then tie-broken (:func:`predict_spec`): flat stretches keep the
+order of the fit's own score, moving a prediction by at most :data:`TIE_BREAK` (the choice itself compares the
+fits without it). Rows with a non-finite feature or Dice are left out of the fit; at prediction a NaN feature
+gives a NaN risk (the case goes to review), while +-inf is beyond every knot and clip: the most extreme value.
 
 Stored JSON (:meth:`QualityModel.to_json`): ``format`` ("nnunet_ood.quality_model"), ``schema_version`` (1),
 ``feature_names``, ``seed``, ``n_splits``, ``predictor`` (``{"kind": "constant", "value"}``, ``{"kind": "ridge",
-"alpha", "clip", "center", "scale", "coef", "intercept"}`` or ``{"kind": "isotonic", "feature", "increasing", "x",
-"y"}``) and ``cross_validation`` (the CV report). Reading it is strict and never executes anything.
+"alpha", "clip", "center", "scale", "coef", "intercept"}``, ``{"kind": "isotonic", "feature", "increasing", "x",
+"y"}`` or ``{"kind": "isotonic_mean", "members": [isotonic predictors]}``) and ``cross_validation`` (the CV
+report). Reading it is strict and never executes anything.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ from nnunet_ood.quality.grouped_cv import group_kfold
 RIDGE_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
 #: standardised features are clipped to [-CLIP, CLIP] before the linear model sees them
 CLIP = 5.0
+#: sizes of the averaged monotone fits (the k features most correlated with the risk on the training part)
+MEAN_SIZES: tuple[int, ...] = (2, 3, 5)
+#: weight of the tie-break: flat stretches of a fit (isotonic blocks, beyond the end knots, the clip at 0 and 1)
+#: are ordered by the fit's underlying score, so that the ranking of cases is not lost to ties
+TIE_BREAK = 1e-3
 #: the normal distribution's IQR in standard deviations: IQR / 1.349 estimates the std robustly
 _IQR_TO_STD = 1.349
 FORMAT = "nnunet_ood.quality_model"
@@ -131,12 +140,13 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple
 
 @dataclass(frozen=True)
 class Candidate:
-    """One kind of model the cross-validation compares: ``constant``, ``ridge`` (with ``alpha``) or
-    ``isotonic`` (on ``feature``)."""
+    """One kind of model the cross-validation compares: ``constant``, ``ridge`` (with ``alpha``), ``isotonic``
+    (on ``feature``) or ``isotonic_mean`` (of ``k`` features)."""
 
     kind: str
     alpha: float | None = None
     feature: str | None = None
+    k: int | None = None
 
     @property
     def name(self) -> str:
@@ -144,13 +154,23 @@ class Candidate:
             return f"ridge(alpha={self.alpha:g})"
         if self.kind == "isotonic":
             return f"isotonic({self.feature})"
+        if self.kind == "isotonic_mean":
+            return f"isotonic_mean(k={self.k})"
         return self.kind
 
 
 def candidates(feature_names: Sequence[str]) -> list[Candidate]:
-    """The candidates in their tie-breaking order: constant, ridge (largest alpha first), isotonic per feature."""
+    """The candidates in their tie-breaking order: constant, ridge (largest alpha first), isotonic per feature,
+    then the means of the k best isotonic fits (k < number of features)."""
     return [Candidate("constant"), *(Candidate("ridge", alpha=a) for a in sorted(RIDGE_ALPHAS, reverse=True)),
-            *(Candidate("isotonic", feature=f) for f in feature_names)]
+            *(Candidate("isotonic", feature=f) for f in feature_names),
+            *(Candidate("isotonic_mean", k=k) for k in MEAN_SIZES if k < len(feature_names))]
+
+
+def _isotonic_spec(feature: str, x: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
+    increasing = not spearman(x, risk) < 0  # 0 or undefined (a constant side): increasing, the fit is flat
+    kx, ky = fit_isotonic(x, risk, increasing)
+    return {"kind": "isotonic", "feature": feature, "increasing": increasing, "x": kx.tolist(), "y": ky.tolist()}
 
 
 def fit_candidate(candidate: Candidate, X: np.ndarray, risk: np.ndarray,
@@ -163,30 +183,59 @@ def fit_candidate(candidate: Candidate, X: np.ndarray, risk: np.ndarray,
         coef, intercept = fit_ridge(standardise(X, center, scale), risk, float(candidate.alpha))
         return {"kind": "ridge", "alpha": float(candidate.alpha), "clip": CLIP, "center": center.tolist(),
                 "scale": scale.tolist(), "coef": coef.tolist(), "intercept": float(intercept)}
-    x = X[:, list(feature_names).index(candidate.feature)]
-    increasing = not spearman(x, risk) < 0  # 0 or undefined (a constant side): increasing, the fit is flat
-    kx, ky = fit_isotonic(x, risk, increasing)
-    return {"kind": "isotonic", "feature": candidate.feature, "increasing": increasing, "x": kx.tolist(),
-            "y": ky.tolist()}
+    if candidate.kind == "isotonic_mean":  # the k features most rank-correlated with the risk, each fitted monotone
+        strength = [abs(spearman(X[:, j], risk)) for j in range(X.shape[1])]
+        order = sorted(range(X.shape[1]), key=lambda j: (-(0.0 if math.isnan(strength[j]) else strength[j]), j))
+        return {"kind": "isotonic_mean", "members": [_isotonic_spec(feature_names[j], X[:, j], risk)
+                                                     for j in order[:candidate.k]]}
+    j = list(feature_names).index(candidate.feature)
+    return _isotonic_spec(candidate.feature, X[:, j], risk)
 
 
-def predict_spec(spec: dict[str, Any], X: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
-    """Risk of every row of ``X`` under a fitted spec, clipped to [0, 1]; NaN where any feature is NaN."""
+def _squash(v: np.ndarray) -> np.ndarray:
+    """A strictly increasing map of the real line into (0, 1) that keeps far-apart values distinct."""
+    return 0.5 + np.arctan(np.sign(v) * np.log1p(np.abs(v))) / math.pi
+
+
+def _raw_prediction(spec: dict[str, Any], X: np.ndarray, feature_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(risk before the clip to [0, 1], tie-break score in (0, 1))``; NaN features read as 0 (reset later)."""
     if spec["kind"] == "constant":
-        risk = np.full(X.shape[0], spec["value"], dtype=np.float64)
-    elif spec["kind"] == "ridge":
-        Z = standardise(X, np.asarray(spec["center"]), np.asarray(spec["scale"]), spec["clip"])
-        risk = np.nan_to_num(Z, nan=0.0) @ np.asarray(spec["coef"], dtype=np.float64) + spec["intercept"]
-    else:
-        x = X[:, list(feature_names).index(spec["feature"])]
-        risk = np.interp(np.nan_to_num(x, nan=0.0), spec["x"], spec["y"])  # NaNs are put back below
+        return np.full(X.shape[0], spec["value"], dtype=np.float64), np.full(X.shape[0], 0.5)
+    if spec["kind"] == "ridge":
+        center, scale = np.asarray(spec["center"]), np.asarray(spec["scale"])
+        coef = np.asarray(spec["coef"], dtype=np.float64)
+        risk = np.nan_to_num(standardise(X, center, scale, spec["clip"]), nan=0.0) @ coef + spec["intercept"]
+        # the tie-break orders what the clips flatten by the unclipped linear score; +-inf (or a standardised
+        # value that overflows) is capped so that the sum stays finite (never inf - inf = NaN)
+        cap = np.finfo(np.float64).max / (4.0 * max(1.0, float(np.abs(coef).sum())))
+        unclipped = np.clip(np.nan_to_num(standardise(X, center, scale, math.inf), nan=0.0), -cap, cap) @ coef
+        return risk, _squash(unclipped + spec["intercept"])
+    if spec["kind"] == "isotonic_mean":
+        parts = [_raw_prediction(m, X, feature_names) for m in spec["members"]]
+        return np.mean([r for r, _ in parts], axis=0), np.mean([t for _, t in parts], axis=0)
+    x = np.nan_to_num(X[:, list(feature_names).index(spec["feature"])], nan=0.0)
+    return np.interp(x, spec["x"], spec["y"]), _squash(x if spec["increasing"] else -x)
+
+
+def predict_spec(spec: dict[str, Any], X: np.ndarray, feature_names: Sequence[str],
+                 tie_break: bool = True) -> np.ndarray:
+    """Risk of every row of ``X`` under a fitted spec, in [0, 1]; NaN where any feature is NaN.
+
+    ``tie_break``: ``(1 - TIE_BREAK) * clip(risk) + TIE_BREAK * s`` with ``s`` a strictly monotone function of the
+    fit's own score (the feature in the fit's direction, the unclipped linear predictor), so that cases the fit
+    puts on one flat stretch keep that score's order; it moves a prediction by at most :data:`TIE_BREAK`.
+    """
+    risk, tie = _raw_prediction(spec, X, feature_names)
     risk = np.clip(risk, 0.0, 1.0)
+    if tie_break:
+        risk = (1.0 - TIE_BREAK) * risk + TIE_BREAK * tie
     risk[np.isnan(X).any(axis=1)] = np.nan
     return risk
 
 
 def _spec_name(spec: dict[str, Any]) -> str:
-    return Candidate(spec["kind"], alpha=spec.get("alpha"), feature=spec.get("feature")).name
+    return Candidate(spec["kind"], alpha=spec.get("alpha"), feature=spec.get("feature"),
+                     k=len(spec["members"]) if spec["kind"] == "isotonic_mean" else None).name
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -246,7 +295,14 @@ def _check_spec(spec: Any, feature_names: Sequence[str], where: str) -> dict[str
         if np.any(np.diff(x) <= 0) or np.any(dy < 0):
             raise _corrupt(where, "the isotonic knots must have increasing x and y monotone in the stated direction")
         return {"kind": kind, "feature": spec["feature"], "increasing": spec["increasing"], "x": x, "y": y}
-    raise _corrupt(where, f"unknown predictor kind {kind!r} (one of constant, ridge, isotonic)")
+    if kind == "isotonic_mean":
+        _keys(spec, ("kind", "members"), "the isotonic_mean predictor", where)
+        members = spec["members"]
+        if not isinstance(members, list) or not members or \
+                any(not isinstance(m, dict) or m.get("kind") != "isotonic" for m in members):
+            raise _corrupt(where, "the isotonic_mean predictor needs a non-empty list of isotonic members")
+        return {"kind": kind, "members": [_check_spec(m, feature_names, where) for m in members]}
+    raise _corrupt(where, f"unknown predictor kind {kind!r} (one of constant, ridge, isotonic, isotonic_mean)")
 
 
 _REPORT_KEYS = ("chosen", "selection", "n_rows", "n_groups", "n_dropped", "n_splits", "candidates")
@@ -329,12 +385,14 @@ class QualityModel:
                                 "check the failure table's features")
         folds = group_kfold(gk, self.n_splits, self.seed)
         cands = candidates(self.feature_names)
-        oof = np.empty((len(cands), len(risk)))
+        oof, plain = np.empty((len(cands), len(risk))), np.empty((len(cands), len(risk)))
         for train, test in folds:
             for c, candidate in enumerate(cands):
                 spec = fit_candidate(candidate, Xk[train], risk[train], self.feature_names)
                 oof[c, test] = predict_spec(spec, Xk[test], self.feature_names)
-        mae = np.abs(oof - risk).mean(axis=1)
+                plain[c, test] = predict_spec(spec, Xk[test], self.feature_names, tie_break=False)
+        # the choice by the fits' own error: the tie-break must not decide between near-equal candidates
+        mae = np.abs(plain - risk).mean(axis=1)
         best = int(np.argmin(mae))  # the first of equal errors: the simpler candidate
         rows = []
         for c, candidate in enumerate(cands):

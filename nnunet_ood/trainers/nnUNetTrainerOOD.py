@@ -114,7 +114,7 @@ class nnUNetTrainerOOD_demo(nnUNetTrainerOOD):
     # 12 validation cases in fold 0: a tolerated rate of 0.1 needs 9 of them (0.05 would need 19)
     ood_fit_options = FitOptions(method_configs={
         "sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=8, patience=2, val_batches=4),
-        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4)})
+        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4, corruptions_per_version=2)})
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -130,7 +130,7 @@ class nnUNetTrainerOOD_demo_full(nnUNetTrainerOOD_demo):
     num_demo_epochs = 30
     ood_fit_options = FitOptions(method_configs={
         "sd": SDTrainingConfig(batch_size=8, iterations_per_epoch=20, max_epochs=15, patience=3, val_batches=4),
-        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4)})
+        "quality": QualityConfig(max_silent_failures=0.1, corruptions_per_case=4, corruptions_per_version=2)})
 
 
 class nnUNetTrainerOOD_smoke(nnUNetTrainerOOD):
