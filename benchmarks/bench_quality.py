@@ -50,10 +50,11 @@ def corrupt_folder(images: Path, labels: Path, out_images: Path, out_labels: Pat
         for name, severity in versions:
             new_case = f"{case}_{name}{severity}"
             case_seed = zlib.crc32(f"{seed}/{new_case}".encode())
-            # (z, y, x) with z = 1 for the demo's 2D images: one channel, nnU-Net's 2D layout (C, 1, H, W)
-            x, y = corrupt(array[None].astype(np.float32), seg[None], name, severity, case_seed)
-            outputs = ((x[0].numpy(), image, out_images, f"{new_case}_0000{ENDING}"),
-                       (y[0].numpy().astype(seg.dtype), label, out_labels, f"{new_case}{ENDING}"))
+            # the demo's 2D images as one channel in nnU-Net's 2D layout (C, 1, H, W)
+            layout = (1, 1, *array.shape[-2:]) if array.ndim == 2 or array.shape[0] == 1 else (1, *array.shape)
+            x, y = corrupt(array.reshape(layout).astype(np.float32), seg.reshape(layout), name, severity, case_seed)
+            outputs = ((x.numpy().reshape(array.shape), image, out_images, f"{new_case}_0000{ENDING}"),
+                       (y.numpy().reshape(seg.shape).astype(seg.dtype), label, out_labels, f"{new_case}{ENDING}"))
             for values, reference, folder, file_name in outputs:
                 written = sitk.GetImageFromArray(values)
                 written.CopyInformation(reference)
