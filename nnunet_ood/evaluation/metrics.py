@@ -21,6 +21,16 @@ def average_ranks(x: ArrayLike) -> np.ndarray:
     return (start + (counts - 1) / 2.0)[inverse.ravel()]
 
 
+def _pairs(x: ArrayLike, y: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two flat float64 arrays of equal length without the pairs where either value is NaN."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"{name} needs equal lengths, got {x.size} and {y.size}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    return x[keep], y[keep]
+
+
 def auroc(negative_scores: ArrayLike, positive_scores: ArrayLike) -> float:
     """Area under the ROC curve for separating positives (OOD) from negatives (ID).
 
@@ -48,12 +58,7 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     ``nan_policy="omit"``). Returns NaN when fewer than two pairs remain or either side is
     constant.
     """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"spearman needs equal lengths, got {x.size} and {y.size}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
+    x, y = _pairs(x, y, "spearman")
     if x.size < 2:
         return float("nan")
     rx, ry = average_ranks(x), average_ranks(y)
@@ -186,12 +191,7 @@ def selective_outcomes(accepted: ArrayLike, dice: ArrayLike, fail_below: float) 
 
 def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation; pairs with a NaN dropped; NaN for fewer than two pairs or a constant side."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"pearson needs equal lengths, got {x.size} and {y.size}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
+    x, y = _pairs(x, y, "pearson")
     if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):  # exactly constant: rounding in the mean must not
         return float("nan")                                     # leave a spurious tiny variance
     x, y = x - x.mean(), y - y.mean()

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.evaluation.metrics import average_ranks, spearman  # noqa: F401 (re-exported for the tests)
 from nnunet_ood.quality.grouped_cv import group_kfold
 
 #: ridge penalties tried, each its own candidate (on standardised features; the penalty adds to X'X)
@@ -56,25 +57,6 @@ FORMAT = "nnunet_ood.quality_model"
 SCHEMA_VERSION = 1
 SELECTION = "lowest grouped-CV mean absolute error (ties: first candidate in order)"
 REFIT = "re-fit with nnUNetv2_fit_ood"
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks of ``values``, tied values sharing their average rank."""
-    _, inverse, counts = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + ends - 1) / 2.0)[inverse.reshape(-1)]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (ties averaged); NaN when either side is constant or has < 2 values."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size < 2:
-        return math.nan
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(ra @ rb) / denom if denom > 0 else math.nan
 
 
 # ---------------------------------------------------------------------------------------------- candidates
