@@ -115,6 +115,10 @@ def test_prediction_decides_accept_or_review(tiny_project, test_images, tmp_path
         assert r["decision"] == ("accept" if r["score"] <= threshold else "review")
         assert r["ood"] == (r["decision"] == "review")
     assert all(r["decision"] == "" for r in rows if r["method"] != "quality")
+    config = manifest(tiny_project)["methods"]["quality"]["config"]
+    rules = json.loads((out / "ood_scores.json").read_text())["decision_rules"]
+    assert rules == {"quality": {"fail_below": config["fail_below"], "threshold_from": "fit",
+                                 "max_silent_failures": config["max_silent_failures"]}}
     accepted = sum(r["decision"] == "accept" for r in quality.values())
     assert f"quality: {accepted} of {len(cases)} cases accepted, {len(cases) - accepted} sent to review" in printed
 
@@ -163,6 +167,8 @@ def test_site_calibration_with_labels_reselects_the_threshold(tiny_project, test
     for r in read_score_csv(str(pred / "ood_scores.csv")):
         if r["method"] == "quality":
             assert r["decision"] == ("accept" if r["score"] <= expected else "review")
+    rules = json.loads((pred / "ood_scores.json").read_text())["decision_rules"]["quality"]
+    assert rules == {"fail_below": 0.8, "max_silent_failures": 0.2, "threshold_from": "calibration labelled"}
     capsys.readouterr()
 
 

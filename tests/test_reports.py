@@ -626,3 +626,10 @@ def test_overlay_is_never_a_method_without_maps() -> None:
     assert overlay_method(scores, methods, None) == "entropy"
     assert overlay_method(scores, methods, "quality") == "entropy"
     assert overlay_method(scores, methods, "mahalanobis") == "mahalanobis"
+
+
+def test_review_shows_quality_as_a_decision() -> None:
+    from nnunet_ood.reports.review import _flag_text
+
+    assert (_flag_text("quality", True), _flag_text("quality", False)) == ("review", "accept")
+    assert (_flag_text("mahalanobis", True), _flag_text("mahalanobis", False)) == ("OOD", "ok")

@@ -112,6 +112,23 @@ class PredictionOutputs:
         print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag") + decisions, flush=True)
         return result
 
+    def decision_rules(self) -> dict[str, dict[str, Any]]:
+        """What an accept/review decision promised, per deciding method: the failure Dice and the tolerated share
+        of silent failures of the threshold in use (the fit's, or a labelled named calibration's)."""
+        p = self.predictor
+        labelled: dict[str, Any] = {}
+        if p.calibration_name is not None:
+            from nnunet_ood.io.site_calibration import load_site_calibration
+
+            labelled = load_site_calibration(p.model_folder, p.calibration_name).labelled
+        rules = {}
+        for m in self.decision_methods():
+            source = labelled.get(m) or p.ood_states[0].method_params.get(m, {})
+            rules[m] = {"fail_below": source.get("fail_below"),
+                        "max_silent_failures": source.get("max_silent_failures"),
+                        "threshold_from": f"calibration {p.calibration_name}" if m in labelled else "fit"}
+        return rules
+
     def decision_methods(self) -> list[str]:
         """Methods in use whose flag is an accept/review decision (they predict Dice)."""
         return [m for m in self.predictor.ood_methods if REGISTRY.get(m).predicts_dice]
@@ -215,6 +232,7 @@ class PredictionOutputs:
             "calibration_per_fold": {str(f): {m: s.calibration[m].to_json() for m in p.ood_methods
                                               if m in s.calibration} for f, s in zip(p.use_folds, p.ood_states)},
             "ood_maps": maps_metadata(p.save_ood_maps, p.ood_maps_dtype),  # how map files store their values
+            "decision_rules": self.decision_rules(),
             "run_signature": self.run_signature(),
         }
 

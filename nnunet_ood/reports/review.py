@@ -134,8 +134,17 @@ def _scores_table(r: RankedCase, methods: Sequence[str]) -> str:
     rows = [["score", *(cell(m, page.compact(r.scores[m].score)) if m in r.scores else "-" for m in methods)],
             ["normalised", *(cell(m, page.number(r.scores[m].normalized)) if m in r.scores else "-"
                              for m in methods)],
-            ["flag", *(cell(m, "OOD" if r.scores[m].ood else "ok") if m in r.scores else "-" for m in methods)]]
+            ["flag", *(cell(m, _flag_text(m, r.scores[m].ood)) if m in r.scores else "-" for m in methods)]]
     return page.table(["", *heads], rows)
+
+
+def _flag_text(method: str, flagged: bool) -> str:
+    """``OOD``/``ok``; for a method that predicts Dice (quality) its decision, ``review``/``accept``."""
+    from nnunet_ood.methods import REGISTRY
+
+    if method in REGISTRY and REGISTRY.get(method).predicts_dice:
+        return "review" if flagged else "accept"
+    return "OOD" if flagged else "ok"
 
 
 def _map_missing_reason(case: CaseSlices, maps_saved: bool, scales: Mapping[str, HeatScale]) -> str:
