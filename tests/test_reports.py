@@ -22,6 +22,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_thumbnails import brute_force_slice
 
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.reports.ranking import check_report_method
@@ -102,17 +103,6 @@ def write_image(path: Path, array: np.ndarray) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((0.8, 0.7, 2.0))
     sitk.WriteImage(image, str(path))
-
-
-def brute_force_slice(primary: list[float], secondary: list[float]) -> int:
-    """First slice with the largest (primary, secondary); the middle one when every slice is equal."""
-    if len(set(zip(primary, secondary))) == 1:
-        return len(primary) // 2
-    best = 0
-    for z in range(1, len(primary)):
-        if (primary[z], secondary[z]) > (primary[best], secondary[best]):
-            best = z
-    return best
 
 
 def slice_of_card(card: dict) -> int:

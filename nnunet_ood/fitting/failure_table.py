@@ -18,31 +18,16 @@ import torch
 
 from nnunet_ood.fitting.passes import FitContext, scored_predictions
 from nnunet_ood.methods import FoldModels, Method
-from nnunet_ood.quality.properties import property_names, reference_volumes, segmentation_dice, segmentation_properties
+from nnunet_ood.quality.properties import (
+    property_names,
+    reference_volumes,
+    segmentation_dice,
+    segmentation_properties,
+)
 from nnunet_ood.quality.table import CLEAN, FailureTable
 
 #: training cases whose reference segmentations give the median class volumes (a seeded sample above it)
 MAX_REFERENCE_CASES = 100
-
-
-def label_setup(label_manager: Any) -> dict[str, Any]:
-    """What the segmentation properties need of nnU-Net's label manager, as JSON (stored with the method)."""
-    return {"has_regions": bool(label_manager.has_regions),
-            "foreground_labels": [int(v) for v in label_manager.foreground_labels],
-            "foreground_regions": [list(np.atleast_1d(r).tolist()) for r in label_manager.foreground_regions]
-            if label_manager.has_regions else [],
-            "ignore_label": None if label_manager.ignore_label is None else int(label_manager.ignore_label)}
-
-
-class LabelSetup:
-    """The attributes of nnU-Net's label manager that :mod:`nnunet_ood.quality.properties` reads."""
-
-    def __init__(self, setup: dict[str, Any]) -> None:
-        self.has_regions = bool(setup["has_regions"])
-        self.foreground_labels = [int(v) for v in setup["foreground_labels"]]
-        self.foreground_regions = [tuple(r) for r in setup["foreground_regions"]]
-        self.ignore_label = setup["ignore_label"]
-        self.has_ignore_label = self.ignore_label is not None
 
 
 def training_reference(context: FitContext) -> dict[str, float]:

@@ -38,7 +38,7 @@ from nnunet_ood.calibration import FALSE_ALARM_RATE, MethodCalibration, min_case
 from nnunet_ood.detectors.cross_fitting import assign_parts, merge_parts
 from nnunet_ood.detectors.mahalanobis import MahalanobisDetector
 from nnunet_ood.errors import OODError, OODInputError
-from nnunet_ood.fitting.failure_table import FailureTableBuilder, label_setup
+from nnunet_ood.fitting.failure_table import FailureTableBuilder
 from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.fitting.passes import (
     EncoderPass,
@@ -55,6 +55,7 @@ from nnunet_ood.folds import Fold, parse_fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.io.state import FoldOODState, check_fingerprint, load_fold_state, read_manifest, save_fold_state
 from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels, Method, MethodKind
+from nnunet_ood.quality.properties import stored_label_manager
 
 #: provenance entries that hold one value per method (merged method by method on a partial refit)
 PER_METHOD_PROVENANCE = ("train_case_scores", "val_case_scores", "feature_dim")
@@ -84,13 +85,15 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: list[Method
         return None
     refits_autoencoder = any(m.requires.autoencoder for m in refit)
     refit_names = {r.name for r in refit}
-    candidates = [m for m, entry in manifest["methods"].items() if m not in refit_names
-                  and not (REGISTRY.get(m).requires.autoencoder and refits_autoencoder)
-                  and not refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {}))]
+    candidates = []
     for m, entry in manifest["methods"].items():
-        if m not in refit_names and refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {})):
+        if m in refit_names or (REGISTRY.get(m).requires.autoencoder and refits_autoencoder):
+            continue
+        if refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {})):
             print(f"{fold_dir}: the fitted {m} is dropped: it reads the scores of methods fitted again now; fit it "
                   f"again with them ({FIT_COMMAND} --ood ... {m})")
+            continue
+        candidates.append(m)
     keep = []
     for name in candidates:
         try:
@@ -208,7 +211,7 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
         provenance["failure_table"] = {"rows": len(table), "cases": len(context.val_keys)}
         for m in table_methods:
             clean = m.fit_on_failure_table(context, models, table, [i.name for i in inputs],
-                                           label_setup(context.label_manager), builder.reference)
+                                           stored_label_manager(context.label_manager), builder.reference)
             for key, value in clean.items():
                 val_scores[key][m.name] = value
     provenance["pass_seconds"] = seconds  # the failure table's cost next to the validation pass it repeats

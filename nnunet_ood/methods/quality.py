@@ -170,16 +170,15 @@ class Quality(DerivedMethod):
         """Mean over the folds of each fold model's predicted risk (NaN when an input is missing or NaN)."""
         import numpy as np
 
-        from nnunet_ood.fitting.failure_table import LabelSetup
         from nnunet_ood.quality.model import QualityModel
-        from nnunet_ood.quality.properties import segmentation_properties
+        from nnunet_ood.quality.properties import StoredLabelManager, segmentation_properties
 
         if view is None or view.logits is None:
             return math.nan
         risks = []
         for params in fold_params:
             model = params.get("_model") or QualityModel.from_json(params["model"], "the quality model")
-            properties = segmentation_properties(view.logits, LabelSetup(params["label_setup"]),
+            properties = segmentation_properties(view.logits, StoredLabelManager(params["label_setup"]),
                                                  params["reference_volumes"])
             values = {**{m: case_scores.get(m, math.nan) for m in params["inputs"]}, **properties}
             x = np.array([[values.get(f, math.nan) for f in params["features"]]], dtype=np.float64)

@@ -97,3 +97,24 @@ def segmentation_properties(logits: torch.Tensor, label_manager: Any,
     foreground = masks.any(0).numpy()
     out[COMPONENTS] = float(np.log1p(ndimage.label(foreground)[1])) if foreground.any() else 0.0
     return out
+
+
+def stored_label_manager(label_manager: Any) -> dict[str, Any]:
+    """What :func:`segmentation_properties` needs of nnU-Net's label manager, as JSON (stored with the method)."""
+    return {"has_regions": bool(label_manager.has_regions),
+            "foreground_labels": [int(v) for v in label_manager.foreground_labels],
+            "foreground_regions": [list(np.atleast_1d(r).tolist()) for r in label_manager.foreground_regions]
+            if label_manager.has_regions else [],
+            "ignore_label": None if label_manager.ignore_label is None else int(label_manager.ignore_label)}
+
+
+class StoredLabelManager:
+    """The attributes of nnU-Net's label manager that this module reads, rebuilt from
+    :func:`stored_label_manager`'s JSON (at prediction, without the plans)."""
+
+    def __init__(self, setup: dict[str, Any]) -> None:
+        self.has_regions = bool(setup["has_regions"])
+        self.foreground_labels = [int(v) for v in setup["foreground_labels"]]
+        self.foreground_regions = [tuple(r) for r in setup["foreground_regions"]]
+        self.ignore_label = setup["ignore_label"]
+        self.has_ignore_label = self.ignore_label is not None
