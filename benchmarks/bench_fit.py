@@ -9,14 +9,17 @@ alternating, two things are timed on the same machine:
   validation case from its preprocessed data, sliding window and test-time mirroring as at default
   inference (export of the segmentations left out);
 * ``fit``: ``fit_fold`` with the default methods without the SD autoencoder (its training is a schedule
-  chosen by the user, reported separately in docs/benchmarks.md).
+  chosen by the user, reported separately in docs/benchmarks.md) and without the methods that learn from the
+  failure table (``quality``: its corruption pass has a budget of its own, measured by bench_quality.py).
 
 The ratio fit / validation is the target (at most 1.5). Two 2D training sets of different size show how
 the cost grows with the number of cases (both should grow linearly); a small 3D set shows 3d_fullres.
 
 Usage::
 
-    python benchmarks/bench_fit.py [--work FOLDER] [--repeats 2]      # about 10 minutes on 2 CPU cores
+    python benchmarks/bench_fit.py [--work FOLDER] [--repeats 2] [--datasets 2d-40 2d-80 3d-40]
+
+About 10 minutes on 2 CPU cores for the 2D sets, 30 more for the 3D one (training the models included).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ import torch
 from machine import machine_description
 
 TRAINER = "nnUNetTrainerOOD_smoke"
+# key: (label, dataset id, configuration, cases in the dataset; fold 0 trains on 4/5 of them)
+DATASETS = {"2d-40": ("2d, 40 training cases", 511, "2d", 50), "2d-80": ("2d, 80 training cases", 512, "2d", 100),
+            "3d-40": ("3d_fullres, 40 training cases", 513, "3d_fullres", 50)}
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
@@ -141,7 +147,8 @@ def time_fit(model: Path) -> float:
     from nnunet_ood.fitting import FitOptions, fit_fold
     from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
 
-    methods = tuple(m for m in DEFAULT_FIT_METHODS if not REGISTRY[m].requires.autoencoder)
+    methods = tuple(m for m in DEFAULT_FIT_METHODS
+                    if not REGISTRY[m].requires.autoencoder and not REGISTRY[m].needs_failure_table)
     start = time.perf_counter()
     fit_fold(str(model), 0, FitOptions(methods=methods, progress=False))
     return time.perf_counter() - start
@@ -151,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", help="folder for the benchmark models (kept; default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating repeats (default: 2)")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
+                        help="which datasets to time (default: all)")
     args = parser.parse_args(argv)
     temp = None if args.work else tempfile.TemporaryDirectory()
     work = Path(args.work or temp.name).resolve()
     torch.set_num_threads(os.cpu_count() or 1)
-    datasets = [("2d, 40 training cases", 511, "2d", 50), ("2d, 80 training cases", 512, "2d", 100),
-                ("3d_fullres, 40 training cases", 513, "3d_fullres", 50)]
     models = {label: build(work / label.split(",")[0].replace(" ", ""), dataset_id, configuration, n)
-              for label, dataset_id, configuration, n in datasets}
+              for key, (label, dataset_id, configuration, n) in DATASETS.items() if key in args.datasets}
     print(f"Machine: {machine_description()}")
     print("\n| dataset | nnU-Net validation of fold 0 (s) | fit_fold, default methods without sd (s) | ratio "
           "| target |\n|---|---:|---:|---:|---|", flush=True)

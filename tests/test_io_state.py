@@ -76,6 +76,26 @@ def test_save_replaces_atomically_and_cleans_stale_temporaries(tmp_path, state):
     assert sorted(os.listdir(tmp_path)) == ["ood"]
 
 
+def test_tensor_files_hold_views_shared_memory_and_scalars_and_failed_writes_leave_nothing(tmp_path):
+    from safetensors.torch import load_file
+
+    from nnunet_ood.io.atomic import atomic_save_tensors
+
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    tensors = {"full": base, "same": base, "row_view": base[1], "transposed": base.T, "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3)}
+    path = tmp_path / "x.safetensors"
+    atomic_save_tensors(path, tensors, {"note": "n"})
+    loaded = load_file(str(path))
+    assert sorted(loaded) == sorted(tensors)
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor), key
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+    with pytest.raises(Exception):
+        atomic_save_tensors(tmp_path / "y.safetensors", {"bad": object()}, {})
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
 def test_missing_methods_and_other_models_are_refused(tmp_path, state):
     save_fold_state(str(tmp_path), state)
     with pytest.raises(OODStateError, match=r"method\(s\) energy not fitted .* --ood energy"):
