@@ -279,3 +279,7 @@ def test_predicted_maps_of_each_dtype_match_the_float32_maps(tiny_project, test_
     predict(tmp_path / "int16", "int16", *sequential, "--continue_prediction")
     assert "That's 0 cases" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "int16").glob("*.nii.gz")} == mtimes
+    # ... but with another map type every case is redone, so that one folder never mixes map types
+    predict(tmp_path / "int16", "uint8", *sequential, "--continue_prediction")
+    assert f"That's {len(cases)} cases" in capsys.readouterr().out
+    assert json.loads((tmp_path / "int16" / "ood_scores.json").read_text())["ood_maps"]["dtype"] == "uint8"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     assert document["folds"] == ["0"] and document["checkpoint"] == "checkpoint_final.pth"
     assert all(set(document["calibration"][m]) >= {"low", "high", "threshold"} for m in methods)
     assert document["plugin_version"] and document["model_folder"].endswith(f"{OOD_TRAINER}__nnUNetPlans__2d")
+    assert document["input_folder"] == os.path.abspath(test_images)
     assert all(r["ood"] == (r["score"] > document["calibration"][r["method"]]["threshold"]) for r in rows)
     # maps: one per case and method with maps (quality, derived from the others, has none), in the input's geometry
     assert not list(ours.glob("*_ood_quality*"))

@@ -623,3 +623,24 @@ def test_review_shows_quality_as_a_decision() -> None:
 
     assert (_flag_text("quality", True), _flag_text("quality", False)) == ("review", "accept")
     assert (_flag_text("mahalanobis", True), _flag_text("mahalanobis", False)) == ("OOD", "ok")
+
+
+def test_image_folders_come_from_the_flag_then_the_recorded_input_then_the_raw_layout(tmp_path) -> None:
+    from nnunet_ood.evaluation.table import GroupSpec
+    from nnunet_ood.reports.evaluation_report import resolve_image_sources
+
+    folders = {name: tmp_path / name for name in ("given", "recorded", "imagesTs_b", "labelsTs_b", "labelsTs_c",
+                                                  "pred_a", "pred_b", "pred_c", "pred_d")}
+    for folder in folders.values():
+        folder.mkdir()
+    # a recorded input folder wins over the raw layout; a recorded folder that no longer exists is ignored
+    (folders["pred_b"] / "ood_scores.json").write_text(json.dumps({"input_folder": str(folders["recorded"])}))
+    (folders["pred_c"] / "ood_scores.json").write_text(json.dumps({"input_folder": str(tmp_path / "moved")}))
+    (folders["pred_d"] / "ood_scores.json").write_text("[not an object]")
+    specs = [GroupSpec("a", "domain", str(folders["pred_a"]), str(folders["labelsTs_b"])),
+             GroupSpec("b", "domain", str(folders["pred_b"]), str(folders["labelsTs_b"])),
+             GroupSpec("c", "domain", str(folders["pred_c"]), str(folders["labelsTs_b"])),
+             GroupSpec("d", "domain", str(folders["pred_d"]), str(folders["labelsTs_c"]))]
+    sources = resolve_image_sources(specs, [("a", str(folders["given"]))])
+    assert {g: s.folder for g, s in sources.items()} == {
+        "a": str(folders["given"]), "b": str(folders["recorded"]), "c": str(folders["imagesTs_b"]), "d": None}

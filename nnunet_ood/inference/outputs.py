@@ -169,7 +169,9 @@ class PredictionOutputs:
             output_folder, cases = None, []
         if self.predictor.save_ood_maps:
             check_map_collisions(cases, self.predictor.ood_methods)
-        self._run = {"output_folder": output_folder, "cases": cases}
+        input_folder = os.path.abspath(list_of_lists_or_source_folder) \
+            if isinstance(list_of_lists_or_source_folder, str) else None
+        self._run = {"output_folder": output_folder, "cases": cases, "input_folder": input_folder}
         self.unfinished_case = None
 
     def end_run(self) -> None:
@@ -179,7 +181,8 @@ class PredictionOutputs:
             return
         records = collect_records(run["output_folder"], run["cases"], self.run_signature())
         deciding = self.decision_methods()
-        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, self.table_metadata(), deciding)
+        metadata = {**self.table_metadata(), "input_folder": run["input_folder"]}
+        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, metadata, deciding)
         print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
         for m in deciding:
             review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
@@ -206,10 +209,15 @@ class PredictionOutputs:
 
     # ------------------------------------------------------------------ provenance
     def run_signature(self) -> str:
-        """Identifies model, folds, checkpoint and methods; records from other runs are not mixed in."""
+        """Identifies model, folds, checkpoint, methods and the settings that change the scores or the map files
+        (step size, mirroring, map dtype); records from other runs are not mixed in, and ``--continue_prediction``
+        redoes the cases a run with other settings left."""
         p = self.predictor
         payload = {"model": p.model_folder, "folds": [str(f) for f in p.use_folds], "checkpoint": p.checkpoint_name,
-                   "methods": p.ood_methods, "weights": [s.fingerprint["weights_sha256"] for s in p.ood_states]}
+                   "methods": p.ood_methods, "weights": [s.fingerprint["weights_sha256"] for s in p.ood_states],
+                   "tile_step_size": p.tile_step_size,
+                   "use_mirroring": bool(p.use_mirroring and p.allowed_mirroring_axes),
+                   "ood_maps": p.ood_maps_dtype if p.save_ood_maps else None}
         if p.calibration_name is not None:  # records flagged with another calibration are not mixed in
             payload["calibration"] = p.calibration_name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -8,13 +8,15 @@ failure predictor: the silent failures (Dice below the evaluation's ``fail_below
 uncertain cases, each with its input slice, reference, prediction and that method's uncertainty map (thumbnails
 in ``report_files/``).
 
-Input images are looked up per group: ``--images GROUP FOLDER``, else the nnU-Net raw-data sibling of the label
-folder (``labelsTs_x`` -> ``imagesTs_x``, ``labelsTr`` -> ``imagesTr``). Without them the gallery shows the
-labels on a grey background and says so.
+Input images are looked up per group: ``--images GROUP FOLDER``, else the input folder the prediction recorded in
+its ``ood_scores.json`` (if it still exists), else the nnU-Net raw-data sibling of the label folder (``labelsTs_x``
+-> ``imagesTs_x``, ``labelsTr`` -> ``imagesTr``). Without them the gallery shows the labels on a grey background
+and says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -41,6 +43,7 @@ from nnunet_ood.evaluation.table import (
     read_dataset_json,
     safe_file_part,
 )
+from nnunet_ood.io.scores import JSON_NAME
 from nnunet_ood.reports import page
 from nnunet_ood.reports.cases import (
     IMAGE,
@@ -91,9 +94,21 @@ def sibling_image_folder(label_folder: str) -> str | None:
     return candidate if os.path.isdir(candidate) else None
 
 
+def recorded_input_folder(prediction_folder: str) -> str | None:
+    """The input folder ``nnUNetv2_predict_ood`` recorded in the prediction folder's ``ood_scores.json``, if it still
+    exists (predictions are often moved or read on another machine)."""
+    try:
+        with open(os.path.join(prediction_folder, JSON_NAME)) as f:
+            folder = json.load(f).get("input_folder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder if isinstance(folder, str) and os.path.isdir(folder) else None
+
+
 def resolve_image_sources(specs: Sequence[GroupSpec], images: Sequence[Sequence[str]] | None) -> dict[str, ImageSource]:
     """Each group's input-image folder: from ``--images GROUP FOLDER`` (checked: known group, given once, a folder),
-    else the sibling of its label folder (:func:`sibling_image_folder`)."""
+    else the prediction's recorded input folder (:func:`recorded_input_folder`), else the sibling of its label
+    folder (:func:`sibling_image_folder`)."""
     names = [s.name for s in specs]
     given: dict[str, str] = {}
     for group, folder in images or ():
@@ -109,6 +124,10 @@ def resolve_image_sources(specs: Sequence[GroupSpec], images: Sequence[Sequence[
     for spec in specs:
         if spec.name in given:
             sources[spec.name] = ImageSource(given[spec.name], f"{IMAGES_FLAG}")
+            continue
+        recorded = recorded_input_folder(spec.prediction_folder)
+        if recorded is not None:
+            sources[spec.name] = ImageSource(recorded, "the prediction's input folder (ood_scores.json)")
             continue
         sibling = sibling_image_folder(spec.label_folder)
         sources[spec.name] = ImageSource(sibling, "next to the label folder") if sibling is not None else \
