@@ -181,8 +181,8 @@ class PredictionOutputs:
             return
         records = collect_records(run["output_folder"], run["cases"], self.run_signature())
         deciding = self.decision_methods()
-        metadata = {**self.table_metadata(), "input_folder": run["input_folder"]}
-        write_score_tables(run["output_folder"], records, self.predictor.ood_methods, metadata, deciding)
+        write_score_tables(run["output_folder"], records, self.predictor.ood_methods,
+                           self.table_metadata(run["input_folder"]), deciding)
         print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
         for m in deciding:
             review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
@@ -222,8 +222,9 @@ class PredictionOutputs:
             payload["calibration"] = p.calibration_name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def table_metadata(self) -> dict[str, Any]:
-        """Thresholds, normalisation and provenance stored in ``ood_scores.json``."""
+    def table_metadata(self, input_folder: str | None) -> dict[str, Any]:
+        """Thresholds, normalisation and provenance stored in ``ood_scores.json`` (``input_folder``: the run's input
+        folder, None when it was given as lists of files)."""
         p = self.predictor
         return {
             "plugin": "nnunet-ood", "plugin_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -242,6 +243,7 @@ class PredictionOutputs:
             "ood_maps": maps_metadata(p.save_ood_maps, p.ood_maps_dtype),  # how map files store their values
             "decision_rules": self.decision_rules(),
             "run_signature": self.run_signature(),
+            "input_folder": input_folder,
         }
 
 

@@ -73,8 +73,8 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Ten
     cpu, seen = {}, set()
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in seen or tensor.numel() != tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen or tensor.numel() * tensor.element_size() != storage.nbytes():
             tensor = tensor.clone()  # a view of a larger tensor, or memory shared with another entry
         seen.add(tensor.untyped_storage().data_ptr())
         cpu[key] = tensor

@@ -16,7 +16,6 @@ and says so.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from nnunet_ood.evaluation.table import (
     read_dataset_json,
     safe_file_part,
 )
+from nnunet_ood.io.json_files import read_optional_json_object
 from nnunet_ood.io.scores import JSON_NAME
 from nnunet_ood.reports import page
 from nnunet_ood.reports.cases import (
@@ -97,11 +97,7 @@ def sibling_image_folder(label_folder: str) -> str | None:
 def recorded_input_folder(prediction_folder: str) -> str | None:
     """The input folder ``nnUNetv2_predict_ood`` recorded in the prediction folder's ``ood_scores.json``, if it still
     exists (predictions are often moved or read on another machine)."""
-    try:
-        with open(os.path.join(prediction_folder, JSON_NAME)) as f:
-            folder = json.load(f).get("input_folder")
-    except (OSError, ValueError, AttributeError):
-        return None
+    folder = read_optional_json_object(os.path.join(prediction_folder, JSON_NAME)).get("input_folder")
     return folder if isinstance(folder, str) and os.path.isdir(folder) else None
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from nnunet_ood.io.atomic import atomic_write_text
+from nnunet_ood.io.json_files import read_optional_json_object
 from nnunet_ood.io.scores import JSON_NAME
 from nnunet_ood.reports import page
 from nnunet_ood.reports.cases import (
@@ -75,15 +75,6 @@ def format_review_csv(ranked: Sequence[RankedCase], methods: Sequence[str]) -> s
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-
-def _read_optional_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------- the page
@@ -238,8 +229,8 @@ def write_review(input_folder: str | None, output_folder: str, method: str | Non
     """Write ``review.csv``, ``review_files/`` and ``review.html`` into ``output_folder`` from its score table, its
     segmentations and maps, and the images of ``input_folder`` (None: no image thumbnails). Returns the paths."""
     methods, cases = read_scores(output_folder)
-    dataset = _read_optional_json(os.path.join(output_folder, "dataset.json"))
-    document = _read_optional_json(os.path.join(output_folder, JSON_NAME))
+    dataset = read_optional_json_object(os.path.join(output_folder, "dataset.json"))
+    document = read_optional_json_object(os.path.join(output_folder, JSON_NAME))
     ranked = rank_cases(methods, cases, method, calibration_bounds(document))
     ending = dataset.get("file_ending") if isinstance(dataset.get("file_ending"), str) else None
     maps_saved = bool(document.get("ood_maps")) or any(
