@@ -221,9 +221,11 @@ def run_prediction(predictor, args: argparse.Namespace, input_folder: str, outpu
 
 def write_review_report(input_folder: str, output: str, method: str | None) -> None:
     """``review.html``/``review.csv`` of one output folder, from the files the prediction wrote."""
+    from nnunet_ood.io.folder_lock import folder_lock
     from nnunet_ood.reports.review import write_review
 
-    page, _ = write_review(input_folder, output, method)
+    with folder_lock(output):  # -num_parts runs each rewrite the folder's report: one at a time
+        page, _ = write_review(input_folder, output, method)
     print(f"review: {page} (open it in a web browser; it works offline)")
 
 

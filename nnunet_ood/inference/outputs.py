@@ -26,6 +26,7 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from nnunet_ood import __version__
 from nnunet_ood.calibration import calibrated_scores
 from nnunet_ood.inference.case_scorer import CaseOutcome
+from nnunet_ood.io.folder_lock import folder_lock
 from nnunet_ood.io.inputs import check_map_collisions
 from nnunet_ood.io.map_dtypes import maps_metadata, normalization_bounds
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
@@ -179,10 +180,12 @@ class PredictionOutputs:
         run, self._run = self._run, None
         if not run or run["output_folder"] is None:
             return
-        records = collect_records(run["output_folder"], run["cases"], self.run_signature())
         deciding = self.decision_methods()
-        write_score_tables(run["output_folder"], records, self.predictor.ood_methods,
-                           self.table_metadata(run["input_folder"]), deciding)
+        # -num_parts runs share the folder: collect and write in turn, so the last writer has seen every record
+        with folder_lock(run["output_folder"]):
+            records = collect_records(run["output_folder"], run["cases"], self.run_signature())
+            write_score_tables(run["output_folder"], records, self.predictor.ood_methods,
+                               self.table_metadata(run["input_folder"]), deciding)
         print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
         for m in deciding:
             review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
