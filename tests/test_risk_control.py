@@ -213,3 +213,77 @@ def test_crc_guarantee_one_row_per_case():
     crc, naive = run_trials(1, 1000, 20, 60, 1, alpha, 0.6, offset=0.0, grouped=False)
     assert alpha / 2 < crc.mean() <= alpha + mc_tolerance(crc)
     assert naive.mean() > crc.mean() + mc_tolerance(naive) + mc_tolerance(crc)
+
+
+# ------------------------------------------------------------------------------------ several folds pooled
+
+
+def fold_params(rng, n_cases, versions, fail_below=0.6, alpha=0.05):
+    """A quality method's stored parameters with a failure table of ``n_cases`` cases (``versions`` rows each;
+    the same case names in every fold, as if two folds' validation cases shared names)."""
+    lines = ["case,version,corruption,severity,dice,oof_risk,tta"]
+    for c in range(n_cases):
+        for v in range(versions):
+            risk = rng.random()
+            dice = float(np.clip(1 - risk + rng.normal(0, 0.2), 0, 1))
+            shown = "" if rng.random() < 0.05 else repr(risk)  # a row the quality fit left out: NaN risk
+            lines.append(f"case{c},{v},{'none' if v == 0 else 'blur'},{v},{dice!r},{shown},{rng.random()!r}")
+    return {"fail_below": fail_below, "max_silent_failures": alpha, "table_csv": "\n".join(lines) + "\n"}
+
+
+def pooled_rows(params_list):
+    """Brute-force reading of the tables: (risk, dice, unit) per row, a unit being (fold, case)."""
+    risk, dice, units = [], [], []
+    for k, params in enumerate(params_list):
+        header, *rows = [line.split(",") for line in params["table_csv"].strip().split("\n")]
+        for row in rows:
+            r = dict(zip(header, row))
+            risk.append(float(r["oof_risk"]) if r["oof_risk"] else np.nan)
+            dice.append(float(r["dice"]))
+            units.append((k, r["case"]))
+    return risk, dice, units
+
+
+def test_several_folds_choose_the_quality_threshold_on_their_cases_pooled():
+    from types import SimpleNamespace
+
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.inference.thresholds import fold_calibration
+    from nnunet_ood.methods import REGISTRY
+
+    rng = np.random.default_rng(3)
+    quality = REGISTRY.get("quality")
+    params = [fold_params(rng, 12, 3) for _ in range(5)]  # 12 cases a fold: too few for 0.05 alone
+    own = [MethodCalibration(0.0, 1.0, -1.0, n_val_cases=12, false_alarm_rate=0.05) for _ in params]
+    states = [SimpleNamespace(calibration={"quality": c}, method_params={"quality": p}) for c, p in zip(own, params)]
+    combined = fold_calibration([quality], states)["quality"]
+    risk, dice, units = pooled_rows(params)
+    expected, enough, _, _ = brute_force(risk, dice, 0.6, 0.05, units)
+    assert enough and expected > 0  # 60 units support 0.05
+    assert combined.threshold == pytest.approx(expected, abs=0)
+    assert combined.n_val_cases == 60 and combined.false_alarm_rate == 0.05
+    assert (combined.low, combined.high) == (0.0, 1.0)
+    # one fold keeps its own threshold (the fit's, from the same table)
+    assert fold_calibration([quality], states[:1])["quality"] == own[0]
+    # the other methods still average their folds' thresholds
+    averaged = fold_calibration([REGISTRY.get("tta")], [SimpleNamespace(
+        calibration={"tta": MethodCalibration(0.0, 1.0, t)}, method_params={}) for t in (0.2, 0.4)])["tta"]
+    assert averaged.threshold == pytest.approx(0.3)
+
+
+def test_several_folds_need_one_rule_and_every_table():
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.methods import REGISTRY
+
+    rng = np.random.default_rng(4)
+    quality = REGISTRY.get("quality")
+    own = [MethodCalibration(0.0, 1.0, 0.1)] * 2
+    other_rule = [fold_params(rng, 10, 2), fold_params(rng, 10, 2, alpha=0.1)]
+    with pytest.raises(OODStateError, match="different rules.*nnUNetv2_fit_ood"):
+        quality.combine_fold_calibrations(own, other_rule)
+    lost_table = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": ""}]
+    with pytest.raises(OODStateError, match="quality_calibration.csv.*fold 2 of 2.*nnUNetv2_fit_ood"):
+        quality.combine_fold_calibrations(own, lost_table)
+    no_risks = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": "case,dice\ncase0,0.5\n"}]
+    with pytest.raises(OODStateError, match="oof_risk"):
+        quality.combine_fold_calibrations(own, no_risks)

@@ -1,7 +1,8 @@
 """Which calibration a prediction flags with: the folds' own, or a named one from the site's cases.
 
 The folds' calibration (made by the fit with step size 0.5, Gaussian weighting and, for the output-based
-scores, mirroring) is averaged over the folds in use. A named calibration (``--calibration NAME``,
+scores, mirroring) is combined by each method: averaged over the folds in use, or (``quality``) chosen anew on
+the folds' validation cases pooled. A named calibration (``--calibration NAME``,
 made by ``nnUNetv2_calibrate_ood``) replaces it for every method it covers; it must belong to the same
 model, folds and checkpoint. Settings that change the scores' scale differently from the calibration's
 give a one-line warning naming the calibration command.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nnunet_ood.calibration import MethodCalibration, combine_calibrations
+from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.io.site_calibration import CALIBRATE_COMMAND, load_site_calibration, score_settings
 from nnunet_ood.methods import Method, MethodKind
 
@@ -25,9 +26,11 @@ def _names(methods: Sequence[Method]) -> str:
 
 
 def fold_calibration(methods: Sequence[Method], states: Sequence[Any]) -> dict[str, MethodCalibration]:
-    """The fit's calibration, averaged over the folds; methods without one (fold ensembles) are uncalibrated."""
-    return {m.name: combine_calibrations([s.calibration[m.name] for s in states]) if m.fittable
-            else MethodCalibration.uncalibrated() for m in methods}
+    """The fit's calibration of the folds together (each method combines its folds' own); methods without one
+    (fold ensembles) are uncalibrated."""
+    return {m.name: m.combine_fold_calibrations([s.calibration[m.name] for s in states],
+                                                [s.method_params.get(m.name, {}) for s in states])
+            if m.fittable else MethodCalibration.uncalibrated() for m in methods}
 
 
 def fit_setting_notes(methods: Sequence[Method], settings: Mapping[str, Any], n_folds: int) -> list[str]:
@@ -41,9 +44,10 @@ def fit_setting_notes(methods: Sequence[Method], settings: Mapping[str, Any], n_
     if changed:
         shown = ", ".join(f"{k} {settings[k]} (fit: {FIT_SETTINGS[k]})" for k in changed)
         notes.append(f"warning: {shown} change the scale of the scores the thresholds were fitted on; {fix}")
-    if n_folds > 1 and any(m.fittable for m in methods):
-        notes.append(f"note: with {n_folds} folds the thresholds are the folds' thresholds averaged, which only "
-                     f"approximates the false-alarm rate of the fold-averaged scores; {fix}")
+    averaged = [m for m in methods if m.fittable and m.averages_fold_thresholds]
+    if n_folds > 1 and averaged:
+        notes.append(f"note: with {n_folds} folds the thresholds of {_names(averaged)} are the folds' thresholds "
+                     f"averaged, which only approximates the false-alarm rate of the fold-averaged scores; {fix}")
     return notes
 
 

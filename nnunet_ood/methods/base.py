@@ -103,6 +103,9 @@ class Method:
     #: fitted on the fold's failure table (validation cases, clean and corrupted, with Dice and scores) by
     #: ``fit_on_failure_table``, after every other method of the fit
     needs_failure_table: ClassVar[bool] = False
+    #: with several folds, its threshold is the folds' thresholds averaged (the prediction says this is only
+    #: approximate); False when :meth:`combine_fold_calibrations` chooses one for the folds together
+    averages_fold_thresholds: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -124,6 +127,14 @@ class Method:
     def fold_calibration(self, params: Mapping[str, Any]) -> MethodCalibration | None:
         """Its calibration from its own fitted parameters, if not from the validation cases' scores (``None``)."""
         return None
+
+    def combine_fold_calibrations(self, calibrations: Sequence[MethodCalibration],
+                                  fold_params: Sequence[Mapping[str, Any]]) -> MethodCalibration:
+        """The calibration of the score several folds predict, from each fold's calibration and fitted
+        parameters (default: bounds and threshold averaged, as the folds average their scores)."""
+        from nnunet_ood.calibration import combine_calibrations
+
+        return combine_calibrations(calibrations)
 
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         """``(versions per validation case, corruptions chained per version)`` it needs in the failure table

@@ -76,6 +76,7 @@ class Quality(DerivedMethod):
     config = QualityConfig
     predicts_dice = True
     needs_failure_table = True
+    averages_fold_thresholds = False
 
     # ------------------------------------------------------------------ fit
     def fit_on_failure_table(self, context: FitContext, models: FoldModels, table: FailureTable,
@@ -115,13 +116,43 @@ class Quality(DerivedMethod):
 
     def fold_calibration(self, params: Mapping[str, Any]) -> MethodCalibration:
         """Risk on [0, 1] as it is; the threshold from conformal risk control."""
-        from nnunet_ood.calibration import MethodCalibration
         from nnunet_ood.quality.risk_control import RiskThreshold
 
-        threshold = RiskThreshold.from_json(params["risk_threshold"], "the quality method's risk threshold")
-        return MethodCalibration(low=0.0, high=1.0, threshold=threshold.threshold, n_train_cases=0,
-                                 n_val_cases=threshold.n_groups, aggregation="mean",
-                                 false_alarm_rate=threshold.alpha)
+        return _risk_calibration(RiskThreshold.from_json(params["risk_threshold"],
+                                                         "the quality method's risk threshold"))
+
+    def combine_fold_calibrations(self, calibrations: Sequence[MethodCalibration],
+                                  fold_params: Sequence[Mapping[str, Any]]) -> MethodCalibration:
+        """One fold: its own threshold. Several: conformal risk control on every fold's validation cases pooled
+        (each case with the out-of-fold risk of its own fold's model, from the fold's failure table), under the
+        rule the folds share. Five folds of 12 validation cases are 60 calibration cases: enough for a rate of
+        0.05, which none of the folds alone supports (19 needed); averaging five thresholds would not be."""
+        if len(fold_params) == 1:
+            return calibrations[0]
+        import numpy as np
+
+        from nnunet_ood.quality.risk_control import crc_threshold
+        from nnunet_ood.quality.table import CSV_NAME, read_out_of_fold_risks
+
+        rules = {(params.get("fail_below"), params.get("max_silent_failures")) for params in fold_params}
+        if len(rules) > 1:
+            shown = "; ".join(f"--fail_below {f} --max_silent_failures {a}" for f, a in sorted(rules, key=str))
+            raise OODStateError(f"the folds' quality models were fitted with different rules ({shown}); re-fit them "
+                                "with the same rule (nnUNetv2_fit_ood), or predict with a labelled calibration "
+                                "(nnUNetv2_calibrate_ood -l)")
+        risk, dice, groups = [], [], []
+        for k, params in enumerate(fold_params):
+            if not params.get("table_csv"):
+                raise OODStateError(f"the failure table ({CSV_NAME}) of the folds' quality method is missing from "
+                                    f"fold {k + 1} of {len(fold_params)} in use: several folds choose the threshold "
+                                    "on their validation cases pooled; restore it or re-fit with nnUNetv2_fit_ood")
+            cases, fold_risk, fold_dice = read_out_of_fold_risks(params["table_csv"])
+            risk.append(fold_risk)
+            dice.append(fold_dice)
+            groups += [f"{k}/{case}" for case in cases]  # a case is a unit within its fold
+        fail_below, alpha = rules.pop()
+        return _risk_calibration(crc_threshold(np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
+                                               groups))
 
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         config = options.config(QualityConfig)
@@ -184,3 +215,11 @@ class Quality(DerivedMethod):
             x = np.array([[values.get(f, math.nan) for f in params["features"]]], dtype=np.float64)
             risks.append(float(model.predict_risk(x)[0]))
         return float(np.mean(risks)) if risks else math.nan
+
+
+def _risk_calibration(threshold: Any) -> MethodCalibration:
+    """The calibration of a risk in [0, 1] with a conformal risk control threshold (:class:`RiskThreshold`)."""
+    from nnunet_ood.calibration import MethodCalibration
+
+    return MethodCalibration(low=0.0, high=1.0, threshold=threshold.threshold, n_train_cases=0,
+                             n_val_cases=threshold.n_groups, aggregation="mean", false_alarm_rate=threshold.alpha)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_ood.errors import OODStateError
+
 #: the columns before the features
 KEY_COLUMNS = ("case", "version", "corruption", "severity", "dice")
 CLEAN = "none"
@@ -85,6 +87,16 @@ def read_failure_table(text: str, extra: Sequence[str] = ()) -> FailureTable:
         table.add(row["case"], int(row["version"]), row["corruption"], int(row["severity"]),
                   _float(row["dice"]), {f: _float(row[f]) for f in features})
     return table
+
+
+def read_out_of_fold_risks(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(case per row, out-of-fold predicted risk, Dice)`` of a stored failure table (its ``oof_risk`` column,
+    written by the quality fit); NaN where a value is empty."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and "oof_risk" not in rows[0]:
+        raise OODStateError("the stored failure table has no oof_risk column; re-fit with nnUNetv2_fit_ood")
+    return ([r["case"] for r in rows], np.array([_float(r["oof_risk"]) for r in rows], dtype=np.float64),
+            np.array([_float(r["dice"]) for r in rows], dtype=np.float64))
 
 
 def _float(text: str) -> float:
