@@ -279,7 +279,7 @@ def test_several_folds_need_one_rule_and_every_table():
     quality = REGISTRY.get("quality")
     own = [MethodCalibration(0.0, 1.0, 0.1)] * 2
     other_rule = [fold_params(rng, 10, 2), fold_params(rng, 10, 2, alpha=0.1)]
-    with pytest.raises(OODStateError, match="different rules.*nnUNetv2_fit_ood"):
+    with pytest.raises(OODStateError, match="different rules.*nnUNetv2_fit_ood.*--ood"):
         quality.combine_fold_calibrations(own, other_rule)
     lost_table = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": ""}]
     with pytest.raises(OODStateError, match="quality_calibration.csv.*fold 2 of 2.*nnUNetv2_fit_ood"):

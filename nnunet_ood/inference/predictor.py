@@ -120,13 +120,14 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         for note in notes:
             print(note)
         self.ood_states, self.ood_methods = states, [m.name for m in methods]
-        self.ood_calibration = fold_calibration(methods, states)
         if self.calibration_name is None:
-            notes = fit_setting_notes(methods, self.score_settings(), n_folds)
+            named, notes = {}, fit_setting_notes(methods, self.score_settings(), n_folds)
         else:
             named, notes = named_calibration(self.model_folder, self.calibration_name, methods, self.model_identity(),
                                              self.score_settings())
-            self.ood_calibration.update(named)
+        # the folds' own calibration only for what the named one does not cover
+        folds_own = fold_calibration([m for m in methods if m.name not in named], states)
+        self.ood_calibration = {m.name: named[m.name] if m.name in named else folds_own[m.name] for m in methods}
         for note in notes:
             print(note)
         if self.save_ood_maps:  # before any case is predicted: the map type must fit the dataset and methods

@@ -138,14 +138,15 @@ class Quality(DerivedMethod):
         if len(rules) > 1:
             shown = "; ".join(f"--fail_below {f} --max_silent_failures {a}" for f, a in sorted(rules, key=str))
             raise OODStateError(f"the folds' quality models were fitted with different rules ({shown}); re-fit them "
-                                "with the same rule (nnUNetv2_fit_ood), or predict with a labelled calibration "
-                                "(nnUNetv2_calibrate_ood -l)")
+                                "with one rule (nnUNetv2_fit_ood --fail_below D --max_silent_failures R), or leave "
+                                "quality out (--ood METHOD ...)")
         risk, dice, groups = [], [], []
         for k, params in enumerate(fold_params):
             if not params.get("table_csv"):
                 raise OODStateError(f"the failure table ({CSV_NAME}) of the folds' quality method is missing from "
                                     f"fold {k + 1} of {len(fold_params)} in use: several folds choose the threshold "
-                                    "on their validation cases pooled; restore it or re-fit with nnUNetv2_fit_ood")
+                                    "on their validation cases pooled; restore it, re-fit with nnUNetv2_fit_ood, or "
+                                    "leave quality out (--ood METHOD ...)")
             cases, fold_risk, fold_dice = read_out_of_fold_risks(params["table_csv"])
             risk.append(fold_risk)
             dice.append(fold_dice)
