@@ -282,7 +282,10 @@ def test_several_folds_need_one_rule_and_every_table():
     with pytest.raises(OODStateError, match="different rules.*nnUNetv2_fit_ood.*--ood"):
         quality.combine_fold_calibrations(own, other_rule)
     lost_table = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": ""}]
-    with pytest.raises(OODStateError, match="quality_calibration.csv.*fold 2 of 2.*nnUNetv2_fit_ood"):
+    with pytest.raises(OODStateError, match="fold 2 of 2.*missing.*nnUNetv2_fit_ood.*--ood"):
+        quality.combine_fold_calibrations(own, lost_table)
+    lost_table[1]["_table_file"] = "/models/fold_1/ood/quality_calibration.csv"  # as the loaded state says
+    with pytest.raises(OODStateError, match=r"table \(/models/fold_1/ood/quality_calibration.csv\) is missing"):
         quality.combine_fold_calibrations(own, lost_table)
     no_risks = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": "case,dice\ncase0,0.5\n"}]
     with pytest.raises(OODStateError, match="oof_risk"):

@@ -31,7 +31,7 @@ MODEL_FILE = "quality_model.json"
 #: members of the corruption family (nnunet_ood.quality.corruptions.CORRUPTIONS; not imported: it needs torch)
 FAMILY_SIZE = 12
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
-_IN_FILES = ("model", "table_csv", "_model")
+_IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Quality(DerivedMethod):
         import numpy as np
 
         from nnunet_ood.quality.risk_control import crc_threshold
-        from nnunet_ood.quality.table import CSV_NAME, read_out_of_fold_risks
+        from nnunet_ood.quality.table import read_out_of_fold_risks
 
         rules = {(params.get("fail_below"), params.get("max_silent_failures")) for params in fold_params}
         if len(rules) > 1:
@@ -143,10 +143,10 @@ class Quality(DerivedMethod):
         risk, dice, groups = [], [], []
         for k, params in enumerate(fold_params):
             if not params.get("table_csv"):
-                raise OODStateError(f"the failure table ({CSV_NAME}) of the folds' quality method is missing from "
-                                    f"fold {k + 1} of {len(fold_params)} in use: several folds choose the threshold "
-                                    "on their validation cases pooled; restore it, re-fit with nnUNetv2_fit_ood, or "
-                                    "leave quality out (--ood METHOD ...)")
+                where = params.get("_table_file", f"fold {k + 1} of {len(fold_params)} in use")
+                raise OODStateError(f"the quality method's failure table ({where}) is missing or empty: several "
+                                    "folds choose its threshold on their validation cases pooled; restore it, re-fit "
+                                    "with nnUNetv2_fit_ood, or leave quality out (--ood METHOD ...)")
             cases, fold_risk, fold_dice = read_out_of_fold_risks(params["table_csv"])
             risk.append(fold_risk)
             dice.append(fold_dice)
@@ -194,7 +194,7 @@ class Quality(DerivedMethod):
         except OSError:
             table_csv = ""
         models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
-                                           "_model": model}
+                                           "_model": model, "_table_file": os.path.join(folder, CSV_NAME)}
 
     # ------------------------------------------------------------------ score
     def derived_score(self, case_scores: Mapping[str, float], fold_params: Sequence[Mapping[str, Any]],
