@@ -25,6 +25,7 @@ from nnunet_ood.methods.options import option
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.quality.risk_control import RiskThreshold
     from nnunet_ood.quality.table import FailureTable
 
 MODEL_FILE = "quality_model.json"
@@ -85,6 +86,7 @@ class Quality(DerivedMethod):
         """Fit the model and the threshold into ``models``; return the clean validation cases' predicted risks."""
         from nnunet_ood.quality.model import QualityModel
         from nnunet_ood.quality.risk_control import crc_threshold
+        from nnunet_ood.quality.table import OOF_RISK
 
         config: QualityConfig = context.options.config(QualityConfig)
         model = QualityModel(table.features, seed=context.seed).fit(table.matrix(), table.dice, table.groups)
@@ -106,7 +108,7 @@ class Quality(DerivedMethod):
                   "corruptions_per_case": config.corruptions_per_case,
                   "corruptions_per_version": config.corruptions_per_version, "risk_threshold": threshold.to_json(),
                   "cross_validation": model.cv_report_, "model": model.to_json(),
-                  "table_csv": table.to_csv({"oof_risk": list(risk)})}
+                  "table_csv": table.to_csv({OOF_RISK: list(risk)})}
         models.method_params[self.name] = params
         # the validation cases' scores as a prediction gives them (the refitted model; risk control used the
         # out-of-fold ones, in the table)
@@ -166,12 +168,12 @@ class Quality(DerivedMethod):
     def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
         from nnunet_ood.io.atomic import atomic_write_bytes, atomic_write_text
         from nnunet_ood.quality.model import QualityModel
-        from nnunet_ood.quality.table import CSV_NAME, PLOT_NAME, dice_by_severity_png, read_failure_table
+        from nnunet_ood.quality.table import CSV_NAME, OOF_RISK, PLOT_NAME, dice_by_severity_png, read_failure_table
 
         params = models.method_params[self.name]
         QualityModel.from_json(params["model"], "the fitted quality model").save(os.path.join(folder, MODEL_FILE))
         atomic_write_text(os.path.join(folder, CSV_NAME), params["table_csv"])
-        table = read_failure_table(params["table_csv"], extra=("oof_risk",))
+        table = read_failure_table(params["table_csv"], extra=(OOF_RISK,))
         atomic_write_bytes(os.path.join(folder, PLOT_NAME), dice_by_severity_png(table))
         return {"file": MODEL_FILE, "class": "QualityModel",
                 "config": {k: v for k, v in params.items() if k not in _IN_FILES}}
@@ -218,7 +220,7 @@ class Quality(DerivedMethod):
         return float(np.mean(risks)) if risks else math.nan
 
 
-def _risk_calibration(threshold: Any) -> MethodCalibration:
+def _risk_calibration(threshold: RiskThreshold) -> MethodCalibration:
     """The calibration of a risk in [0, 1] with a conformal risk control threshold (:class:`RiskThreshold`)."""
     from nnunet_ood.calibration import MethodCalibration
 

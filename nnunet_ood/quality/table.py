@@ -24,6 +24,8 @@ from nnunet_ood.errors import OODStateError
 KEY_COLUMNS = ("case", "version", "corruption", "severity", "dice")
 CLEAN = "none"
 CSV_NAME = "quality_calibration.csv"
+#: the column the quality fit adds to the stored table: each row's out-of-fold predicted risk
+OOF_RISK = "oof_risk"
 PLOT_NAME = "quality_calibration.png"
 
 
@@ -90,12 +92,12 @@ def read_failure_table(text: str, extra: Sequence[str] = ()) -> FailureTable:
 
 
 def read_out_of_fold_risks(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(case per row, out-of-fold predicted risk, Dice)`` of a stored failure table (its ``oof_risk`` column,
-    written by the quality fit); NaN where a value is empty."""
+    """``(case per row, out-of-fold predicted risk, Dice)`` of a stored failure table (its :data:`OOF_RISK`
+    column, written by the quality fit); NaN where a value is empty."""
     rows = list(csv.DictReader(io.StringIO(text)))
-    if rows and "oof_risk" not in rows[0]:
-        raise OODStateError("the stored failure table has no oof_risk column; re-fit with nnUNetv2_fit_ood")
-    return ([r["case"] for r in rows], np.array([_float(r["oof_risk"]) for r in rows], dtype=np.float64),
+    if rows and OOF_RISK not in rows[0]:
+        raise OODStateError(f"the stored failure table has no {OOF_RISK} column; re-fit with nnUNetv2_fit_ood")
+    return ([r["case"] for r in rows], np.array([_float(r[OOF_RISK]) for r in rows], dtype=np.float64),
             np.array([_float(r["dice"]) for r in rows], dtype=np.float64))
 
 
