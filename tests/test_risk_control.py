@@ -290,3 +290,16 @@ def test_several_folds_need_one_rule_and_every_table():
     no_risks = [fold_params(rng, 10, 2), {**fold_params(rng, 10, 2), "table_csv": "case,dice\ncase0,0.5\n"}]
     with pytest.raises(OODStateError, match="oof_risk"):
         quality.combine_fold_calibrations(own, no_risks)
+
+
+@pytest.mark.parametrize("n_folds, expected", [(1, "fit"), (5, "fit, 5 folds pooled")])
+def test_decision_rules_say_where_the_quality_threshold_comes_from(n_folds, expected):
+    from types import SimpleNamespace
+
+    from nnunet_ood.inference.outputs import PredictionOutputs
+
+    rule = {"fail_below": 0.7, "max_silent_failures": 0.05}
+    predictor = SimpleNamespace(calibration_name=None, ood_methods=["mahalanobis", "quality"],
+                                ood_states=[SimpleNamespace(method_params={"quality": rule})] * n_folds)
+    rules = PredictionOutputs(predictor).decision_rules()
+    assert rules == {"quality": {**rule, "threshold_from": expected}}  # only the method that decides

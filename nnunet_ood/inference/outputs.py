@@ -123,11 +123,18 @@ class PredictionOutputs:
 
             labelled = load_site_calibration(p.model_folder, p.calibration_name).labelled
         rules = {}
+        n_folds = len(p.ood_states)
         for m in self.decision_methods():
             source = labelled.get(m) or p.ood_states[0].method_params.get(m, {})
+            if m in labelled:
+                origin = f"calibration {p.calibration_name}"
+            elif n_folds > 1:  # say how the folds' fits became one threshold
+                how = "averaged" if REGISTRY.get(m).averages_fold_thresholds else "pooled"
+                origin = f"fit, {n_folds} folds {how}"
+            else:
+                origin = "fit"
             rules[m] = {"fail_below": source.get("fail_below"),
-                        "max_silent_failures": source.get("max_silent_failures"),
-                        "threshold_from": f"calibration {p.calibration_name}" if m in labelled else "fit"}
+                        "max_silent_failures": source.get("max_silent_failures"), "threshold_from": origin}
         return rules
 
     def decision_methods(self) -> list[str]:
