@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     demo = Path(args.demo)
     work = Path(args.work) if args.work else demo / "bench_quality"
+    for needed in (demo / "evaluation" / "ood_cases.csv", work / "evaluation" / "ood_cases.csv"):
+        if not needed.is_file():
+            sys.exit(f"error: {needed} is missing; run the demo (make demo) and then "
+                     f"python benchmarks/bench_quality.py --demo {demo} first")
     rows = (read_cases(demo / "evaluation" / "ood_cases.csv", {"id_test", *DEMO_SHIFTS})
             + read_cases(work / "evaluation" / "ood_cases.csv", {"held_out"}))
     methods = [c[: -len("_score")] for c in rows[0] if c.endswith("_score") and c != "quality_score"]
