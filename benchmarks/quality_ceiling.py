@@ -13,8 +13,8 @@ Needs the CSVs that ``benchmarks/bench_quality.py --demo demo_output`` leaves::
 Pools (each with the 16 ID test cases, as in bench_quality.py): ``demo`` (the demo's shifted domains) and
 ``held_out`` (the shifts not in the corruption family). Models, all of the methods' case scores:
 
-1. one ridge regression fitted on both pools together, in sample, on robustly standardised scores or on their
-   empirical CDFs, per alpha;
+1. one ridge regression fitted on both pools together, in sample, on the scores scaled as the quality model's ridge
+   scales them, or on their empirical CDFs, per alpha;
 2. one random forest fitted on both pools together, out of sample (5-fold CV grouped by source image);
 3. many random monotone combinations: Dirichlet weights on the scores' empirical CDFs (the count that passes);
 4. for contrast, a ridge fitted on each pool alone, in sample (a different model per pool).
@@ -33,7 +33,8 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold
 
-from nnunet_ood.evaluation.metrics import aurc, spearman
+from nnunet_ood.evaluation.metrics import aurc, average_ranks, spearman
+from nnunet_ood.quality.model import robust_scaling, standardise
 
 DEMO_SHIFTS = ("shift_mild", "shift_strong", "far_ood")
 
@@ -49,15 +50,9 @@ def source_image(row: dict[str, str]) -> str:
     return "_".join(row["case"].split("_")[:2]) if row["group"] == "held_out" else row["case"]
 
 
-def robust_standardise(x: np.ndarray) -> np.ndarray:
-    med = np.median(x, axis=0)
-    scale = np.subtract(*np.percentile(x, [75, 25], axis=0)) / 1.349
-    return np.clip((x - med) / np.where(scale > 0, scale, 1.0), -5, 5)
-
-
 def empirical_cdf(x: np.ndarray) -> np.ndarray:
-    """Each score's rank among all cases, on [0, 1] (ties broken by the raw value's order)."""
-    return (np.argsort(np.argsort(x, axis=0, kind="stable"), axis=0) + 0.5) / len(x)
+    """Each score's rank among all cases, on (0, 1] (ties share their mean rank)."""
+    return np.stack([average_ranks(column) for column in x.T], axis=1) / len(x)
 
 
 def targets_met(pred: np.ndarray, risk: np.ndarray, best: tuple[float, float]) -> tuple[float, float, bool]:
@@ -107,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {label:52} {text}  -> {'BOTH' if all(c[2] for c in cells) else 'not both'}")
 
     print("\nceilings (AURC/Spearman on each pool, against that pool's best single method):")
-    features = {"scaled": robust_standardise(x), "ranks": empirical_cdf(x)}
+    # "scaled": the quality model's own robust scaling and clip for its ridge candidates
+    features = {"scaled": standardise(x, *robust_scaling(x)), "ranks": empirical_cdf(x)}
     for (kind, z), alpha in itertools.product(features.items(), (0.1, 1.0, 10.0, 100.0)):
         pred = Ridge(alpha=alpha).fit(z, risk).predict(z)
         report(f"1. one ridge, both pools, in sample, {kind}, a={alpha:g}", {k: pred[m] for k, m in pools.items()})
