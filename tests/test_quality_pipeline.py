@@ -87,15 +87,18 @@ def test_failure_table_rows_match_validation(tiny_project):
     assert (ood_dir(tiny_project) / "quality_calibration.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quality_threshold_is_conformal_risk_control(tiny_project):
+def test_quality_threshold_is_learn_then_test(tiny_project):
+    from test_risk_control import brute_force_ltt
+
     m = manifest(tiny_project)
     config = m["methods"]["quality"]["config"]
+    assert (config["risk_control"], config["confidence"]) == ("ltt", 0.9)  # the default rule
     rows = failure_rows(tiny_project)
     risk = [float(r["oof_risk"]) if r["oof_risk"] else math.nan for r in rows]
     dice = [float(r["dice"]) for r in rows]
-    expected = brute_force_threshold(risk, dice, config["fail_below"], config["max_silent_failures"],
-                                     [r["case"] for r in rows])
+    expected, _ = brute_force_ltt(risk, dice, config["fail_below"], config["max_silent_failures"], 0.9)
     assert m["methods"]["quality"]["calibration"]["threshold"] == pytest.approx(expected)
+    assert config["risk_threshold"]["rule"] == "ltt" and config["risk_threshold"]["threshold"] == expected
     # the model file is plain JSON and reads back
     model = QualityModel.load(str(ood_dir(tiny_project) / "quality_model.json"))
     assert list(model.feature_names) == config["features"]
@@ -110,17 +113,26 @@ def test_prediction_decides_accept_or_review(tiny_project, test_images, tmp_path
     cases = {r["case"] for r in rows}
     assert set(quality) == cases
     threshold = manifest(tiny_project)["methods"]["quality"]["calibration"]["threshold"]
+    rules = json.loads((out / "ood_scores.json").read_text())["decision_rules"]
+    n_val = sum(r["version"] == "0" for r in failure_rows(tiny_project))
+    assert rules["quality"]["gate"]["calibration_cases"] == n_val  # the gate: the fold's clean validation cases
+    gate_on = rules["quality"]["gate"]["active"]
     for r in quality.values():
         assert 0 <= r["score"] <= 1
-        assert r["decision"] == ("accept" if r["score"] <= threshold else "review")
+        if not gate_on:  # (the tiny fold has too few validation cases for the gate at 0.05)
+            assert r["decision"] == ("accept" if r["score"] <= threshold else "review")
         assert r["ood"] == (r["decision"] == "review")
-    assert all(r["decision"] == "" for r in rows if r["method"] != "quality")
+        if r["decision"] == "review" and r["score"] > threshold >= 0:
+            assert r["reason"].startswith(f"predicted Dice {1 - r['score']:.2f} < {1 - threshold:.2f}")
+        assert (r["reason"] == "") == (r["decision"] == "accept")
+    assert all(r["decision"] == "" and r["reason"] == "" for r in rows if r["method"] != "quality")
     config = manifest(tiny_project)["methods"]["quality"]["config"]
-    rules = json.loads((out / "ood_scores.json").read_text())["decision_rules"]
-    assert rules == {"quality": {"fail_below": config["fail_below"], "threshold_from": "fit",
-                                 "max_silent_failures": config["max_silent_failures"]}}
+    q = rules["quality"]
+    assert (q["fail_below"], q["max_silent_failures"], q["rule"], q["threshold_from"], q["guarantee"]) == \
+        (config["fail_below"], config["max_silent_failures"], "ltt", "fit", False)
     accepted = sum(r["decision"] == "accept" for r in quality.values())
     assert f"quality: {accepted} of {len(cases)} cases accepted, {len(cases) - accepted} sent to review" in printed
+    assert f"quality: {q['statement']}" in printed  # the closing line says what the decision guarantees
 
     # the score is the stored model applied to the other scores and the exported segmentation's properties
     m = manifest(tiny_project)["methods"]["quality"]["config"]
@@ -149,7 +161,8 @@ def test_site_calibration_with_labels_reselects_the_threshold(tiny_project, test
     out = tmp_path / "calibration_predictions"
     calibrate_entry.main(["-i", str(test_images), "-o", str(out), "-l", str(labels), "-d", "501", "-c", "2d",
                           "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "labelled",
-                          "--max_silent_failures", "0.2", "--fail_below", "0.8", "--disable_progress_bar"])
+                          "--max_silent_failures", "0.2", "--fail_below", "0.8", "--risk_control", "crc",
+                          "--disable_progress_bar"])
     rows = read_score_csv(str(out / "ood_scores.csv"))
     risk = {r["case"]: r["score"] for r in rows if r["method"] == "quality"}
     cases = sorted(risk)
@@ -161,15 +174,31 @@ def test_site_calibration_with_labels_reselects_the_threshold(tiny_project, test
     document = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "labelled.json").read_text())
     assert document["calibration"]["quality"]["threshold"] == pytest.approx(expected)
     assert document["labelled"]["quality"]["dice"] == pytest.approx(dict(zip(cases, dice)))
-    # predicting with it decides with that threshold
+    assert document["labelled"]["quality"]["risk_control"] == "crc"
+    printed = capsys.readouterr().out
+    assert "quality: Set on 12 labelled cases from your site (conformal risk control)" in printed
+    # predicting with it decides with that threshold; the gate uses the calibration's cases
     pred = tmp_path / "pred"
     predict_ood(pred, test_images, "--calibration", "labelled")
     for r in read_score_csv(str(pred / "ood_scores.csv")):
         if r["method"] == "quality":
             assert r["decision"] == ("accept" if r["score"] <= expected else "review")
     rules = json.loads((pred / "ood_scores.json").read_text())["decision_rules"]["quality"]
-    assert rules == {"fail_below": 0.8, "max_silent_failures": 0.2, "threshold_from": "calibration labelled"}
-    capsys.readouterr()
+    assert (rules["fail_below"], rules["max_silent_failures"], rules["rule"], rules["threshold_from"],
+            rules["guarantee"]) == (0.8, 0.2, "crc", "calibration labelled", True)
+    assert rules["gate"]["source"] == "calibration labelled" and rules["gate"]["calibration_cases"] == len(cases)
+    # the default rule, Learn then Test, on the same labelled cases
+    calibrate_entry.main(["-i", str(test_images), "-o", str(tmp_path / "ltt"), "-l", str(labels), "-d", "501",
+                          "-c", "2d", "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "ltt",
+                          "--max_silent_failures", "0.2", "--fail_below", "0.8", "--confidence", "0.8",
+                          "--risk_control", "ltt", "--disable_progress_bar"])
+    from test_risk_control import brute_force_ltt
+
+    document = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "ltt.json").read_text())
+    expected_ltt, _ = brute_force_ltt([risk[c] for c in cases], dice, 0.8, 0.2, 0.8)
+    assert document["calibration"]["quality"]["threshold"] == pytest.approx(expected_ltt)
+    assert document["labelled"]["quality"]["risk_threshold"]["rule"] == "ltt"
+    assert "quality: Set on 12 labelled cases from your site" in capsys.readouterr().out
 
 
 def test_site_calibration_without_labels_keeps_the_fit_threshold(tiny_project, test_images, tmp_path, capsys):

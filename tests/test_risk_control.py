@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.quality.risk_control import RiskThreshold, crc_threshold, decide, min_groups_for
+from nnunet_ood.quality.risk_control import (
+    NOTHING,
+    RiskThreshold,
+    choose_threshold,
+    crc_threshold,
+    decide,
+    ltt_threshold,
+    min_cases_ltt,
+    min_groups_for,
+)
+from nnunet_ood.quality.table import read_out_of_fold_risks
 
 TOL = 1e-9
 
@@ -297,9 +308,136 @@ def test_decision_rules_say_where_the_quality_threshold_comes_from(n_folds, expe
     from types import SimpleNamespace
 
     from nnunet_ood.inference.outputs import PredictionOutputs
+    from nnunet_ood.inference.thresholds import decision_rules
+    from nnunet_ood.methods import REGISTRY
 
-    rule = {"fail_below": 0.7, "max_silent_failures": 0.05}
-    predictor = SimpleNamespace(calibration_name=None, ood_methods=["mahalanobis", "quality"],
-                                ood_states=[SimpleNamespace(method_params={"quality": rule})] * n_folds)
-    rules = PredictionOutputs(predictor).decision_rules()
-    assert rules == {"quality": {**rule, "threshold_from": expected}}  # only the method that decides
+    rng = np.random.default_rng(5)
+    params = []
+    for _ in range(n_folds):
+        p = {**fold_params(rng, 12, 3, fail_below=0.7), "risk_control": "ltt", "confidence": 0.9,
+             "inputs": ["tta"]}
+        cases, risk, dice = read_out_of_fold_risks(p["table_csv"])
+        p["risk_threshold"] = ltt_threshold(risk, dice, 0.7, 0.05, 0.9, cases).to_json()
+        params.append(p)
+    states = [SimpleNamespace(method_params={"quality": p}) for p in params]
+    rules = decision_rules([REGISTRY.get("mahalanobis"), REGISTRY.get("quality")], states, None, None)
+    predictor = SimpleNamespace(ood_decisions=rules)
+    recorded = PredictionOutputs(predictor).decision_rules()
+    assert list(recorded) == ["quality"]  # only the method that decides
+    q = recorded["quality"]
+    assert (q["rule"], q["fail_below"], q["max_silent_failures"], q["confidence"]) == ("ltt", 0.7, 0.05, 0.9)
+    assert q["threshold_from"] == expected and q["guarantee"] is False
+    assert q["statement"].startswith("Estimated on") and "no guarantee" in q["statement"]
+    assert q["calibration_cases"] == 12 * n_folds
+
+
+# ------------------------------------------------------------------------------------ Learn then Test
+def binomial_cdf(k, n, p):
+    """P(Bin(n, p) <= k) summed from the probability mass function."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def brute_force_ltt(risk, dice, fail_below, alpha, confidence):
+    """Learn then Test written from its definition: grid = the finite risks' sorted values at ranks
+    ceil(n * 0.05 j), j = 1..20; start at the first grid point accepting max(n_min, ceil(n / 3)) rows;
+    continue while the binomial p-value is <= delta."""
+    delta = 1 - confidence
+    finite = sorted(r for r in risk if math.isfinite(r))
+    n_min = next(n for n in range(1, 10_000) if (1 - alpha) ** n <= delta + 1e-12)
+    start = max(n_min, math.ceil(len(risk) / 3 - 1e-9))
+    grid = sorted({finite[max(1, math.ceil(len(finite) * j / 20 - 1e-9)) - 1] for j in range(1, 21)}) \
+        if finite else []
+    chosen = -1.0
+    for lam in grid:
+        acc = [i for i in range(len(risk)) if math.isfinite(risk[i]) and risk[i] <= lam]
+        if len(acc) < start:
+            continue
+        k = sum(1 for i in acc if not dice[i] >= fail_below)
+        if binomial_cdf(k, len(acc), alpha) > delta:
+            break
+        chosen = lam
+    return chosen, n_min
+
+
+@pytest.mark.parametrize("ties,nans", [(False, False), (True, False), (False, True)])
+def test_ltt_threshold_equals_brute_force(ties, nans):
+    rng = np.random.default_rng(hash((ties, nans)) % 2**32)
+    accepted_any = 0
+    for _ in range(60):
+        n_rows = int(rng.integers(1, 120))
+        alpha = float(rng.choice([0.05, 0.1, 0.2]))
+        confidence = float(rng.choice([0.8, 0.9, 0.95]))
+        risk, _, _ = random_instance(rng, n_rows, False, ties, nans)
+        # few failures, more at high risk, some unknown Dice: thresholds to find
+        dice = np.where(rng.random(n_rows) < 0.02 + 0.1 * np.nan_to_num(risk), 0.2, 0.9)
+        dice[rng.random(n_rows) < 0.02] = np.nan
+        got = ltt_threshold(risk, dice, 0.5, alpha, confidence)
+        expected, n_min = brute_force_ltt(list(risk), list(dice), 0.5, alpha, confidence)
+        assert got.threshold == expected
+        assert got.n_needed == n_min and got.enough == (n_rows >= n_min)
+        assert got.rule == "ltt" and got.confidence == confidence
+        accepted = risk <= expected
+        assert got.n_accepted == int(accepted.sum())
+        failed = accepted & ~(dice >= 0.5)
+        assert got.accepted_failure_rate == pytest.approx(failed.sum() / max(1, accepted.sum()))
+        accepted_any += expected >= 0
+    assert accepted_any >= 5  # the comparison covered thresholds that accept something
+
+
+def test_ltt_needs_22_clean_cases_at_alpha_and_delta_of_a_tenth():
+    assert min_cases_ltt(0.1, 0.9) == 22  # ln 0.1 / ln 0.9 = 21.9
+    assert min_cases_ltt(0.05, 0.9) == 45
+    for alpha, confidence in ((0.1, 0.9), (0.05, 0.95), (0.2, 0.8)):
+        n = min_cases_ltt(alpha, confidence)
+        assert (1 - alpha) ** n <= 1 - confidence < (1 - alpha) ** (n - 1)
+    clean = np.ones(22)
+    assert ltt_threshold(np.linspace(0, 0.5, 22), clean, 0.6, 0.1, 0.9).threshold == 0.5
+    few = ltt_threshold(np.linspace(0, 0.5, 21), clean[:21], 0.6, 0.1, 0.9)
+    assert few.threshold == NOTHING and not few.enough and few.n_needed == 22
+
+
+def test_crc_is_kept_as_an_option_and_old_thresholds_read_as_crc():
+    risk, dice = np.linspace(0, 1, 50), np.linspace(1, 0, 50)
+    assert choose_threshold("crc", risk, dice, 0.5, 0.1) == crc_threshold(risk, dice, 0.5, 0.1)
+    assert choose_threshold("ltt", risk, dice, 0.5, 0.1, 0.8) == ltt_threshold(risk, dice, 0.5, 0.1, 0.8)
+    with pytest.raises(OODInputError, match="unknown risk control rule 'foo'"):
+        choose_threshold("foo", risk, dice, 0.5, 0.1)
+    old = {k: v for k, v in crc_threshold(risk, dice, 0.5, 0.1).to_json().items()
+           if k in ("threshold", "alpha", "fail_below", "n_groups", "enough", "empirical_rate", "coverage")}
+    read = RiskThreshold.from_json(old, "an old state")
+    assert read.rule == "crc" and read.confidence is None and read.threshold == old["threshold"]
+    with pytest.raises(OODStateError, match="re-fit"):
+        RiskThreshold.from_json({**ltt_threshold(risk, dice, 0.5, 0.1).to_json(), "confidence": None}, "here")
+
+
+def sample_population(rng, n):
+    """Cases of a population: a predicted risk and a failure whose probability grows with it (about 20% fail)."""
+    risk = rng.beta(2, 6, n)
+    failed = rng.random(n) < 1 / (1 + np.exp(-(risk - 0.42) * 14))
+    return risk, failed
+
+
+def test_ltt_guarantee_by_simulation():
+    """400 calibration sets of 60 cases: the rate among accepted cases of the population (estimated on 200 000 of
+    its cases) exceeds alpha in at most delta of them; CRC's threshold, by contrast, exceeds it far more often."""
+    rng = np.random.default_rng(11)
+    pop_risk, pop_failed = sample_population(rng, 200_000)
+    order = np.argsort(pop_risk)
+    sorted_risk, rate_below = pop_risk[order], np.cumsum(pop_failed[order]) / np.arange(1, len(order) + 1)
+
+    def rate_among_accepted(t):
+        k = np.searchsorted(sorted_risk, t, side="right")
+        return rate_below[k - 1] if k else 0.0
+
+    alpha, confidence, trials = 0.1, 0.9, 400
+    ltt_over, crc_over, accepted = 0, 0, []
+    for _ in range(trials):
+        risk, failed = sample_population(rng, 60)
+        dice = np.where(failed, 0.3, 0.9)
+        t = ltt_threshold(risk, dice, 0.6, alpha, confidence).threshold
+        ltt_over += rate_among_accepted(t) > alpha
+        accepted.append(np.mean(pop_risk <= t) if t >= 0 else 0.0)
+        crc_over += rate_among_accepted(crc_threshold(risk, dice, 0.6, alpha).threshold) > alpha
+    assert ltt_over / trials <= 1 - confidence + 3 * np.sqrt(0.1 * 0.9 / trials)
+    assert np.mean(accepted) > 0.2  # and it accepts a real share of the cases
+    assert crc_over / trials > 0.3  # the wrong quantity: crc does not bound the rate among accepted

@@ -45,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail_below", type=float, default=None, metavar="DICE",
                    help="with -l: a segmentation with Dice below this is a failure (default: the fit's)")
     p.add_argument("--max_silent_failures", type=float, default=None, metavar="RATE",
-                   help="with -l: tolerated expected share of accepted cases that fail (default: the fit's)")
+                   help="with -l: tolerated share of the accepted cases that fail, with --confidence (--risk_control "
+                        "crc: tolerated expected share of all cases accepted and failed) (default: the fit's)")
+    p.add_argument("--confidence", type=float, default=None, metavar="1-DELTA",
+                   help="with -l: the probability over the labelled cases with which the rate among accepted cases "
+                        "holds (default: the fit's, 0.9)")
+    p.add_argument("--risk_control", default=None, choices=("ltt", "crc"),
+                   help="with -l: ltt (Learn then Test: failures among accepted cases, with --confidence) or crc "
+                        "(conformal risk control: expected share of all cases accepted and failed) (default: the "
+                        "fit's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration of the same name")
     return p
 
@@ -64,9 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_parts > 1:
         raise OODInputError("the calibration cases are predicted in one run; drop -num_parts (or predict them in "
                             "parts with nnUNetv2_predict_ood and calibrate from a copy of the images on one machine)")
-    if args.labels is None and (args.fail_below is not None or args.max_silent_failures is not None):
-        raise OODInputError("--fail_below and --max_silent_failures re-select the accept/review threshold on "
-                            "labelled cases; give the labels with -l LABELS_FOLDER")
+    rule_flags = [f"--{k}" for k in ("fail_below", "max_silent_failures", "confidence", "risk_control")
+                  if getattr(args, k) is not None]
+    if args.labels is None and rule_flags:
+        raise OODInputError(f"{', '.join(rule_flags)} re-select the accept/review threshold on labelled cases; give "
+                            "the labels with -l LABELS_FOLDER")
+    if args.confidence is not None and not 0 < args.confidence < 1:
+        raise OODInputError(f"--confidence must be in (0, 1), got {args.confidence}; pass e.g. 0.9")
     if args.fail_below is not None and not 0 < args.fail_below <= 1:
         raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {args.fail_below}")
     if args.max_silent_failures is not None and not 0 < args.max_silent_failures < 1:
@@ -110,6 +122,11 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
         else:
             site.calibration[m], site.labelled[m] = labelled_threshold(args, predictor, m, case_scores[m], output)
     save_site_calibration(model_folder, site)
+    for method in deciding:  # what the decision now guarantees, in the words predict and the pages use
+        fold_params = [state.method_params.get(method, {}) for state in predictor.ood_states]
+        rule = REGISTRY.get(method).decision_rule(fold_params, predictor.ood_methods, site, args.name)
+        if rule is not None:
+            print(f"{method}: {rule.statement()}")
     n = site.n_cases
     for method, c in site.calibration.items():
         if method in deciding:
@@ -148,16 +165,25 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
 
 def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, risks: dict[str, float],
                        output: str) -> tuple[Any, dict[str, Any]]:
-    """``(calibration, case Dice)``: the accept/review threshold of ``method`` by conformal risk control on the
-    labelled calibration cases (Dice of the segmentations just written against ``-l``)."""
+    """``(calibration, what the labelled rule records)``: the accept/review threshold of ``method`` chosen by the
+    rule (:func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's function) on the labelled
+    calibration cases (Dice of the segmentations just written against ``-l``)."""
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.evaluation.table import case_dice, make_reader
-    from nnunet_ood.quality.risk_control import crc_threshold, min_groups_for
+    from nnunet_ood.quality.risk_control import CONFIDENCE, RiskThreshold, choose_threshold
 
     fitted = predictor.ood_states[0].method_params.get(method, {})
-    fail_below = args.fail_below if args.fail_below is not None else float(fitted.get("fail_below", 0.6))
-    alpha = args.max_silent_failures if args.max_silent_failures is not None else \
-        float(fitted.get("max_silent_failures", 0.05))
+    recorded = RiskThreshold.from_json(fitted["risk_threshold"], f"the fitted {method} threshold") \
+        if "risk_threshold" in fitted else None
+
+    def setting(name: str, fitted_value: Any, default: Any) -> Any:
+        given = getattr(args, name)
+        return given if given is not None else (fitted_value if fitted_value is not None else default)
+
+    fail_below = float(setting("fail_below", fitted.get("fail_below"), 0.6))
+    alpha = float(setting("max_silent_failures", fitted.get("max_silent_failures"), 0.05))
+    rule = setting("risk_control", recorded.rule if recorded else None, "ltt")
+    confidence = float(setting("confidence", recorded.confidence if recorded else None, CONFIDENCE))
     ending = predictor.dataset_json["file_ending"]
     manager = predictor.label_manager
     classes = list(manager.foreground_regions) if manager.has_regions else list(manager.foreground_labels)
@@ -165,15 +191,14 @@ def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, ri
     reader = make_reader(ending, _label_file(args, cases[0], ending))
     dice = {c: case_dice(_label_file(args, c, ending), os.path.join(output, c + ending), reader, classes,
                          manager.ignore_label) for c in cases}
-    threshold = crc_threshold([risks[c] for c in cases], [dice[c] for c in cases], fail_below, alpha)
-    print(f"{method}: accept below a predicted risk of {threshold.threshold:.4g}, chosen on {len(cases)} labelled "
-          f"cases so that at most {alpha:g} of such cases are expected to be accepted with Dice < {fail_below:g} "
-          f"(on these: {threshold.coverage:.0%} accepted, {threshold.empirical_rate:.1%} accepted and failed)")
-    if not threshold.enough:
-        print(f"warning: {len(cases)} labelled cases are too few for --max_silent_failures {alpha:g} (needs "
-              f"{min_groups_for(alpha)}): every case goes to review")
+    threshold = choose_threshold(rule, [risks[c] for c in cases], [dice[c] for c in cases], fail_below, alpha,
+                                 confidence)
+    print(f"{method}: accept below a predicted risk of {threshold.threshold:.4g} ({rule}); on these {len(cases)} "
+          f"labelled cases {threshold.coverage:.0%} accepted, {threshold.accepted_failure_rate:.1%} of those with "
+          f"Dice < {fail_below:g}")
     calibration = MethodCalibration(0.0, 1.0, threshold.threshold, len(cases), len(cases), "mean", alpha)
-    return calibration, {"fail_below": fail_below, "max_silent_failures": alpha, "risk_threshold": threshold.to_json(),
+    return calibration, {"fail_below": fail_below, "max_silent_failures": alpha, "risk_control": rule,
+                         "confidence": confidence if rule == "ltt" else None, "risk_threshold": threshold.to_json(),
                          "dice": dice}
 
 

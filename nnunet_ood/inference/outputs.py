@@ -38,6 +38,7 @@ from nnunet_ood.io.scores import (
     write_score_tables,
 )
 from nnunet_ood.methods import REGISTRY, MethodKind
+from nnunet_ood.quality.gate import drift_summary
 
 if TYPE_CHECKING:
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
@@ -87,6 +88,9 @@ class PredictionOutputs:
             print(f"warning: {case} contains NaN or Inf after preprocessing; its OOD scores are NaN and it is "
                   "flagged ood")
         scores = calibrated_scores(outcome.scores, p.ood_calibration)
+        for method, rule in p.ood_decisions.items():  # accept/review: threshold, gate and reason
+            decided = rule.decide(outcome.scores[method], outcome.scores)
+            scores[method].update(ood=not decided.accept, reason=decided.reason, unusual_p=decided.p_value)
         ofile = self.current_case["ofile"] if self.current_case else None
         if ofile is None:
             result = CaseOODResult(case, scores, {m: v.cpu().numpy() for m, v in outcome.maps.items()}, outcome.methods)
@@ -107,35 +111,16 @@ class PredictionOutputs:
         p.ood_results.append(result)
         deciding = self.decision_methods()
         flags = [m for m, s in scores.items() if s["ood"] and m not in deciding]
-        decisions = "".join(f"; {m}: {decision(scores[m]['ood'])} (predicted Dice {1 - scores[m]['score']:.2f})"
-                            for m in deciding)
+        decisions = "".join(f"; {m}: {decision(scores[m]['ood'])} (predicted Dice {1 - scores[m]['score']:.2f}"
+                            + (f"; {scores[m]['reason']})" if scores[m].get("reason") else ")") for m in deciding)
         # one line per case as it is scored (nnU-Net's sequential mode prints nothing of its own per case)
         print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag") + decisions, flush=True)
         return result
 
     def decision_rules(self) -> dict[str, dict[str, Any]]:
-        """What an accept/review decision promised, per deciding method: the failure Dice and the tolerated share
-        of silent failures of the threshold in use (the fit's, or a labelled named calibration's)."""
-        p = self.predictor
-        labelled: dict[str, Any] = {}
-        if p.calibration_name is not None:
-            from nnunet_ood.io.site_calibration import load_site_calibration
-
-            labelled = load_site_calibration(p.model_folder, p.calibration_name).labelled
-        rules = {}
-        n_folds = len(p.ood_states)
-        for m in self.decision_methods():
-            source = labelled.get(m) or p.ood_states[0].method_params.get(m, {})
-            if m in labelled:
-                origin = f"calibration {p.calibration_name}"
-            elif n_folds > 1:  # say how the folds' fits became one threshold
-                how = "averaged" if REGISTRY.get(m).averages_fold_thresholds else "pooled"
-                origin = f"fit, {n_folds} folds {how}"
-            else:
-                origin = "fit"
-            rules[m] = {"fail_below": source.get("fail_below"),
-                        "max_silent_failures": source.get("max_silent_failures"), "threshold_from": origin}
-        return rules
+        """The rule in force per deciding method (``ood_scores.json``'s ``decision_rules``): the rule, its
+        settings, where its threshold was set, the gate, and the one-sentence statement of what it guarantees."""
+        return {m: rule.to_json() for m, rule in self.predictor.ood_decisions.items()}
 
     def decision_methods(self) -> list[str]:
         """Methods in use whose flag is an accept/review decision (they predict Dice)."""
@@ -197,6 +182,12 @@ class PredictionOutputs:
         for m in deciding:
             review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
             print(f"{m}: {len(records) - review} of {len(records)} cases accepted, {review} sent to review")
+            rule = self.predictor.ood_decisions.get(m)
+            if rule is not None:
+                print(f"{m}: {rule.statement()}")
+                if rule.gate.active:
+                    unusual = [r["methods"][m].get("unusual_p") for r in records if m in r["methods"]]
+                    print(f"{m}: {drift_summary(unusual, rule.gate.level)}")
 
     def unfinished(self, lists, outputs, prev, save_probabilities: bool):
         """``--continue_prediction``: a case is done only when its segmentation, OOD record and maps all exist."""

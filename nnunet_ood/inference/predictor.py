@@ -30,11 +30,12 @@ from nnunet_ood.folds import parse_folds
 from nnunet_ood.inference.case_scorer import CaseScorer
 from nnunet_ood.inference.identity import ModelIdentity
 from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, RecordingConfigurationManager
-from nnunet_ood.inference.thresholds import fit_setting_notes, fold_calibration, named_calibration
+from nnunet_ood.inference.thresholds import decision_rules, fit_setting_notes, fold_calibration, named_calibration
 from nnunet_ood.io.map_dtypes import check_dtype_name, check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import map_file_ending
 from nnunet_ood.io.state import FoldOODState, load_fold_state, read_manifest
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
+from nnunet_ood.quality.decision import DecisionRule
 from nnunet_ood.sliding_window import revert_padding_slicer
 
 __all__ = ["CaseOODResult", "nnUNetOODPredictor"]
@@ -70,6 +71,7 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         self.ood_states: list[FoldOODState] = []
         self.ood_methods: list[str] = []
         self.ood_calibration: dict[str, MethodCalibration] = {}
+        self.ood_decisions: dict[str, DecisionRule] = {}  # accept/review rules of the methods that predict Dice
         self.ood_results: list[CaseOODResult] = []
         self.model_folder: str | None = None
         self.use_folds: list[int | str] = []
@@ -121,13 +123,14 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
             print(note)
         self.ood_states, self.ood_methods = states, [m.name for m in methods]
         if self.calibration_name is None:
-            named, notes = {}, fit_setting_notes(methods, self.score_settings(), n_folds)
+            named, notes, site = {}, fit_setting_notes(methods, self.score_settings(), n_folds), None
         else:
-            named, notes = named_calibration(self.model_folder, self.calibration_name, methods, self.model_identity(),
-                                             self.score_settings())
+            named, notes, site = named_calibration(self.model_folder, self.calibration_name, methods,
+                                                   self.model_identity(), self.score_settings())
         # the folds' own calibration only for what the named one does not cover
         folds_own = fold_calibration([m for m in methods if m.name not in named], states)
         self.ood_calibration = {m.name: named[m.name] if m.name in named else folds_own[m.name] for m in methods}
+        self.ood_decisions = decision_rules(methods, states, site, self.calibration_name)
         for note in notes:
             print(note)
         if self.save_ood_maps:  # before any case is predicted: the map type must fit the dataset and methods

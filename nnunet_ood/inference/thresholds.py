@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nnunet_ood.calibration import MethodCalibration
-from nnunet_ood.io.site_calibration import CALIBRATE_COMMAND, load_site_calibration, score_settings
+from nnunet_ood.io.site_calibration import CALIBRATE_COMMAND, SiteCalibration, load_site_calibration, score_settings
 from nnunet_ood.methods import Method, MethodKind
+from nnunet_ood.quality.decision import DecisionRule
 
 #: the settings of the fit's calibration passes
 FIT_SETTINGS = score_settings(0.5, True, True)
@@ -52,8 +53,9 @@ def fit_setting_notes(methods: Sequence[Method], settings: Mapping[str, Any], n_
 
 
 def named_calibration(model_folder: str, name: str, methods: Sequence[Method], model: Mapping[str, Any],
-                      settings: Mapping[str, Any]) -> tuple[dict[str, MethodCalibration], list[str]]:
-    """The calibration ``name`` for the methods it covers, checked against the model; notes for the user."""
+                      settings: Mapping[str, Any]) -> tuple[dict[str, MethodCalibration], list[str], SiteCalibration]:
+    """The calibration ``name`` for the methods it covers, checked against the model; notes for the user; the
+    calibration itself."""
     site = load_site_calibration(model_folder, name)
     site.check_model(model)
     notes = []
@@ -65,4 +67,13 @@ def named_calibration(model_folder: str, name: str, methods: Sequence[Method], m
     missing = [m for m in methods if m.name not in site.calibration]
     if missing:
         notes.append(f"note: calibration {name} does not cover {_names(missing)}; their thresholds are the fit's")
-    return {m.name: site.calibration[m.name] for m in methods if m.name in site.calibration}, notes
+    return {m.name: site.calibration[m.name] for m in methods if m.name in site.calibration}, notes, site
+
+
+def decision_rules(methods: Sequence[Method], states: Sequence[Any], site: SiteCalibration | None,
+                   site_name: str | None) -> dict[str, DecisionRule]:
+    """The accept/review rule of every method in use that predicts Dice (its own hook decides how)."""
+    names = [m.name for m in methods]
+    rules = {m.name: m.decision_rule([s.method_params.get(m.name, {}) for s in states], names, site, site_name)
+             for m in methods if m.predicts_dice}
+    return {m: r for m, r in rules.items() if r is not None}

@@ -19,8 +19,9 @@ from nnunet_ood.io.atomic import atomic_write_text
 RECORDS_DIRNAME = "ood_cases"
 CSV_NAME = "ood_scores.csv"
 JSON_NAME = "ood_scores.json"
-CSV_COLUMNS = ("case", "method", "score", "normalized", "ood", "decision")
-#: the ``decision`` of a method that predicts Dice (its ``ood`` flag: sent to review); empty for other methods
+CSV_COLUMNS = ("case", "method", "score", "normalized", "ood", "decision", "reason")
+#: the ``decision`` of a method that predicts Dice (its ``ood`` flag: sent to review) and the ``reason`` of a
+#: review; both empty for other methods
 ACCEPT, REVIEW = "accept", "review"
 
 
@@ -78,8 +79,9 @@ def decision(ood: bool) -> str:
 
 def write_score_tables(output_folder: str, records: list[dict[str, Any]], methods: list[str],
                        metadata: Mapping[str, Any], decision_methods: Iterable[str] = ()) -> tuple[str, str]:
-    """Write the tidy CSV (``case,method,score,normalized,ood,decision``) and the JSON with thresholds and
-    provenance. ``decision`` is ``accept``/``review`` on the rows of ``decision_methods``, empty elsewhere."""
+    """Write the tidy CSV (``case,method,score,normalized,ood,decision,reason``) and the JSON with thresholds and
+    provenance. ``decision`` is ``accept``/``review`` on the rows of ``decision_methods`` and ``reason`` why a
+    case goes to review; both empty elsewhere."""
     deciding = set(decision_methods)
     rows = []
     for record in sorted(records, key=lambda r: r["case"]):
@@ -89,7 +91,8 @@ def write_score_tables(output_folder: str, records: list[dict[str, Any]], method
                 continue
             rows.append({"case": record["case"], "method": method, "score": _nan_if_none(entry["score"]),
                          "normalized": _nan_if_none(entry["normalized"]), "ood": bool(entry["ood"]),
-                         "decision": decision(bool(entry["ood"])) if method in deciding else ""})
+                         "decision": decision(bool(entry["ood"])) if method in deciding else "",
+                         "reason": (entry.get("reason") or "") if method in deciding else ""})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -107,9 +110,10 @@ def write_score_tables(output_folder: str, records: list[dict[str, Any]], method
 
 
 def read_score_csv(path: str) -> list[dict[str, Any]]:
-    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``; ``decision`` is empty in
-    tables written before it existed)."""
+    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``; ``decision`` and ``reason`` are
+    empty in tables written before they existed)."""
     with open(path, newline="") as f:
         return [{"case": r["case"], "method": r["method"], "score": float(r["score"]),
-                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True", "decision": r.get("decision") or ""}
+                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True", "decision": r.get("decision") or "",
+                 "reason": r.get("reason") or ""}
                 for r in csv.DictReader(f)]

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.detectors.base import FeatureDetector
     from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.io.site_calibration import SiteCalibration
+    from nnunet_ood.quality.decision import DecisionRule
 
 
 #: the command that fits a fold's state (named in error messages)
@@ -135,6 +137,12 @@ class Method:
         from nnunet_ood.calibration import combine_calibrations
 
         return combine_calibrations(calibrations)
+
+    def decision_rule(self, fold_params: Sequence[Mapping[str, Any]], methods_in_use: Sequence[str],
+                      site: SiteCalibration | None = None, site_name: str | None = None) -> DecisionRule | None:
+        """For a method that ``predicts_dice``: the accept/review rule in force (threshold, where it was set, the
+        gate for unusual cases), from the folds' fitted parameters and a named calibration ``site`` if given."""
+        return None
 
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         """``(versions per validation case, corruptions chained per version)`` it needs in the failure table

@@ -4,10 +4,12 @@ Fitted on the fold's failure table (:mod:`nnunet_ood.fitting.failure_table`: the
 corrupted, with their Dice and every other fitted method's score), the quality model
 (:class:`nnunet_ood.quality.model.QualityModel`) predicts a case's risk from those scores and from simple
 properties of its predicted segmentation (relative volume per class, connected components). Its case score
-is that risk; ``1 - score`` is the predicted Dice. The ``ood`` flag of this method is the decision: a case is
-sent to review when its predicted risk is above the threshold chosen by conformal risk control
-(:mod:`nnunet_ood.quality.risk_control`), so that the expected share of cases accepted and failed (Dice below
-``--fail_below``) is at most ``--max_silent_failures`` for cases exchangeable with the calibration cases.
+is that risk; ``1 - score`` is the predicted Dice. The ``ood`` flag of this method is the decision
+(:mod:`nnunet_ood.quality.decision`): a case is sent to review, with a reason, when its predicted risk is above
+the threshold of the rule in force (:mod:`nnunet_ood.quality.risk_control`; by default Learn then Test: with
+``--confidence``, at most ``--max_silent_failures`` of the accepted cases fail, Dice below ``--fail_below``, for
+cases exchangeable with the calibration cases), or when the gate finds it unlike the in-distribution calibration
+cases (:mod:`nnunet_ood.quality.gate`), or when it could not be scored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from nnunet_ood.methods.options import option
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.io.site_calibration import SiteCalibration
+    from nnunet_ood.quality.decision import DecisionRule
     from nnunet_ood.quality.risk_control import RiskThreshold
     from nnunet_ood.quality.table import FailureTable
 
@@ -45,9 +49,21 @@ class QualityConfig:
     fail_below: float = option(0.6, "--fail_below", "a segmentation with Dice below this is a failure", type=float,
                                metavar="DICE")
     max_silent_failures: float = option(
-        0.05, "--max_silent_failures", "tolerated expected share of cases that are accepted and fail (conformal "
-        "risk control on the calibration cases); needs at least 1/rate - 1 calibration cases", type=float,
+        0.05, "--max_silent_failures", "tolerated share of the accepted cases that fail (ltt, at --confidence; "
+        "with no failure it takes ln(1 - confidence) / ln(1 - rate) accepted calibration cases, 22 at 0.1 and 0.9); "
+        "with --risk_control crc: the tolerated expected share of all cases accepted and failed", type=float,
         metavar="RATE")
+    confidence: float = option(
+        0.9, "--confidence", "ltt: the probability over the calibration cases with which the rate among accepted "
+        "cases holds", type=float, metavar="1-DELTA")
+    risk_control: str = option(
+        "ltt", "--risk_control", "ltt: Learn then Test, a bound on the failures among accepted cases with stated "
+        "confidence; crc: conformal risk control, a bound on the expected share of all cases accepted and failed",
+        choices=("ltt", "crc"))
+    unusual_level: float = option(
+        0.05, "--unusual_level", "gate: a case whose conformal p-value against the in-distribution calibration cases "
+        "(feature distances and predicted risk combined) is at most this goes to review as unusual; 0 = no gate",
+        type=float, metavar="P")
     corruptions_per_case: int = option(
         2, "--corruptions_per_case", "corrupted versions of each validation case in the failure table (each costs "
         "one more prediction of the validation cases)", type=int, metavar="N")
@@ -61,6 +77,12 @@ class QualityConfig:
             raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {self.fail_below}")
         if not 0 < self.max_silent_failures < 1:
             raise OODInputError(f"--max_silent_failures must be a rate in (0, 1), got {self.max_silent_failures}")
+        if not 0 < self.confidence < 1:
+            raise OODInputError(f"--confidence must be in (0, 1), got {self.confidence}; pass e.g. 0.9")
+        if self.risk_control not in ("ltt", "crc"):
+            raise OODInputError(f"--risk_control must be ltt or crc, got {self.risk_control!r}")
+        if not 0 <= self.unusual_level < 1:
+            raise OODInputError(f"--unusual_level must be in [0, 1) (0 = no gate), got {self.unusual_level}")
         if self.corruptions_per_case < 0 or self.corruptions_per_version < 1:
             raise OODInputError(f"--corruptions_per_case must be 0 or more and --corruptions_per_version 1 or more, "
                                 f"got {self.corruptions_per_case} and {self.corruptions_per_version}")
@@ -73,7 +95,7 @@ class QualityConfig:
 class Quality(DerivedMethod):
     name = "quality"
     summary = ("predicted risk 1 - Dice of the case from the other methods' scores and the segmentation's volume "
-               "and pieces; flag = sent to review by conformal risk control")
+               "and pieces; flag = sent to review (risk above the Learn-then-Test threshold, unusual, or unscored)")
     config = QualityConfig
     predicts_dice = True
     needs_failure_table = True
@@ -85,26 +107,27 @@ class Quality(DerivedMethod):
                              reference: Mapping[str, float]) -> dict[str, float]:
         """Fit the model and the threshold into ``models``; return the clean validation cases' predicted risks."""
         from nnunet_ood.quality.model import QualityModel
-        from nnunet_ood.quality.risk_control import crc_threshold
+        from nnunet_ood.quality.risk_control import choose_threshold
         from nnunet_ood.quality.table import OOF_RISK
 
         config: QualityConfig = context.options.config(QualityConfig)
         model = QualityModel(table.features, seed=context.seed).fit(table.matrix(), table.dice, table.groups)
         risk = model.oof_risk_
-        threshold = crc_threshold(risk, table.dice, config.fail_below, config.max_silent_failures, table.groups)
+        threshold = choose_threshold(config.risk_control, risk, table.dice, config.fail_below,
+                                     config.max_silent_failures, config.confidence, table.groups)
         context.log(f"quality: {model.cv_report_.get('chosen')} chosen by cross-validation grouped by case on "
                     f"{len(table)} versions of {len(set(table.groups))} validation cases; accept below a predicted "
-                    f"risk of {threshold.threshold:.3g} (covers {threshold.coverage:.0%} of them)")
-        if not threshold.enough:
-            from nnunet_ood.quality.risk_control import min_groups_for
-
-            context.log(f"quality: {threshold.n_groups} validation cases are too few for --max_silent_failures "
-                        f"{config.max_silent_failures:g} (needs {min_groups_for(config.max_silent_failures)}): every "
-                        "case goes to review; calibrate on a site's labelled cases (nnUNetv2_calibrate_ood -l) or "
-                        "allow a larger rate")
+                    f"risk of {threshold.threshold:.3g} (covers {threshold.coverage:.0%} of them, "
+                    f"{threshold.accepted_failure_rate:.1%} of those accepted fail; {config.risk_control})")
+        if not threshold.accepts_anything:
+            context.log(f"quality: no threshold meets --max_silent_failures {config.max_silent_failures:g} on "
+                        f"{threshold.n_rows} rows of the failure table (it takes at least {threshold.n_needed} "
+                        "accepted without a failure): every case goes to review; calibrate on a site's labelled "
+                        "cases (nnUNetv2_calibrate_ood -l) or allow a larger rate")
         params = {"inputs": list(inputs), "features": list(table.features), "label_setup": dict(setup),
                   "reference_volumes": dict(reference), "fail_below": config.fail_below,
-                  "max_silent_failures": config.max_silent_failures,
+                  "max_silent_failures": config.max_silent_failures, "risk_control": config.risk_control,
+                  "confidence": config.confidence, "unusual_level": config.unusual_level,
                   "corruptions_per_case": config.corruptions_per_case,
                   "corruptions_per_version": config.corruptions_per_version, "risk_threshold": threshold.to_json(),
                   "cross_validation": model.cv_report_, "model": model.to_json(),
@@ -125,37 +148,44 @@ class Quality(DerivedMethod):
 
     def combine_fold_calibrations(self, calibrations: Sequence[MethodCalibration],
                                   fold_params: Sequence[Mapping[str, Any]]) -> MethodCalibration:
-        """One fold: its own threshold. Several: conformal risk control on every fold's validation cases pooled
-        (each case with the out-of-fold risk of its own fold's model, from the fold's failure table), under the
-        rule the folds share. Five folds of 12 validation cases are 60 calibration cases: enough for a rate of
-        0.05, which none of the folds alone supports (19 needed); averaging five thresholds would not be."""
+        """One fold: its own threshold. Several: the rule re-run on every fold's validation cases pooled
+        (:func:`_pooled_threshold`). Five folds of 12 validation cases are 60 calibration rows: enough for rates
+        that none of the folds alone supports; averaging five thresholds would not be."""
         if len(fold_params) == 1:
             return calibrations[0]
-        import numpy as np
+        return _risk_calibration(_pooled_threshold(fold_params))
 
-        from nnunet_ood.quality.risk_control import crc_threshold
-        from nnunet_ood.quality.table import read_out_of_fold_risks
+    def decision_rule(self, fold_params: Sequence[Mapping[str, Any]], methods_in_use: Sequence[str],
+                      site: SiteCalibration | None = None, site_name: str | None = None) -> DecisionRule:
+        """The rule in force: the threshold of a labelled site calibration, or of the fit (one fold, or the folds
+        pooled); the gate on the feature distances in use and the predicted risk, calibrated on the site's cases
+        when a named calibration has them, else on the folds' clean validation cases."""
+        from nnunet_ood.quality.decision import DecisionRule
+        from nnunet_ood.quality.gate import GATE_LEVEL, ConformalGate
+        from nnunet_ood.quality.risk_control import RiskThreshold
 
-        rules = {(params.get("fail_below"), params.get("max_silent_failures")) for params in fold_params}
-        if len(rules) > 1:
-            shown = "; ".join(f"--fail_below {f} --max_silent_failures {a}" for f, a in sorted(rules, key=str))
-            raise OODStateError(f"the folds' quality models were fitted with different rules ({shown}); re-fit them "
-                                "with one rule (nnUNetv2_fit_ood --fail_below D --max_silent_failures R), or leave "
-                                "quality out (--ood METHOD ...)")
-        risk, dice, groups = [], [], []
-        for k, params in enumerate(fold_params):
-            if not params.get("table_csv"):
-                where = params.get("_table_file", f"fold {k + 1} of {len(fold_params)} in use")
-                raise OODStateError(f"the quality method's failure table ({where}) is missing or empty: several "
-                                    "folds choose its threshold on their validation cases pooled; restore it, re-fit "
-                                    "with nnUNetv2_fit_ood, or leave quality out (--ood METHOD ...)")
-            cases, fold_risk, fold_dice = read_out_of_fold_risks(params["table_csv"])
-            risk.append(fold_risk)
-            dice.append(fold_dice)
-            groups += [f"{k}/{case}" for case in cases]  # a case is a unit within its fold
-        fail_below, alpha = rules.pop()
-        return _risk_calibration(crc_threshold(np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
-                                               groups))
+        from . import REGISTRY, MethodKind
+
+        labelled = site is not None and self.name in site.labelled
+        if labelled:
+            threshold = RiskThreshold.from_json(site.labelled[self.name].get("risk_threshold"),
+                                                f"calibration {site_name}")
+            origin = f"calibration {site_name}"
+        elif len(fold_params) == 1:
+            threshold = RiskThreshold.from_json(fold_params[0]["risk_threshold"], "the quality method's threshold")
+            origin = "fit"
+        else:
+            threshold, origin = _pooled_threshold(fold_params), f"fit, {len(fold_params)} folds pooled"
+        names = [m for m in methods_in_use if m in fold_params[0].get("inputs", ()) and
+                 REGISTRY.get(m).kind is MethodKind.PATCH_FEATURES] + [self.name]
+        level = float(fold_params[0].get("unusual_level", GATE_LEVEL))
+        if site is not None and all(m in site.case_scores for m in names):
+            cases = sorted(set.intersection(*(set(site.case_scores[m]) for m in names)))
+            scores = {m: [site.case_scores[m][c] for c in cases] for m in names}
+            source = f"calibration {site_name}"
+        else:
+            scores, source = _clean_validation_scores(fold_params, names, self.name), "validation"
+        return DecisionRule(threshold, origin, labelled, ConformalGate(scores, level, source))
 
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         config = options.config(QualityConfig)
@@ -220,8 +250,69 @@ class Quality(DerivedMethod):
         return float(np.mean(risks)) if risks else math.nan
 
 
+def _pooled_threshold(fold_params: Sequence[Mapping[str, Any]]) -> RiskThreshold:
+    """The rule the folds share, run on every fold's validation cases pooled (each case with the out-of-fold risk
+    of its own fold's model, from the fold's failure table; a case is a unit within its fold)."""
+    import numpy as np
+
+    from nnunet_ood.quality.risk_control import CONFIDENCE, choose_threshold
+    from nnunet_ood.quality.table import read_out_of_fold_risks
+
+    def rule_of(params: Mapping[str, Any]) -> tuple:
+        rule = params.get("risk_control", "crc")  # a fit from before the rule was recorded used crc
+        return (params.get("fail_below"), params.get("max_silent_failures"), rule,
+                params.get("confidence") if rule == "ltt" else None)
+
+    rules = {rule_of(params) for params in fold_params}
+    if len(rules) > 1:
+        shown = "; ".join(f"--fail_below {f} --max_silent_failures {a} --risk_control {r}"
+                          + (f" --confidence {c}" if c is not None else "") for f, a, r, c in sorted(rules, key=str))
+        raise OODStateError(f"the folds' quality models were fitted with different rules ({shown}); re-fit them "
+                            "with one rule (nnUNetv2_fit_ood --fail_below D --max_silent_failures R), or leave "
+                            "quality out (--ood METHOD ...)")
+    risk, dice, groups = [], [], []
+    for k, params in enumerate(fold_params):
+        cases, fold_risk, fold_dice = read_out_of_fold_risks(_table_csv(params, k, len(fold_params)))
+        risk.append(fold_risk)
+        dice.append(fold_dice)
+        groups += [f"{k}/{case}" for case in cases]  # a case is a unit within its fold
+    fail_below, alpha, rule, confidence = rules.pop()
+    return choose_threshold(rule, np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
+                            confidence or CONFIDENCE, groups)
+
+
+def _table_csv(params: Mapping[str, Any], k: int, n_folds: int) -> str:
+    """A fold's stored failure table; a one-line error when it is lost."""
+    if not params.get("table_csv"):
+        where = params.get("_table_file", f"fold {k + 1} of {n_folds} in use")
+        raise OODStateError(f"the quality method's failure table ({where}) is missing or empty: the decision reads "
+                            "the folds' validation cases from it; restore it, re-fit with nnUNetv2_fit_ood, or leave "
+                            "quality out (--ood METHOD ...)")
+    return params["table_csv"]
+
+
+def _clean_validation_scores(fold_params: Sequence[Mapping[str, Any]], names: Sequence[str],
+                             risk_name: str) -> dict[str, list[float]]:
+    """The gate's calibration from the fit: every fold's clean validation cases (failure table, version 0), their
+    scores of ``names`` (``risk_name``: the out-of-fold predicted risk)."""
+    import csv
+    import io
+
+    from nnunet_ood.quality.table import OOF_RISK
+
+    columns = {m: (OOF_RISK if m == risk_name else m) for m in names}
+    scores: dict[str, list[float]] = {m: [] for m in names}
+    for k, params in enumerate(fold_params):
+        for row in csv.DictReader(io.StringIO(_table_csv(params, k, len(fold_params)))):
+            if row.get("version") == "0":
+                for m, column in columns.items():
+                    value = row.get(column, "")
+                    scores[m].append(float(value) if value else math.nan)
+    return scores
+
+
 def _risk_calibration(threshold: RiskThreshold) -> MethodCalibration:
-    """The calibration of a risk in [0, 1] with a conformal risk control threshold (:class:`RiskThreshold`)."""
+    """The calibration of a risk in [0, 1] with the rule's threshold (:class:`RiskThreshold`)."""
     from nnunet_ood.calibration import MethodCalibration
 
     return MethodCalibration(low=0.0, high=1.0, threshold=threshold.threshold, n_train_cases=0,
