@@ -114,6 +114,8 @@ def test_quality_options_check_the_corruption_budget():
     assert FAMILY_SIZE == len(CORRUPTIONS)
     QualityConfig(corruptions_per_case=6, corruptions_per_version=2)
     for bad in ({"corruptions_per_case": 7, "corruptions_per_version": 2}, {"corruptions_per_version": 0},
-                {"corruptions_per_case": -1}, {"fail_below": 0.0}, {"max_silent_failures": 1.0}):
+                {"corruptions_per_case": -1}, {"fail_below": 0.0}, {"max_silent_failures": 1.0}, {"confidence": 1.0},
+                {"confidence": 0.0}, {"risk_control": "foo"}, {"unusual_level": 1.0}, {"unusual_level": -0.1}):
         with pytest.raises(OODInputError):
             QualityConfig(**bad)
+    QualityConfig(unusual_level=0.0, risk_control="crc", confidence=0.5)  # 0 = no gate

@@ -111,8 +111,7 @@ class PredictionOutputs:
         p.ood_results.append(result)
         deciding = self.decision_methods()
         flags = [m for m, s in scores.items() if s["ood"] and m not in deciding]
-        decisions = "".join(f"; {m}: {decision(scores[m]['ood'])} (predicted Dice {1 - scores[m]['score']:.2f}"
-                            + (f"; {scores[m]['reason']})" if scores[m].get("reason") else ")") for m in deciding)
+        decisions = "".join(f"; {m}: {decision(scores[m]['ood'])} ({_why(scores[m])})" for m in deciding)
         # one line per case as it is scored (nnU-Net's sequential mode prints nothing of its own per case)
         print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag") + decisions, flush=True)
         return result
@@ -246,6 +245,12 @@ class PredictionOutputs:
             "run_signature": self.run_signature(),
             "input_folder": input_folder,
         }
+
+
+def _why(entry: dict[str, Any]) -> str:
+    """The predicted Dice of a deciding method's case and the reason of a review, without saying it twice."""
+    reason, shown = entry.get("reason") or "", f"predicted Dice {1 - entry['score']:.2f}"
+    return reason if reason.startswith("predicted Dice") else shown + (f"; {reason}" if reason else "")
 
 
 class RecordingPreprocessor:
