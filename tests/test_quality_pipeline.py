@@ -217,7 +217,8 @@ def test_label_folder_must_cover_every_case(tiny_project, test_images, tmp_path,
                "has no reference segmentation for")
     fails_with(calibrate_entry.main, ["-i", str(test_images), "-d", "501", "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
                                       "-device", "cpu", "--name", "x", "--fail_below", "0.7"], "-l LABELS_FOLDER")
-    for flags, message in ((["--confidence", "0.9"], "--confidence re-select"), (["--risk_control", "crc"], "-l LABELS"),
+    for flags, message in ((["--confidence", "0.9"], "--confidence re-select"),
+                           (["--risk_control", "crc"], "-l LABELS"),
                            (["-l", str(labels), "--confidence", "2"], "--confidence must be in")):
         fails_with(calibrate_entry.main, ["-i", str(test_images), "-d", "501", "-c", "2d", "-f", "0", "-tr",
                                           OOD_TRAINER, "-device", "cpu", "--name", "x", *flags], message)
