@@ -441,3 +441,27 @@ def test_ltt_guarantee_by_simulation():
     assert ltt_over / trials <= 1 - confidence + 3 * np.sqrt(0.1 * 0.9 / trials)
     assert np.mean(accepted) > 0.2  # and it accepts a real share of the cases
     assert crc_over / trials > 0.3  # the wrong quantity: crc does not bound the rate among accepted
+
+
+def test_a_state_fitted_before_learn_then_test_keeps_its_rule_and_says_so():
+    """Parameters as a fit before this rule stored them: a 7-field CRC threshold, no risk_control, confidence or
+    unusual_level. The decision keeps CRC's threshold, names the rule and the re-fit, and the gate takes its
+    default level."""
+    from nnunet_ood.methods import REGISTRY
+
+    rng = np.random.default_rng(6)
+    params = {**fold_params(rng, 30, 2, fail_below=0.6, alpha=0.1), "inputs": ["mahalanobis", "tta"]}
+    params["table_csv"] = params["table_csv"].replace(",tta\n", ",tta,mahalanobis\n", 1).replace(
+        "\n", ",1.0\n").replace(",tta,mahalanobis,1.0\n", ",tta,mahalanobis\n", 1)
+    cases, risk, dice = read_out_of_fold_risks(params["table_csv"])
+    old = crc_threshold(risk, dice, 0.6, 0.1, cases).to_json()
+    params["risk_threshold"] = {k: old[k] for k in ("threshold", "alpha", "fail_below", "n_groups", "enough",
+                                                    "empirical_rate", "coverage")}
+    rule = REGISTRY.get("quality").decision_rule([params], ["mahalanobis", "tta", "quality"])
+    assert rule.risk.rule == "crc" and rule.risk.threshold == old["threshold"]
+    statement = rule.statement()
+    assert "conformal risk control" in statement and "re-fit with nnUNetv2_fit_ood" in statement
+    clean_scored = sum(1 for line in params["table_csv"].splitlines()[1:]
+                       if line.split(",")[1] == "0" and line.split(",")[5] != "")  # a NaN risk leaves the gate
+    assert rule.gate.level == 0.05 and rule.gate.names == ["mahalanobis", "quality"]
+    assert rule.gate.n_cases == clean_scored and 25 <= clean_scored <= 30

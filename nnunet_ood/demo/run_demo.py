@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     p.add_argument("--n_train", type=int, default=60, help="training cases (default: 60)")
     p.add_argument("--n_test", type=int, default=16, help="test cases per domain (default: 16)")
+    p.add_argument("--n_site", type=int, default=40, help="a site's own in-distribution scans (new subjects) for "
+                   "nnUNetv2_calibrate_ood (default: 40; 0 skips the calibration and predicts with the fit's "
+                   "thresholds); their labels are written too, for trying -l by hand")
     p.add_argument("--full", action="store_true", help=f"the longer schedule ({FULL_TRAINER}: 30 epochs and a "
                    "longer autoencoder training, about 2 minutes more on 2 CPU cores)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars, only each step's name and time")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
     data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
-                                 n_test_per_domain=args.n_test, size=64)
+                                 n_test_per_domain=args.n_test, size=64, n_site=args.n_site)
 
     steps.run("planning", "planning and preprocessing (nnUNetv2_plan_and_preprocess)",
               ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"])
@@ -152,6 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     split = json.loads((work / "preprocessed" / data.name / "splits_final.json").read_text())[0]
     for case in split["val"]:
         shutil.copy(Path(data.images_tr) / f"{case}_0000.nii.gz", val_images / f"{case}_0000.nii.gz")
+    calibration: list[str] = []
+    if args.n_site > 0:
+        # the site's own ID scans (no labels needed) set every method's threshold and switch on quality's gate
+        # for unusual scans (it needs 19 or more calibration cases; the fold has 12 validation cases)
+        steps.run("calibration", f"calibrating on {args.n_site} in-distribution scans of the site "
+                  "(nnUNetv2_calibrate_ood)",
+                  ["nnUNetv2_calibrate_ood", "-i", str(data.images_site), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+                   "-tr", trainer.__name__, "-device", args.device,
+                   "-npp", "0", "-nps", "0", "--name", "site", "--overwrite", "--disable_progress_bar"],
+                  ProgressRelay(cases=args.n_site))
+        calibration = ["--calibration", "site"]
     groups = {domain: Path(data.images_ts[domain]) for domain in data.domains}
     groups["id_val"] = val_images
     n_cases = sum(len(list(folder.glob("*_0000.nii.gz"))) for folder in groups.values())
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     steps.run("prediction", f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
               ["nnUNetv2_predict_ood", "-i", *map(str, groups.values()), "-o", *(str(predictions / g) for g in groups),
                "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer.__name__, "-device", args.device,
-               "-npp", "0", "-nps", "0", "--save_ood_maps", "--report", "--disable_progress_bar"],
+               "-npp", "0", "-nps", "0", "--save_ood_maps", "--report", "--disable_progress_bar", *calibration],
               ProgressRelay(cases=n_cases))
     shifted = [arg for d in data.domains if d != "id"
                for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]

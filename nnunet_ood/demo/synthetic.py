@@ -82,6 +82,17 @@ class DemoDataset:
         """Folder of training labels."""
         return self.dataset_dir / "labelsTr"
 
+    @property
+    def images_site(self) -> Path:
+        """Folder of a site's own labelled in-distribution cases (new subjects of the training scanner), for
+        ``nnUNetv2_calibrate_ood -l``."""
+        return self.dataset_dir / "imagesSite"
+
+    @property
+    def labels_site(self) -> Path:
+        """Reference labels of :attr:`images_site`."""
+        return self.dataset_dir / "labelsSite"
+
     def cases(self, domain: str) -> list[str]:
         """Test case names of one domain, sorted."""
         return sorted(c for c, d in self.case_domain.items() if d == domain)
@@ -199,16 +210,18 @@ def _clear(folder: Path) -> None:
 
 def generate_demo_dataset(nnunet_raw: str | os.PathLike, dataset_id: int = 501, seed: int = 0,
                           n_train: int = 60, n_test_per_domain: int = 16,
-                          size: int = 64) -> DemoDataset:
+                          size: int = 64, n_site: int = 0) -> DemoDataset:
     """Write the demo dataset under ``<nnunet_raw>/Dataset<id>_OODDemo`` and describe it.
 
     Training cases ``train_XXX`` come from the ``id`` scanner; test cases are named
     ``<domain>_XXX`` (unique across domains) in ``imagesTs_<domain>`` / ``labelsTs_<domain>``.
+    ``n_site`` more cases ``site_XXX`` of the ``id`` scanner, new subjects, go to ``imagesSite`` / ``labelsSite``:
+    a site's labelled calibration cases.
     The output is a deterministic function of the arguments. Existing NIfTI files in the
     dataset's own folders are replaced.
     """
-    if n_train < 1 or n_test_per_domain < 0 or size < 16:
-        raise ValueError("need n_train >= 1, n_test_per_domain >= 0 and size >= 16")
+    if n_train < 1 or n_test_per_domain < 0 or n_site < 0 or size < 16:
+        raise ValueError("need n_train >= 1, n_test_per_domain >= 0, n_site >= 0 and size >= 16")
     name = f"Dataset{dataset_id:03d}_OODDemo"
     ddir = Path(nnunet_raw) / name
     ds = DemoDataset(name=name, dataset_dir=ddir, domains=list(DEMO_DOMAINS), images_ts={},
@@ -241,6 +254,14 @@ def generate_demo_dataset(nnunet_raw: str | os.PathLike, dataset_id: int = 501, 
             _write(img, ds.images_ts[domain] / f"{case}_0000{FILE_ENDING}")
             _write(label, ds.labels_ts[domain] / f"{case}{FILE_ENDING}")
             ds.case_domain[case] = domain
+
+    _clear(ds.images_site)
+    _clear(ds.labels_site)
+    for i in range(n_site):  # its own stream, after the test domains': the other cases do not change
+        rng = _case_rng(seed, len(DEMO_DOMAINS) + 1, i)
+        label = _anatomy(rng, size)
+        _write(_acquire(rng, label, _SCANNERS["id"]), ds.images_site / f"site_{i:03d}_0000{FILE_ENDING}")
+        _write(label, ds.labels_site / f"site_{i:03d}{FILE_ENDING}")
 
     dataset_json = {
         "channel_names": {"0": "MRI"},  # "MRI" -> nnU-Net z-scores each image on its own
