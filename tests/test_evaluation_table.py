@@ -696,3 +696,35 @@ def test_risk_coverage_curves_and_plot(quality_project, quality_runs) -> None:
 def test_fail_below_outside_a_dice_fails_in_one_line(project, tmp_path, fails_with, value) -> None:
     out = tmp_path / "out"
     evaluation_fails(fails_with, [*group_args(project), "-o", str(out), "--fail_below", value], out, "--fail_below")
+
+
+# ------------------------------------------------------------------------------------------- label values
+
+
+def test_labels_the_dataset_does_not_have_are_refused(project, broken, fails_with) -> None:
+    """--labels 7 on a dataset of labels 1 and 2 gave every case Dice 1.0."""
+    out = broken / "out"
+    message = evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "7"], out,
+                               "--labels", "7", "1, 2", "dataset.json")
+    assert "pred_id_test" in message
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "1,7"], out, "7")
+
+
+def test_reference_with_a_value_outside_the_dataset_is_refused(project, broken, fails_with) -> None:
+    """A reference storing class 1 under value 7 gave a Dice of about 0.5 silently."""
+    path = broken / "labels_scanner" / f"scanner_002{ENDING}"
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    reference[reference == 1] = 7
+    write_label_map(path, reference)
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, str(path), "7", "0, 1, 2")
+    # the same with --labels: the reference is still checked against the dataset's values
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "2"], out, str(path))
+
+
+def test_without_dataset_json_labels_must_occur_in_the_references(project, broken, fails_with) -> None:
+    for group in project["folders"]:
+        (broken / f"pred_{group}" / "dataset.json").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "7", "--file_ending",
+                                  ENDING], out, "--labels", "7", "0, 1, 2")

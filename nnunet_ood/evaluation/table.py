@@ -50,6 +50,7 @@ from nnunet_ood.evaluation.metrics import (
 )
 from nnunet_ood.io.atomic import atomic_write_bytes
 from nnunet_ood.io.json_files import read_json
+from nnunet_ood.io.labels import LabelOrRegion, check_references, check_requested_labels, dataset_label_values
 from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
 
 ID_TEST = "id_test"
@@ -79,9 +80,6 @@ MARKDOWN_HEADERS: dict[str, str] = {
     "coverage": "coverage", "silent_rate": "silent", "silent_rate_accepted": "silent (accepted)",
     "dice_mae": "Dice MAE", "dice_pearson": "Dice r"}
 
-LabelOrRegion = int | tuple[int, ...]
-
-
 # ----------------------------------------------------------------------------------------------- inputs
 
 
@@ -97,11 +95,17 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class LabelSetup:
-    """What to evaluate: foreground labels (int) or regions (tuple of labels), file ending, ignore label."""
+    """What to evaluate: foreground labels (int) or regions (tuple of labels), file ending, ignore label.
+
+    ``label_values``: every value a reference may hold (those of the dataset.json named by ``label_source``);
+    None without a dataset.json (then every ``--labels`` value must occur in some reference).
+    """
 
     labels_or_regions: list[LabelOrRegion]
     file_ending: str
     ignore_label: int | None = None
+    label_values: frozenset[int] | None = None
+    label_source: str = "dataset.json"
 
 
 @dataclass
@@ -292,24 +296,50 @@ def read_dataset_json(folder: str) -> dict[str, Any] | None:
 
 def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None,
                         file_ending: str | None) -> LabelSetup:
-    """Labels and file ending from ``--labels``/``--file_ending``, else from the first dataset.json found."""
-    dataset = next((d for d in (read_dataset_json(s.prediction_folder) for s in specs) if d is not None), None)
+    """Labels and file ending from ``--labels``/``--file_ending``, else from the first dataset.json found;
+    ``--labels`` must name labels that dataset.json has."""
+    found = next(((s.prediction_folder, d) for s in specs if (d := read_dataset_json(s.prediction_folder))
+                  is not None), None)
+    source, dataset = (os.path.join(found[0], "dataset.json"), found[1]) if found else ("dataset.json", None)
     if dataset is None and (labels is None or file_ending is None):
         raise OODInputError("no dataset.json in the prediction folders (nnU-Net copies it there); pass --labels and "
                             "--file_ending")
-    ignore = dataset.get("labels", {}).get("ignore") if dataset else None
+    dataset_labels = dataset.get("labels") if dataset else None
+    dataset_labels = dataset_labels if isinstance(dataset_labels, dict) else None
+    ignore = dataset_labels.get("ignore") if dataset_labels else None
+    ignore = int(ignore) if ignore is not None else None
+    values = frozenset(dataset_label_values(dataset_labels)) if dataset_labels else None
     if labels is not None:
         labels_or_regions = parse_label_arguments(labels)
+        if values is not None:
+            check_requested_labels(labels_or_regions, set(values) - {0, ignore}, source)
+    elif dataset_labels is None:
+        raise OODInputError(f"{source} has no 'labels' dict; pass --labels")
     else:
-        if not isinstance(dataset.get("labels"), dict):
-            raise OODInputError("dataset.json in the prediction folder has no 'labels' dict; pass --labels")
-        labels_or_regions = foreground_from_dataset_labels(dataset["labels"])
+        labels_or_regions = foreground_from_dataset_labels(dataset_labels)
     if not labels_or_regions:
         raise OODInputError("no foreground labels to evaluate; pass --labels")
     ending = file_ending if file_ending is not None else dataset.get("file_ending")
     if not isinstance(ending, str) or not ending:
         raise OODInputError("dataset.json in the prediction folder has no 'file_ending'; pass --file_ending")
-    return LabelSetup(labels_or_regions, ending, int(ignore) if ignore is not None else None)
+    return LabelSetup(labels_or_regions, ending, ignore, values, source)
+
+
+def check_reference_labels(specs: Sequence[GroupSpec], tables: Sequence[ScoreTable], setup: LabelSetup,
+                           reader: Any) -> None:
+    """Every reference holds only the dataset's label values; without a dataset.json, every ``--labels`` value
+    occurs in some reference (a Dice of labels that are absent everywhere is 1 and says nothing)."""
+    paths = [os.path.join(s.label_folder, c + setup.file_ending) for s, t in zip(specs, tables) for c in t.cases]
+    found = check_references(paths, reader, None if setup.label_values is None else set(setup.label_values),
+                             setup.label_source)
+    if setup.label_values is None:
+        seen = set().union(*found.values())
+        members = {m for item in setup.labels_or_regions for m in (item if isinstance(item, tuple) else (item,))}
+        absent = sorted(m for m in members if float(m) not in seen)
+        if absent:
+            raise OODInputError(f"--labels value(s) {', '.join(map(str, absent))} occur in none of the {len(paths)} "
+                                f"reference segmentations (their values: "
+                                f"{', '.join(f'{v:g}' for v in sorted(seen))}); pass existing labels")
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -702,6 +732,7 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
         check_case_files(spec, table.cases, setup.file_ending)
     example = os.path.join(specs[0].label_folder, tables[0].cases[0] + setup.file_ending)
     reader = make_reader(setup.file_ending, example)
+    check_reference_labels(specs, tables, setup, reader)
     groups = [load_group(s, t, methods, setup, reader) for s, t in zip(specs, tables)]
     dice_methods = [m for m in methods if method_predicts_dice(m)]
     rows = compute_metric_rows(groups, methods, percentile, fail_below, dice_methods)
