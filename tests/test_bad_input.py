@@ -226,6 +226,8 @@ def _write_image(path: Path, array: np.ndarray, spacing=None, sform=None) -> Non
     ("empty", ("bad_000_0000.nii.gz", "is empty")),
     ("spacing", ("case bad_000", "resample to", "fix the image header's spacing")),
     ("shear", ("case bad_000", "orthonormal")),
+    ("channels4d", ("bad_000_0000.nii.gz", "4D image of size (32, 32, 1, 2)", "one image per channel")),
+    ("rgb", ("bad_000_0000.nii.gz", "3 values per voxel", "grey-value")),
 ])
 def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, fails_with, predict_argv, kind,
                                                         needles):
@@ -237,12 +239,82 @@ def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, 
         bad.write_bytes(b"")
     elif kind == "spacing":
         _write_image(bad, np.ones((32, 32)), spacing=(100.0, 0.001))
+    elif kind == "channels4d":  # IndexError inside nnU-Net ("Background workers died"), a lock and empty tables
+        nib.save(nib.Nifti1Image(np.ones((32, 32, 1, 2), np.float32), np.eye(4)), str(bad))
+    elif kind == "rgb":
+        rgb = np.zeros((32, 32, 1), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(bad))
     else:
         _write_image(bad, np.ones((32, 32)), sform=np.array([[1, 0.6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
                                                              [0, 0, 0, 1.0]]))
     out = tmp_path / "out"
     fails_with(predict_entry.main, predict_argv(inp, out), *needles)
     assert not out.exists()
+
+
+def test_calibration_references_with_values_outside_the_dataset_are_refused(tiny_project, test_images, tmp_path,
+                                                                           fails_with):
+    """nnUNetv2_calibrate_ood -l: a reference storing class 1 under 7 gave a wrong Dice silently."""
+    import SimpleITK as sitk
+
+    from nnunet_ood.cli import calibrate
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for domain in tiny_project.dataset.domains:
+        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
+            shutil.copy(f, labels / f.name)
+    bad = next(f for f in sorted(labels.iterdir()) if 1 in sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
+    image = sitk.ReadImage(str(bad))
+    array = sitk.GetArrayFromImage(image)
+    assert set(np.unique(array)) <= {0, 1, 2}
+    array[array == 1] = 7
+    relabelled = sitk.GetImageFromArray(array)
+    relabelled.CopyInformation(image)
+    sitk.WriteImage(relabelled, str(bad))
+    out = tmp_path / "cal"
+    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
+                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "relabelled"],
+               str(bad), "7", "0, 1, 2")
+    assert not out.exists()
+    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "relabelled.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_checkpoint_that_is_no_checkpoint_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                                     scratch_model, damage):
+    """-chk a truncated file (RuntimeError: PytorchStreamReader...) or a non-checkpoint (ValueError): one line."""
+    path = scratch_model / "fold_0" / "checkpoint_broken.pth"
+    source = (scratch_model / "fold_0" / "checkpoint_final.pth").read_bytes()
+    path.write_bytes(source[:len(source) // 2] if damage == "truncated" else b"not a checkpoint\n" * 10)
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs", "-chk", path.name),
+               str(path), "-chk")
+    assert not out.exists()
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerOOD_5epochs",
+                          "-device", "cpu", "-chk", path.name], str(path), "-chk")
+    assert not (scratch_model / "fold_0" / "ood.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_symbolic_links_that_lead_nowhere_are_named(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                                    kind):
+    """A dangling link or a link loop in -i gave FileNotFoundError / OSError [Errno 40] tracebacks."""
+    link = test_images / "linked_000_0000.nii.gz"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "gone_0000.nii.gz")
+    else:
+        link.symlink_to(link)
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out), str(link),
+               "dangling symbolic link" if kind == "dangling" else "symbolic link loop")
+    assert not out.exists()
+
+
+def test_input_that_is_a_file_is_called_a_file(tiny_project, test_images, tmp_path, fails_with, predict_argv):
+    image = next(test_images.iterdir())
+    fails_with(predict_entry.main, predict_argv(image, tmp_path / "out"), str(image), "is a file, not a folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_folders_that_cannot_work_are_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv):
