@@ -363,6 +363,33 @@ def test_argument_errors(tiny_project, test_images, tmp_path, fails_with, predic
     assert not out.exists()
 
 
+def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_project, test_images, tmp_path,
+                                                                     predict_argv):
+    """Folder A, then folder B into the same -o with the same settings: the tables held B's cases only."""
+    images = sorted(test_images.iterdir())
+    folders = {"A": tmp_path / "A", "B": tmp_path / "B"}
+    for name, files in (("A", images[:2]), ("B", images[2:4])):
+        folders[name].mkdir()
+        for f in files:
+            shutil.copy(f, folders[name] / f.name)
+    cases = {name: {f.name[:-len("_0000.nii.gz")] for f in folder.iterdir()} for name, folder in folders.items()}
+    out = tmp_path / "out"
+    sequential = ("-npp", "0", "-nps", "0")
+    predict_entry.main(predict_argv(folders["A"], out, OOD_TRAINER, *sequential))
+    first = {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(out / "ood_scores.csv"))}
+    assert json.loads((out / "ood_scores.json").read_text())["input_folder"] == str(folders["A"])
+    predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential))
+    rows = read_score_csv(str(out / "ood_scores.csv"))
+    assert {r["case"] for r in rows} == cases["A"] | cases["B"]
+    assert {(r["case"], r["method"]): r["score"] for r in rows if r["case"] in cases["A"]} == first
+    document = json.loads((out / "ood_scores.json").read_text())
+    assert {r["case"] for r in document["scores"]} == cases["A"] | cases["B"]
+    assert document["input_folder"] is None  # two input folders
+    # other settings: their records are not mixed with these
+    predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential, "--ood", "mahalanobis"))
+    assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == cases["B"]
+
+
 def test_empty_segmentation_file_is_redone_by_continue_prediction(tiny_project, test_images, tmp_path, predict_argv):
     out = tmp_path / "out"
     predict_entry.main(predict_argv(test_images, out))
