@@ -68,6 +68,40 @@ def test_corrupted_state_is_refused(tiny_project, test_images, tmp_path, fails_w
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["state", "calibration"])
+def test_normalisation_bounds_low_above_high_blame_their_file(tiny_project, test_images, tmp_path, fails_with,
+                                                              predict_argv, scratch_model, where):
+    """low > high stopped the run blaming the first image ("fix or remove id_000"), leaving a lock and empty
+    tables."""
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.io.site_calibration import (
+        SiteCalibration,
+        model_identity,
+        save_site_calibration,
+        score_settings,
+    )
+
+    extra: tuple[str, ...] = ()
+    if where == "state":
+        path = scratch_model / "fold_0" / "ood" / "ood_state.json"
+        document = json.loads(path.read_text())
+        document["methods"]["mahalanobis"]["calibration"].update(low=10.0, high=1.0)
+        path.write_text(json.dumps(document))
+    else:
+        fingerprint = json.loads((scratch_model / "fold_0" / "ood" / "ood_state.json").read_text())["fingerprint"]
+        model = model_identity("2d", fingerprint["plans_name"], ["0"], "checkpoint_final.pth",
+                               [fingerprint["weights_sha256"]])
+        site = SiteCalibration("swapped", model, score_settings(0.5, True, True), 0.05,
+                               {"mahalanobis": MethodCalibration(10.0, 1.0, 5.0)}, {"mahalanobis": {"x": 5.0}})
+        path = Path(save_site_calibration(str(scratch_model), site))
+        extra = ("--calibration", "swapped")
+    out = tmp_path / "out"
+    message = fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs", *extra),
+                         str(path), "low=10", "high=1", "nnUNetv2_fit_ood" if where == "state" else "--name swapped")
+    assert "id_000" not in message
+    assert not out.exists()
+
+
 def test_empty_input_folder(tiny_project, tmp_path, fails_with, predict_argv):
     (tmp_path / "empty").mkdir()
     fails_with(predict_entry.main, predict_argv(tmp_path / "empty", tmp_path / "out"), "no input images")

@@ -139,7 +139,8 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
                       ("false_alarm_rate", float)):
         if not isinstance(document.get(key), kind):
             raise _bad(path, f"'{key}' is missing or not a {kind.__name__}")
-    calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}") for m, c in document["calibration"].items()}
+    fix = f"re-run {CALIBRATE_COMMAND} --name {name}"
+    calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}", fix) for m, c in document["calibration"].items()}
     case_scores = {m: {k: math.nan if v is None else float(v) for k, v in s.items()}
                    for m, s in document["case_scores"].items() if isinstance(s, dict)}
     labelled = document.get("labelled", {})
