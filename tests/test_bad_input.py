@@ -133,6 +133,18 @@ def test_unknown_fold_and_method(tiny_project, tmp_path, fails_with, predict_arg
         assert info.value.code == 2
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_outside_numpys_range_is_an_argument_error(tiny_project, fails_with, seed):
+    """--seed -1 gave numpy's ValueError traceback after the model was loaded."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.fitting.options import FitOptions
+
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                          "-device", "cpu", "--seed", seed], "--seed", seed)
+    with pytest.raises(OODInputError, match="--seed"):  # the trainer's options too
+        FitOptions(seed=int(seed))
+
+
 def test_calibration_arguments(tiny_project, test_images, tmp_path, fails_with):
     """nnUNetv2_calibrate_ood: a bad rate, a name that is a path, -num_parts; nothing written anywhere."""
     from nnunet_ood.cli import calibrate
