@@ -133,6 +133,19 @@ def test_unknown_fold_and_method(tiny_project, tmp_path, fails_with, predict_arg
         assert info.value.code == 2
 
 
+def test_mc_dropout_stages_are_checked_whether_or_not_mc_dropout_is_fitted(tiny_project, fails_with, scratch_model):
+    """--mc_dropout_stages 99 was ignored unless mc_dropout was fitted (the tiny model's decoder has 2 stages)."""
+    manifest = scratch_model / "fold_0" / "ood" / "ood_state.json"
+    before = manifest.read_bytes()
+    for methods in (["mahalanobis"], ["mc_dropout"]):
+        fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr",
+                              "nnUNetTrainerOOD_5epochs", "-device", "cpu", "--ood", *methods,
+                              "--mc_dropout_stages", "99"], "--mc_dropout_stages [99] out of range", "2 stages")
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerOOD_5epochs",
+                          "-device", "cpu", "--mc_dropout_stages", "-1"], "--mc_dropout_stages", ">= 0")
+    assert manifest.read_bytes() == before  # nothing re-fitted
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_seed_outside_numpys_range_is_an_argument_error(tiny_project, fails_with, seed):
     """--seed -1 gave numpy's ValueError traceback after the model was loaded."""
@@ -402,6 +415,7 @@ def test_paired_input_and_output_folders_are_checked(tiny_project, test_images, 
     (["-num_parts", "2", "-part_id", "1", "-npp", "0", "-nps", "0"], "multiprocessing"),
     (["--ood", "foo"], "unknown OOD method 'foo'; the known methods are mahalanobis"),
     (["-device", "tpu"], "-device"),
+    (["--calibration", "../../x"], "--calibration '../../x'"),  # said --name
 ])
 def test_argument_errors(tiny_project, test_images, tmp_path, fails_with, predict_argv, extra, needle):
     out = tmp_path / "out"

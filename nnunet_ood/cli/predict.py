@@ -124,7 +124,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in args.ood or ():
         REGISTRY.get(name)
     if getattr(args, "calibration", None) is not None:
-        check_name(args.calibration)
+        check_name(args.calibration, "--calibration")
     if getattr(args, "ood_maps_dtype", "float32") != "float32" and not getattr(args, "save_ood_maps", False):
         raise OODInputError(f"--ood_maps_dtype {args.ood_maps_dtype} sets how maps are stored but no maps are "
                             "written; add --save_ood_maps")
