@@ -728,3 +728,32 @@ def test_without_dataset_json_labels_must_occur_in_the_references(project, broke
     out = broken / "out"
     evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "7", "--file_ending",
                                   ENDING], out, "--labels", "7", "0, 1, 2")
+
+
+def test_folders_predicted_with_other_settings_give_a_warning(project, broken, capsys) -> None:
+    """Different step sizes or calibrations were ignored silently."""
+    for group in project["folders"]:
+        path = broken / f"pred_{group}" / "ood_scores.json"
+        document = json.loads(path.read_text())
+        document.update(tile_step_size=0.75 if group == "scanner" else 0.5, use_mirroring=True,
+                        calibration_source="site" if group == "single" else "fit")
+        path.write_text(json.dumps(document))
+    main([*group_args(project, broken), "-o", str(broken / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("warning: ") for e in err), err
+    assert "step sizes" in err[0] and "scanner: 0.75" in err[0] and "id_test: 0.5" in err[0]
+    assert "calibrations" in err[1] and "single: site" in err[1] and "not comparable" in err[1]
+
+
+def test_segmentations_missing_from_the_table_give_a_warning(project, broken, capsys) -> None:
+    """A case with a segmentation but no row in ood_scores.csv was left out silently."""
+    folder = broken / "pred_scanner"
+    csv_path = folder / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if "scanner_003" not in ln))
+    shutil.copy(folder / f"scanner_000{ENDING}", folder / f"scanner_000_ood_A{ENDING}")  # a map file: no case
+    main([*group_args(project, broken), "-o", str(broken / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: 1 segmentation(s)"), err
+    assert str(folder) in err[0] and "scanner_003" in err[0] and "--continue_prediction" in err[0]
+    assert {r["case"] for r in read_csv(broken / "out" / "ood_cases.csv") if r["group"] == "scanner"} == \
+        {"scanner_000", "scanner_001", "scanner_002"}

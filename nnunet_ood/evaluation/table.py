@@ -118,7 +118,8 @@ class ScoreTable:
     score: dict[str, dict[str, float]]  # method -> case -> raw score
     normalized: dict[str, dict[str, float]]  # method -> case -> normalised score in [0, 1]
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {"low", "high", "threshold"}
-    provenance: dict[str, Any] = field(default_factory=dict)  # the model that predicted it (PROVENANCE_KEYS)
+    provenance: dict[str, Any] = field(default_factory=dict)  # model and settings that made it (PROVENANCE_KEYS,
+    # SETTING_KEYS)
     flagged: dict[str, dict[str, bool]] = field(default_factory=dict)  # method -> case -> ood flag (sent to review)
     fail_below: dict[str, list[float]] = field(default_factory=dict)  # method -> fail_below its document records
 
@@ -347,6 +348,9 @@ def check_reference_labels(specs: Sequence[GroupSpec], tables: Sequence[ScoreTab
 
 #: entries of ``ood_scores.json`` that say which model made a prediction folder
 PROVENANCE_KEYS = ("model_folder", "configuration", "plans", "folds", "checkpoint")
+#: entries of ``ood_scores.json`` with the settings that change the scores or their flags, and how to name them
+SETTING_KEYS = {"tile_step_size": "step sizes (-step_size)", "use_mirroring": "mirroring settings (--disable_tta)",
+                "use_gaussian": "Gaussian weightings", "calibration_source": "calibrations (--calibration)"}
 
 
 def recorded_fail_below(document: Any, method: str) -> list[float]:
@@ -384,12 +388,30 @@ def _read_score_document(folder: str) -> dict[str, Any]:
 def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]) -> list[str]:
     """One warning per provenance entry that differs between the prediction folders."""
     warnings = []
-    for key in PROVENANCE_KEYS:
+    for key in (*PROVENANCE_KEYS, *SETTING_KEYS):
         values = {spec.name: table.provenance[key] for spec, table in zip(specs, tables) if key in table.provenance}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             shown = "; ".join(f"{name}: {value}" for name, value in values.items())
-            warnings.append(f"the prediction folders were made with different {key.replace('_', ' ')}s ({shown}); "
-                            "their scores are not comparable: predict every group with the same model")
+            what, same = (SETTING_KEYS[key], "settings") if key in SETTING_KEYS else (f"{key.replace('_', ' ')}s",
+                                                                                     "model")
+            warnings.append(f"the prediction folders were made with different {what} ({shown}); their scores are "
+                            f"not comparable: predict every group with the same {same}")
+    return warnings
+
+
+def unlisted_segmentation_warnings(specs: Sequence[GroupSpec], tables: Sequence[ScoreTable],
+                                   file_ending: str) -> list[str]:
+    """One warning per prediction folder holding segmentations that its ``ood_scores.csv`` does not list (they
+    are not evaluated); map files ``<case>_ood_<method>`` are no segmentations."""
+    warnings = []
+    for spec, table in zip(specs, tables):
+        listed = set(table.cases)
+        names = [f[:-len(file_ending)] for f in sorted(os.listdir(spec.prediction_folder)) if f.endswith(file_ending)]
+        unlisted = [n for n in names if n not in listed and not any(n.endswith(f"_ood_{m}") for m in table.methods)]
+        if unlisted:
+            warnings.append(f"{len(unlisted)} segmentation(s) in {spec.prediction_folder} ({_short_list(unlisted)}) "
+                            f"are not in its {CSV_NAME} and are not evaluated; re-run {PREDICT_COMMAND} with "
+                            "--continue_prediction into that folder to score them")
     return warnings
 
 
@@ -430,7 +452,7 @@ def load_score_table(folder: str) -> ScoreTable:
         else {}
     recorded = {m: values for m in methods if (values := recorded_fail_below(document, m))}
     return ScoreTable(folder, cases, methods, score, normalized, calibration,
-                      {k: document[k] for k in PROVENANCE_KEYS if k in document}, flagged, recorded)
+                      {k: document[k] for k in (*PROVENANCE_KEYS, *SETTING_KEYS) if k in document}, flagged, recorded)
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -741,6 +763,7 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
                 "dropped; pass --methods to require them"] if dropped else []
     warnings += provenance_warnings(tables, specs)
+    warnings += unlisted_segmentation_warnings(specs, tables, setup.file_ending)
     calibration: dict[str, dict[str, Any]] = {}
     for table in tables:  # the ID test folder's calibration first, then any other folder's
         for method, values in table.calibration.items():
