@@ -757,3 +757,16 @@ def test_segmentations_missing_from_the_table_give_a_warning(project, broken, ca
     assert str(folder) in err[0] and "scanner_003" in err[0] and "--continue_prediction" in err[0]
     assert {r["case"] for r in read_csv(broken / "out" / "ood_cases.csv") if r["group"] == "scanner"} == \
         {"scanner_000", "scanner_001", "scanner_002"}
+
+
+def test_a_dropped_method_is_told_once(project, broken, capsys) -> None:
+    """The command printed the fact twice: as a warning and again among the notes under the printed table."""
+    csv_path = broken / "pred_scanner" / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if ",B," not in ln))
+    out = broken / "out"
+    main([*group_args(project, broken), "-o", str(out), "--no_report"])
+    captured = capsys.readouterr()
+    told = [ln for ln in (captured.out + captured.err).splitlines() if "B" in ln and ("dropped" in ln or "left out" in
+                                                                                    ln)]
+    assert len(told) == 1 and told[0].startswith("warning: "), told
+    assert "Method(s) B are not in every prediction folder" in (out / "ood_evaluation.md").read_text()

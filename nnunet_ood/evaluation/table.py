@@ -210,6 +210,18 @@ class Evaluation:
     percentile: float
     fail_below: float = FAILURE_DICE  # Dice below which a segmentation counts as failed
     dice_methods: list[str] = field(default_factory=list)  # the evaluated methods that predict the Dice
+    dropped: list[str] = field(default_factory=list)  # methods left out: not in every folder (a warning says so)
+
+    @property
+    def console_notes(self) -> list[str]:
+        """The notes without those a warning already says (the command prints both; the files keep every note)."""
+        repeated = {dropped_methods_note(self.dropped)} if self.dropped else set()
+        return [n for n in self.notes if n not in repeated]
+
+
+def dropped_methods_note(methods: Sequence[str]) -> str:
+    """The note under the table about methods left out because some folders lack them."""
+    return f"Method(s) {', '.join(methods)} are not in every prediction folder and were left out."
 
 
 def _short_list(items: Sequence[str], limit: int = 5) -> str:
@@ -693,7 +705,7 @@ def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequenc
         "other methods.",
     ]
     if dropped_methods:
-        notes.append(f"Method(s) {', '.join(dropped_methods)} are not in every prediction folder and were left out.")
+        notes.append(dropped_methods_note(dropped_methods))
     if not has_val:
         notes.append("No --id_val given: the threshold, FPR, TPR and detection error are undefined; pass --id_val "
                      "PRED_FOLDER LABEL_FOLDER with ID validation cases.")
@@ -768,7 +780,8 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     for table in tables:  # the ID test folder's calibration first, then any other folder's
         for method, values in table.calibration.items():
             calibration.setdefault(method, values)
-    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods)
+    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods,
+                      dropped)
 
 
 def check_fail_below(fail_below: float) -> None:
