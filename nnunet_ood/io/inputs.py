@@ -3,9 +3,12 @@
 Every problem is a one-line :class:`~nnunet_ood.errors.OODInputError` naming the case or folder and the
 fix, raised before anything is written:
 
-* the input folder: cases named ``CASE_XXXX<ending>``, the model's number of channels;
-* every image header: readable as an image, a direction nnU-Net's readers accept, a spacing that
-  nnU-Net's resampling to the model's spacing does not shrink to zero voxels along an axis;
+* the input folder: a folder (not a file), cases named ``CASE_XXXX<ending>``, the model's number of
+  channels, every entry a file (no dangling symbolic link, no link loop);
+* every image header: readable as an image, one scalar value per voxel (no RGB/vector pixel type), a
+  dimension the reader reads as one channel (no 4D file with extra channels), a direction nnU-Net's readers
+  accept, a spacing that nnU-Net's resampling to the model's spacing does not shrink to zero voxels;
+* every checkpoint: a complete PyTorch file (not truncated, not some other file);
 * the output folder: not a file, not the input folder, writable;
 * map files that would overwrite another case's outputs (``foo`` and ``foo_ood_mahalanobis``).
 """
