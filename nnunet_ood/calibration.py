@@ -103,14 +103,24 @@ class MethodCalibration:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def bounds_problem(self) -> str | None:
+        """Why the normalisation bounds cannot be used, None when they can: a calibrated method needs finite
+        bounds with ``low <= high``."""
+        if not self.calibrated:
+            return None
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            return f"normalisation bounds low={self.low:g}, high={self.high:g} are not finite with low <= high"
+        return None
+
     @classmethod
-    def from_json(cls, entry: Any, where: str) -> MethodCalibration:
-        """Read a manifest entry; a one-line error when a field is missing or of the wrong type."""
+    def from_json(cls, entry: Any, where: str, fix: str = REFIT) -> MethodCalibration:
+        """Read a manifest entry; a one-line error (ending in ``fix``) when a field is missing or of the wrong
+        type, or the bounds are unusable (:meth:`bounds_problem`)."""
         names = {f.name: f for f in fields(cls)}
         if not isinstance(entry, dict) or any(k not in names for k in entry) or \
                 any(k not in entry for k in ("low", "high", "threshold")):
             raise OODStateError(f"corrupted calibration in {where}: expected the fields {', '.join(names)}; "
-                                f"{REFIT}")
+                                f"{fix}")
         values = {}
         for key, value in entry.items():
             kind = names[key].type
@@ -123,9 +133,13 @@ class MethodCalibration:
             if not ok:
                 allowed = f" (one of {', '.join(CASE_AGGREGATIONS)})" if key == "aggregation" else ""
                 raise OODStateError(f"corrupted calibration in {where}: {key} = {value!r} is not a valid "
-                                    f"{'aggregation' if key == 'aggregation' else kind}{allowed}; {REFIT}")
+                                    f"{'aggregation' if key == 'aggregation' else kind}{allowed}; {fix}")
             values[key] = float(value) if kind == "float" else value
-        return cls(**values)
+        calibration = cls(**values)
+        problem = calibration.bounds_problem()
+        if problem is not None:
+            raise OODStateError(f"corrupted calibration in {where}: {problem}; {fix}")
+        return calibration
 
     @classmethod
     def uncalibrated(cls) -> MethodCalibration:

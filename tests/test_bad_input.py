@@ -68,6 +68,40 @@ def test_corrupted_state_is_refused(tiny_project, test_images, tmp_path, fails_w
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["state", "calibration"])
+def test_normalisation_bounds_low_above_high_blame_their_file(tiny_project, test_images, tmp_path, fails_with,
+                                                              predict_argv, scratch_model, where):
+    """low > high stopped the run blaming the first image ("fix or remove id_000"), leaving a lock and empty
+    tables."""
+    from nnunet_ood.calibration import MethodCalibration
+    from nnunet_ood.io.site_calibration import (
+        SiteCalibration,
+        model_identity,
+        save_site_calibration,
+        score_settings,
+    )
+
+    extra: tuple[str, ...] = ()
+    if where == "state":
+        path = scratch_model / "fold_0" / "ood" / "ood_state.json"
+        document = json.loads(path.read_text())
+        document["methods"]["mahalanobis"]["calibration"].update(low=10.0, high=1.0)
+        path.write_text(json.dumps(document))
+    else:
+        fingerprint = json.loads((scratch_model / "fold_0" / "ood" / "ood_state.json").read_text())["fingerprint"]
+        model = model_identity("2d", fingerprint["plans_name"], ["0"], "checkpoint_final.pth",
+                               [fingerprint["weights_sha256"]])
+        site = SiteCalibration("swapped", model, score_settings(0.5, True, True), 0.05,
+                               {"mahalanobis": MethodCalibration(10.0, 1.0, 5.0)}, {"mahalanobis": {"x": 5.0}})
+        path = Path(save_site_calibration(str(scratch_model), site))
+        extra = ("--calibration", "swapped")
+    out = tmp_path / "out"
+    message = fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs", *extra),
+                         str(path), "low=10", "high=1", "nnUNetv2_fit_ood" if where == "state" else "--name swapped")
+    assert "id_000" not in message
+    assert not out.exists()
+
+
 def test_empty_input_folder(tiny_project, tmp_path, fails_with, predict_argv):
     (tmp_path / "empty").mkdir()
     fails_with(predict_entry.main, predict_argv(tmp_path / "empty", tmp_path / "out"), "no input images")
@@ -97,6 +131,31 @@ def test_unknown_fold_and_method(tiny_project, tmp_path, fails_with, predict_arg
         with pytest.raises(SystemExit) as info:
             fit.main(["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER, flag, value])
         assert info.value.code == 2
+
+
+def test_mc_dropout_stages_are_checked_whether_or_not_mc_dropout_is_fitted(tiny_project, fails_with, scratch_model):
+    """--mc_dropout_stages 99 was ignored unless mc_dropout was fitted (the tiny model's decoder has 2 stages)."""
+    manifest = scratch_model / "fold_0" / "ood" / "ood_state.json"
+    before = manifest.read_bytes()
+    for methods in (["mahalanobis"], ["mc_dropout"]):
+        fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr",
+                              "nnUNetTrainerOOD_5epochs", "-device", "cpu", "--ood", *methods,
+                              "--mc_dropout_stages", "99"], "--mc_dropout_stages [99] out of range", "2 stages")
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerOOD_5epochs",
+                          "-device", "cpu", "--mc_dropout_stages", "-1"], "--mc_dropout_stages", ">= 0")
+    assert manifest.read_bytes() == before  # nothing re-fitted
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_outside_numpys_range_is_an_argument_error(tiny_project, fails_with, seed):
+    """--seed -1 gave numpy's ValueError traceback after the model was loaded."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.fitting.options import FitOptions
+
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                          "-device", "cpu", "--seed", seed], "--seed", seed)
+    with pytest.raises(OODInputError, match="--seed"):  # the trainer's options too
+        FitOptions(seed=int(seed))
 
 
 def test_calibration_arguments(tiny_project, test_images, tmp_path, fails_with):
@@ -226,6 +285,8 @@ def _write_image(path: Path, array: np.ndarray, spacing=None, sform=None) -> Non
     ("empty", ("bad_000_0000.nii.gz", "is empty")),
     ("spacing", ("case bad_000", "resample to", "fix the image header's spacing")),
     ("shear", ("case bad_000", "orthonormal")),
+    ("channels4d", ("bad_000_0000.nii.gz", "4D image of size (32, 32, 1, 2)", "one image per channel")),
+    ("rgb", ("bad_000_0000.nii.gz", "3 values per voxel", "grey-value")),
 ])
 def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, fails_with, predict_argv, kind,
                                                         needles):
@@ -237,12 +298,82 @@ def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, 
         bad.write_bytes(b"")
     elif kind == "spacing":
         _write_image(bad, np.ones((32, 32)), spacing=(100.0, 0.001))
+    elif kind == "channels4d":  # IndexError inside nnU-Net ("Background workers died"), a lock and empty tables
+        nib.save(nib.Nifti1Image(np.ones((32, 32, 1, 2), np.float32), np.eye(4)), str(bad))
+    elif kind == "rgb":
+        rgb = np.zeros((32, 32, 1), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(bad))
     else:
         _write_image(bad, np.ones((32, 32)), sform=np.array([[1, 0.6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
                                                              [0, 0, 0, 1.0]]))
     out = tmp_path / "out"
     fails_with(predict_entry.main, predict_argv(inp, out), *needles)
     assert not out.exists()
+
+
+def test_calibration_references_with_values_outside_the_dataset_are_refused(tiny_project, test_images, tmp_path,
+                                                                           fails_with):
+    """nnUNetv2_calibrate_ood -l: a reference storing class 1 under 7 gave a wrong Dice silently."""
+    import SimpleITK as sitk
+
+    from nnunet_ood.cli import calibrate
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for domain in tiny_project.dataset.domains:
+        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
+            shutil.copy(f, labels / f.name)
+    bad = next(f for f in sorted(labels.iterdir()) if 1 in sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
+    image = sitk.ReadImage(str(bad))
+    array = sitk.GetArrayFromImage(image)
+    assert set(np.unique(array)) <= {0, 1, 2}
+    array[array == 1] = 7
+    relabelled = sitk.GetImageFromArray(array)
+    relabelled.CopyInformation(image)
+    sitk.WriteImage(relabelled, str(bad))
+    out = tmp_path / "cal"
+    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
+                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "relabelled"],
+               str(bad), "7", "0, 1, 2")
+    assert not out.exists()
+    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "relabelled.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_checkpoint_that_is_no_checkpoint_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                                     scratch_model, damage):
+    """-chk a truncated file (RuntimeError: PytorchStreamReader...) or a non-checkpoint (ValueError): one line."""
+    path = scratch_model / "fold_0" / "checkpoint_broken.pth"
+    source = (scratch_model / "fold_0" / "checkpoint_final.pth").read_bytes()
+    path.write_bytes(source[:len(source) // 2] if damage == "truncated" else b"not a checkpoint\n" * 10)
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs", "-chk", path.name),
+               str(path), "-chk")
+    assert not out.exists()
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerOOD_5epochs",
+                          "-device", "cpu", "-chk", path.name], str(path), "-chk")
+    assert not (scratch_model / "fold_0" / "ood.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_symbolic_links_that_lead_nowhere_are_named(tiny_project, test_images, tmp_path, fails_with, predict_argv,
+                                                    kind):
+    """A dangling link or a link loop in -i gave FileNotFoundError / OSError [Errno 40] tracebacks."""
+    link = test_images / "linked_000_0000.nii.gz"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "gone_0000.nii.gz")
+    else:
+        link.symlink_to(link)
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out), str(link),
+               "dangling symbolic link" if kind == "dangling" else "symbolic link loop")
+    assert not out.exists()
+
+
+def test_input_that_is_a_file_is_called_a_file(tiny_project, test_images, tmp_path, fails_with, predict_argv):
+    image = next(test_images.iterdir())
+    fails_with(predict_entry.main, predict_argv(image, tmp_path / "out"), str(image), "is a file, not a folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_folders_that_cannot_work_are_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv):
@@ -284,11 +415,39 @@ def test_paired_input_and_output_folders_are_checked(tiny_project, test_images, 
     (["-num_parts", "2", "-part_id", "1", "-npp", "0", "-nps", "0"], "multiprocessing"),
     (["--ood", "foo"], "unknown OOD method 'foo'; the known methods are mahalanobis"),
     (["-device", "tpu"], "-device"),
+    (["--calibration", "../../x"], "--calibration '../../x'"),  # said --name
 ])
 def test_argument_errors(tiny_project, test_images, tmp_path, fails_with, predict_argv, extra, needle):
     out = tmp_path / "out"
     fails_with(predict_entry.main, predict_argv(test_images, out, OOD_TRAINER, *extra), needle)
     assert not out.exists()
+
+
+def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_project, test_images, tmp_path,
+                                                                     predict_argv):
+    """Folder A, then folder B into the same -o with the same settings: the tables held B's cases only."""
+    images = sorted(test_images.iterdir())
+    folders = {"A": tmp_path / "A", "B": tmp_path / "B"}
+    for name, files in (("A", images[:2]), ("B", images[2:4])):
+        folders[name].mkdir()
+        for f in files:
+            shutil.copy(f, folders[name] / f.name)
+    cases = {name: {f.name[:-len("_0000.nii.gz")] for f in folder.iterdir()} for name, folder in folders.items()}
+    out = tmp_path / "out"
+    sequential = ("-npp", "0", "-nps", "0")
+    predict_entry.main(predict_argv(folders["A"], out, OOD_TRAINER, *sequential))
+    first = {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(out / "ood_scores.csv"))}
+    assert json.loads((out / "ood_scores.json").read_text())["input_folder"] == str(folders["A"])
+    predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential))
+    rows = read_score_csv(str(out / "ood_scores.csv"))
+    assert {r["case"] for r in rows} == cases["A"] | cases["B"]
+    assert {(r["case"], r["method"]): r["score"] for r in rows if r["case"] in cases["A"]} == first
+    document = json.loads((out / "ood_scores.json").read_text())
+    assert {r["case"] for r in document["scores"]} == cases["A"] | cases["B"]
+    assert document["input_folder"] is None  # two input folders
+    # other settings: their records are not mixed with these
+    predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential, "--ood", "mahalanobis"))
+    assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == cases["B"]
 
 
 def test_empty_segmentation_file_is_redone_by_continue_prediction(tiny_project, test_images, tmp_path, predict_argv):

@@ -696,3 +696,77 @@ def test_risk_coverage_curves_and_plot(quality_project, quality_runs) -> None:
 def test_fail_below_outside_a_dice_fails_in_one_line(project, tmp_path, fails_with, value) -> None:
     out = tmp_path / "out"
     evaluation_fails(fails_with, [*group_args(project), "-o", str(out), "--fail_below", value], out, "--fail_below")
+
+
+# ------------------------------------------------------------------------------------------- label values
+
+
+def test_labels_the_dataset_does_not_have_are_refused(project, broken, fails_with) -> None:
+    """--labels 7 on a dataset of labels 1 and 2 gave every case Dice 1.0."""
+    out = broken / "out"
+    message = evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "7"], out,
+                               "--labels", "7", "1, 2", "dataset.json")
+    assert "pred_id_test" in message
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "1,7"], out, "7")
+
+
+def test_reference_with_a_value_outside_the_dataset_is_refused(project, broken, fails_with) -> None:
+    """A reference storing class 1 under value 7 gave a Dice of about 0.5 silently."""
+    path = broken / "labels_scanner" / f"scanner_002{ENDING}"
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    reference[reference == 1] = 7
+    write_label_map(path, reference)
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out)], out, str(path), "7", "0, 1, 2")
+    # the same with --labels: the reference is still checked against the dataset's values
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "2"], out, str(path))
+
+
+def test_without_dataset_json_labels_must_occur_in_the_references(project, broken, fails_with) -> None:
+    for group in project["folders"]:
+        (broken / f"pred_{group}" / "dataset.json").unlink()
+    out = broken / "out"
+    evaluation_fails(fails_with, [*group_args(project, broken), "-o", str(out), "--labels", "7", "--file_ending",
+                                  ENDING], out, "--labels", "7", "0, 1, 2")
+
+
+def test_folders_predicted_with_other_settings_give_a_warning(project, broken, capsys) -> None:
+    """Different step sizes or calibrations were ignored silently."""
+    for group in project["folders"]:
+        path = broken / f"pred_{group}" / "ood_scores.json"
+        document = json.loads(path.read_text())
+        document.update(tile_step_size=0.75 if group == "scanner" else 0.5, use_mirroring=True,
+                        calibration_source="site" if group == "single" else "fit")
+        path.write_text(json.dumps(document))
+    main([*group_args(project, broken), "-o", str(broken / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("warning: ") for e in err), err
+    assert "step sizes" in err[0] and "scanner: 0.75" in err[0] and "id_test: 0.5" in err[0]
+    assert "calibrations" in err[1] and "single: site" in err[1] and "not comparable" in err[1]
+
+
+def test_segmentations_missing_from_the_table_give_a_warning(project, broken, capsys) -> None:
+    """A case with a segmentation but no row in ood_scores.csv was left out silently."""
+    folder = broken / "pred_scanner"
+    csv_path = folder / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if "scanner_003" not in ln))
+    shutil.copy(folder / f"scanner_000{ENDING}", folder / f"scanner_000_ood_A{ENDING}")  # a map file: no case
+    main([*group_args(project, broken), "-o", str(broken / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: 1 segmentation(s)"), err
+    assert str(folder) in err[0] and "scanner_003" in err[0] and "--continue_prediction" in err[0]
+    assert {r["case"] for r in read_csv(broken / "out" / "ood_cases.csv") if r["group"] == "scanner"} == \
+        {"scanner_000", "scanner_001", "scanner_002"}
+
+
+def test_a_dropped_method_is_told_once(project, broken, capsys) -> None:
+    """The command printed the fact twice: as a warning and again among the notes under the printed table."""
+    csv_path = broken / "pred_scanner" / "ood_scores.csv"
+    csv_path.write_text("".join(ln for ln in csv_path.read_text().splitlines(True) if ",B," not in ln))
+    out = broken / "out"
+    main([*group_args(project, broken), "-o", str(out), "--no_report"])
+    captured = capsys.readouterr()
+    told = [ln for ln in (captured.out + captured.err).splitlines() if "B" in ln and ("dropped" in ln or "left out" in
+                                                                                    ln)]
+    assert len(told) == 1 and told[0].startswith("warning: "), told
+    assert "Method(s) B are not in every prediction folder" in (out / "ood_evaluation.md").read_text()

@@ -75,3 +75,12 @@ def test_malformed_files_are_refused(tmp_path, site):
     open(path, "w").write("{")
     with pytest.raises(OODStateError, match="corrupted calibration"):
         load_site_calibration(str(tmp_path), "scanner_b")
+
+
+def test_a_folder_is_no_calibration(tmp_path, site):
+    """A folder named like a calibration file was listed as a known calibration."""
+    save_site_calibration(str(tmp_path), site)
+    (tmp_path / "ood_calibrations" / "ghost.json").mkdir()
+    assert available_calibrations(str(tmp_path)) == ["scanner_b"]
+    with pytest.raises(OODInputError, match=r"no calibration named ghost for this model \(known: scanner_b\)"):
+        load_site_calibration(str(tmp_path), "ghost")

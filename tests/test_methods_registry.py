@@ -101,6 +101,7 @@ def test_command_lines_parse_before_importing_torch():
         "import sys\n"
         "from nnunet_ood.cli import fit, predict, trainer_dir\n"
         "for main, argv in ((fit.main, ['-d', '1', '-c', '2d', '--knn_k', '0']),\n"
+        "                   (fit.main, ['-d', '1', '-c', '2d', '--seed', '-1']),\n"
         "                   (predict.main, ['-i', 'x', '-o', 'y', '-d', '1', '-c', '2d', '-step_size', '0']),\n"
         "                   (predict.main, ['-i', 'x', '-o', 'y', '-d', '1', '-c', '2d', '--ood', 'foo'])):\n"
         "    try:\n"
@@ -113,8 +114,9 @@ def test_command_lines_parse_before_importing_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("heavy: []"), proc.stdout
     errors = proc.stderr.strip().splitlines()
-    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), errors
-    assert "--knn_k" in errors[0] and "-step_size" in errors[1] and "unknown OOD method 'foo'" in errors[2]
+    assert len(errors) == 4 and all(e.startswith("error: ") for e in errors), errors
+    assert "--knn_k" in errors[0] and "--seed" in errors[1] and "-step_size" in errors[2]
+    assert "unknown OOD method 'foo'" in errors[3]
     assert proc.stdout.splitlines()[0].endswith("trainers/ext")
 
 

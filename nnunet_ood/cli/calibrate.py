@@ -146,14 +146,19 @@ def _label_file(args: argparse.Namespace, case: str, file_ending: str) -> str:
 
 
 def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
-    """Every calibration case needs its reference segmentation in ``-l`` (checked before predicting)."""
+    """Every calibration case needs its reference segmentation in ``-l``, holding only the dataset's label values
+    (checked before predicting)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.io.labels import check_references, dataset_label_values
 
     if not os.path.isdir(args.labels):
         raise OODInputError(f"-l {args.labels} is not a folder; give the folder of the calibration cases' reference "
                             "segmentations")
-    ending = load_json(join(model_folder, "dataset.json"))["file_ending"]
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    ending = dataset_json["file_ending"]
     cases = [os.path.basename(files[0])[:-(len(ending) + 5)]
              for files in create_lists_from_splitted_dataset_folder(args.i, ending)]
     missing = [c for c in cases if not os.path.isfile(_label_file(args, c, ending))]
@@ -161,6 +166,9 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise OODInputError(f"-l {args.labels} has no reference segmentation for {shown} (expected "
                             f"{missing[0]}{ending}); add them or remove those images from -i")
+    files = [_label_file(args, c, ending) for c in cases]
+    check_references(files, make_reader(ending, files[0]), dataset_label_values(dataset_json["labels"]),
+                     f"the model's dataset.json ({join(model_folder, 'dataset.json')})")
 
 
 def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, risks: dict[str, float],

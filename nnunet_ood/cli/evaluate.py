@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     from nnunet_ood.evaluation import (
-        EVALUATION_MD,
         build_group_specs,
         check_fail_below,
         check_output_folder,
         evaluate,
+        format_markdown,
         render_outputs,
         resolve_label_setup,
         write_outputs,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     files = render_outputs(evaluation)
     write_outputs(args.o, files)
-    print(files[EVALUATION_MD].decode())
+    print(format_markdown(evaluation.rows, evaluation.console_notes))  # the warnings above are not repeated
     print(f"evaluation written to {args.o}: {', '.join(files)}")
     if not args.no_report:
         page = write_evaluation_report(args.o, evaluation, setup, image_sources, list(files), args.report_cases)

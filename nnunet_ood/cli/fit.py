@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from nnunet_ood.cli.common import DEVICE_HELP, check_device_name, locate_model_folder, one_line_errors
+from nnunet_ood.io.inputs import check_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     add_trainer_path()
     options = dataclasses.replace(options, device=resolve_device(args.device))
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
+    for fold in folds:  # every checkpoint before the first fold's fit
+        check_checkpoint(os.path.join(model_folder, f"fold_{fold}", args.chk))
     for fold in folds:
         fit_fold(model_folder, fold, options)
 

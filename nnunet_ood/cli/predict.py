@@ -17,6 +17,7 @@ from nnunet_ood.cli.common import (
 from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.io.inputs import (
+    check_checkpoint,
     check_image_headers,
     check_map_collisions,
     check_output_folder,
@@ -123,7 +124,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in args.ood or ():
         REGISTRY.get(name)
     if getattr(args, "calibration", None) is not None:
-        check_name(args.calibration)
+        check_name(args.calibration, "--calibration")
     if getattr(args, "ood_maps_dtype", "float32") != "float32" and not getattr(args, "save_ood_maps", False):
         raise OODInputError(f"--ood_maps_dtype {args.ood_maps_dtype} sets how maps are stored but no maps are "
                             "written; add --save_ood_maps")
@@ -156,15 +157,17 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[t
     for fold in folds:
         if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
+        check_checkpoint(join(model_folder, f"fold_{fold}", args.chk))
     dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
+    num_channels = count_channels(dataset_json)
     for input_folder, output in pairs:
-        cases = input_cases(input_folder, dataset_json["file_ending"], count_channels(dataset_json))
+        cases = input_cases(input_folder, dataset_json["file_ending"], num_channels)
         if output is not None:
             check_output_folder(output, input_folder)
         if save_ood_maps:
             check_map_collisions(cases, REGISTRY.names)
         check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
-                            plans.get("transpose_forward", [0, 1, 2]))
+                            plans.get("transpose_forward", [0, 1, 2]), num_channels)
     return model_folder
 
 

@@ -11,10 +11,11 @@ from nnunet_ood.evaluation.table import (
     check_fail_below,
     check_output_folder,
     evaluate,
+    format_markdown,
     render_outputs,
     resolve_label_setup,
     write_outputs,
 )
 
 __all__ = ["EVALUATION_MD", "Evaluation", "build_group_specs", "check_fail_below", "check_output_folder", "evaluate",
-           "render_outputs", "resolve_label_setup", "write_outputs"]
+           "format_markdown", "render_outputs", "resolve_label_setup", "write_outputs"]

@@ -50,6 +50,7 @@ from nnunet_ood.evaluation.metrics import (
 )
 from nnunet_ood.io.atomic import atomic_write_bytes
 from nnunet_ood.io.json_files import read_json
+from nnunet_ood.io.labels import LabelOrRegion, check_references, check_requested_labels, dataset_label_values
 from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
 
 ID_TEST = "id_test"
@@ -79,9 +80,6 @@ MARKDOWN_HEADERS: dict[str, str] = {
     "coverage": "coverage", "silent_rate": "silent", "silent_rate_accepted": "silent (accepted)",
     "dice_mae": "Dice MAE", "dice_pearson": "Dice r"}
 
-LabelOrRegion = int | tuple[int, ...]
-
-
 # ----------------------------------------------------------------------------------------------- inputs
 
 
@@ -97,11 +95,17 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class LabelSetup:
-    """What to evaluate: foreground labels (int) or regions (tuple of labels), file ending, ignore label."""
+    """What to evaluate: foreground labels (int) or regions (tuple of labels), file ending, ignore label.
+
+    ``label_values``: every value a reference may hold (those of the dataset.json named by ``label_source``);
+    None without a dataset.json (then every ``--labels`` value must occur in some reference).
+    """
 
     labels_or_regions: list[LabelOrRegion]
     file_ending: str
     ignore_label: int | None = None
+    label_values: frozenset[int] | None = None
+    label_source: str = "dataset.json"
 
 
 @dataclass
@@ -114,7 +118,8 @@ class ScoreTable:
     score: dict[str, dict[str, float]]  # method -> case -> raw score
     normalized: dict[str, dict[str, float]]  # method -> case -> normalised score in [0, 1]
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {"low", "high", "threshold"}
-    provenance: dict[str, Any] = field(default_factory=dict)  # the model that predicted it (PROVENANCE_KEYS)
+    provenance: dict[str, Any] = field(default_factory=dict)  # model and settings that made it (PROVENANCE_KEYS,
+    # SETTING_KEYS)
     flagged: dict[str, dict[str, bool]] = field(default_factory=dict)  # method -> case -> ood flag (sent to review)
     fail_below: dict[str, list[float]] = field(default_factory=dict)  # method -> fail_below its document records
 
@@ -205,6 +210,18 @@ class Evaluation:
     percentile: float
     fail_below: float = FAILURE_DICE  # Dice below which a segmentation counts as failed
     dice_methods: list[str] = field(default_factory=list)  # the evaluated methods that predict the Dice
+    dropped: list[str] = field(default_factory=list)  # methods left out: not in every folder (a warning says so)
+
+    @property
+    def console_notes(self) -> list[str]:
+        """The notes without those a warning already says (the command prints both; the files keep every note)."""
+        repeated = {dropped_methods_note(self.dropped)} if self.dropped else set()
+        return [n for n in self.notes if n not in repeated]
+
+
+def dropped_methods_note(methods: Sequence[str]) -> str:
+    """The note under the table about methods left out because some folders lack them."""
+    return f"Method(s) {', '.join(methods)} are not in every prediction folder and were left out."
 
 
 def _short_list(items: Sequence[str], limit: int = 5) -> str:
@@ -292,24 +309,50 @@ def read_dataset_json(folder: str) -> dict[str, Any] | None:
 
 def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None,
                         file_ending: str | None) -> LabelSetup:
-    """Labels and file ending from ``--labels``/``--file_ending``, else from the first dataset.json found."""
-    dataset = next((d for d in (read_dataset_json(s.prediction_folder) for s in specs) if d is not None), None)
+    """Labels and file ending from ``--labels``/``--file_ending``, else from the first dataset.json found;
+    ``--labels`` must name labels that dataset.json has."""
+    found = next(((s.prediction_folder, d) for s in specs if (d := read_dataset_json(s.prediction_folder))
+                  is not None), None)
+    source, dataset = (os.path.join(found[0], "dataset.json"), found[1]) if found else ("dataset.json", None)
     if dataset is None and (labels is None or file_ending is None):
         raise OODInputError("no dataset.json in the prediction folders (nnU-Net copies it there); pass --labels and "
                             "--file_ending")
-    ignore = dataset.get("labels", {}).get("ignore") if dataset else None
+    dataset_labels = dataset.get("labels") if dataset else None
+    dataset_labels = dataset_labels if isinstance(dataset_labels, dict) else None
+    ignore = dataset_labels.get("ignore") if dataset_labels else None
+    ignore = int(ignore) if ignore is not None else None
+    values = frozenset(dataset_label_values(dataset_labels)) if dataset_labels else None
     if labels is not None:
         labels_or_regions = parse_label_arguments(labels)
+        if values is not None:
+            check_requested_labels(labels_or_regions, set(values) - {0, ignore}, source)
+    elif dataset_labels is None:
+        raise OODInputError(f"{source} has no 'labels' dict; pass --labels")
     else:
-        if not isinstance(dataset.get("labels"), dict):
-            raise OODInputError("dataset.json in the prediction folder has no 'labels' dict; pass --labels")
-        labels_or_regions = foreground_from_dataset_labels(dataset["labels"])
+        labels_or_regions = foreground_from_dataset_labels(dataset_labels)
     if not labels_or_regions:
         raise OODInputError("no foreground labels to evaluate; pass --labels")
     ending = file_ending if file_ending is not None else dataset.get("file_ending")
     if not isinstance(ending, str) or not ending:
         raise OODInputError("dataset.json in the prediction folder has no 'file_ending'; pass --file_ending")
-    return LabelSetup(labels_or_regions, ending, int(ignore) if ignore is not None else None)
+    return LabelSetup(labels_or_regions, ending, ignore, values, source)
+
+
+def check_reference_labels(specs: Sequence[GroupSpec], tables: Sequence[ScoreTable], setup: LabelSetup,
+                           reader: Any) -> None:
+    """Every reference holds only the dataset's label values; without a dataset.json, every ``--labels`` value
+    occurs in some reference (a Dice of labels that are absent everywhere is 1 and says nothing)."""
+    paths = [os.path.join(s.label_folder, c + setup.file_ending) for s, t in zip(specs, tables) for c in t.cases]
+    found = check_references(paths, reader, None if setup.label_values is None else set(setup.label_values),
+                             setup.label_source)
+    if setup.label_values is None:
+        seen = set().union(*found.values())
+        members = {m for item in setup.labels_or_regions for m in (item if isinstance(item, tuple) else (item,))}
+        absent = sorted(m for m in members if float(m) not in seen)
+        if absent:
+            raise OODInputError(f"--labels value(s) {', '.join(map(str, absent))} occur in none of the {len(paths)} "
+                                f"reference segmentations (their values: "
+                                f"{', '.join(f'{v:g}' for v in sorted(seen))}); pass existing labels")
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -317,6 +360,9 @@ def resolve_label_setup(specs: Sequence[GroupSpec], labels: Sequence[str] | None
 
 #: entries of ``ood_scores.json`` that say which model made a prediction folder
 PROVENANCE_KEYS = ("model_folder", "configuration", "plans", "folds", "checkpoint")
+#: entries of ``ood_scores.json`` with the settings that change the scores or their flags, and how to name them
+SETTING_KEYS = {"tile_step_size": "step sizes (-step_size)", "use_mirroring": "mirroring settings (--disable_tta)",
+                "use_gaussian": "Gaussian weightings", "calibration_source": "calibrations (--calibration)"}
 
 
 def recorded_fail_below(document: Any, method: str) -> list[float]:
@@ -354,12 +400,30 @@ def _read_score_document(folder: str) -> dict[str, Any]:
 def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]) -> list[str]:
     """One warning per provenance entry that differs between the prediction folders."""
     warnings = []
-    for key in PROVENANCE_KEYS:
+    for key in (*PROVENANCE_KEYS, *SETTING_KEYS):
         values = {spec.name: table.provenance[key] for spec, table in zip(specs, tables) if key in table.provenance}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             shown = "; ".join(f"{name}: {value}" for name, value in values.items())
-            warnings.append(f"the prediction folders were made with different {key.replace('_', ' ')}s ({shown}); "
-                            "their scores are not comparable: predict every group with the same model")
+            what, same = (SETTING_KEYS[key], "settings") if key in SETTING_KEYS else (f"{key.replace('_', ' ')}s",
+                                                                                     "model")
+            warnings.append(f"the prediction folders were made with different {what} ({shown}); their scores are "
+                            f"not comparable: predict every group with the same {same}")
+    return warnings
+
+
+def unlisted_segmentation_warnings(specs: Sequence[GroupSpec], tables: Sequence[ScoreTable],
+                                   file_ending: str) -> list[str]:
+    """One warning per prediction folder holding segmentations that its ``ood_scores.csv`` does not list (they
+    are not evaluated); map files ``<case>_ood_<method>`` are no segmentations."""
+    warnings = []
+    for spec, table in zip(specs, tables):
+        listed = set(table.cases)
+        names = [f[:-len(file_ending)] for f in sorted(os.listdir(spec.prediction_folder)) if f.endswith(file_ending)]
+        unlisted = [n for n in names if n not in listed and not any(n.endswith(f"_ood_{m}") for m in table.methods)]
+        if unlisted:
+            warnings.append(f"{len(unlisted)} segmentation(s) in {spec.prediction_folder} ({_short_list(unlisted)}) "
+                            f"are not in its {CSV_NAME} and are not evaluated; re-run {PREDICT_COMMAND} with "
+                            "--continue_prediction into that folder to score them")
     return warnings
 
 
@@ -400,7 +464,7 @@ def load_score_table(folder: str) -> ScoreTable:
         else {}
     recorded = {m: values for m in methods if (values := recorded_fail_below(document, m))}
     return ScoreTable(folder, cases, methods, score, normalized, calibration,
-                      {k: document[k] for k in PROVENANCE_KEYS if k in document}, flagged, recorded)
+                      {k: document[k] for k in (*PROVENANCE_KEYS, *SETTING_KEYS) if k in document}, flagged, recorded)
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -641,7 +705,7 @@ def collect_notes(groups: Sequence[Group], methods: Sequence[str], rows: Sequenc
         "other methods.",
     ]
     if dropped_methods:
-        notes.append(f"Method(s) {', '.join(dropped_methods)} are not in every prediction folder and were left out.")
+        notes.append(dropped_methods_note(dropped_methods))
     if not has_val:
         notes.append("No --id_val given: the threshold, FPR, TPR and detection error are undefined; pass --id_val "
                      "PRED_FOLDER LABEL_FOLDER with ID validation cases.")
@@ -702,6 +766,7 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
         check_case_files(spec, table.cases, setup.file_ending)
     example = os.path.join(specs[0].label_folder, tables[0].cases[0] + setup.file_ending)
     reader = make_reader(setup.file_ending, example)
+    check_reference_labels(specs, tables, setup, reader)
     groups = [load_group(s, t, methods, setup, reader) for s, t in zip(specs, tables)]
     dice_methods = [m for m in methods if method_predicts_dice(m)]
     rows = compute_metric_rows(groups, methods, percentile, fail_below, dice_methods)
@@ -710,11 +775,13 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
                 "dropped; pass --methods to require them"] if dropped else []
     warnings += provenance_warnings(tables, specs)
+    warnings += unlisted_segmentation_warnings(specs, tables, setup.file_ending)
     calibration: dict[str, dict[str, Any]] = {}
     for table in tables:  # the ID test folder's calibration first, then any other folder's
         for method, values in table.calibration.items():
             calibration.setdefault(method, values)
-    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods)
+    return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods,
+                      dropped)
 
 
 def check_fail_below(fail_below: float) -> None:

@@ -18,6 +18,8 @@ from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
 
 #: parts of the training cases for cross-fitted (out-of-sample) training scores
 CALIBRATION_PARTS = 5
+#: the largest seed NumPy's legacy ``np.random.seed`` takes (the fit seeds NumPy and torch with it)
+MAX_SEED = 2**32 - 1
 #: at most this many training patches (a seeded sample) enter the feature statistics
 MAX_PATCHES = 100_000
 #: training cases (a seeded sample) scored, cross-fitted, for the feature methods' normalisation bounds;
@@ -70,6 +72,8 @@ class FitOptions:
                                 f"and aggregations one of {', '.join(CASE_AGGREGATIONS)}")
         if self.calibration_parts < 1:
             raise OODInputError(f"--calibration_parts must be at least 1, got {self.calibration_parts}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise OODInputError(f"--seed must be an integer in 0..{MAX_SEED} (NumPy's seeds), got {self.seed!r}")
         if self.max_patches < 1 or self.normalization_cases < 0:
             raise OODInputError(f"--max_patches must be at least 1 and --normalization_cases at least 0, got "
                                 f"{self.max_patches} and {self.normalization_cases}")

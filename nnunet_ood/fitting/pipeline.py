@@ -131,6 +131,10 @@ def _fit_context(model_folder: str, fold: Fold, options: FitOptions) -> FitConte
         raise OODInputError(f"no checkpoint {options.checkpoint} in {fold_dir}; "
                             "train this fold first or pick another with -chk")
     predictor = _fold_predictor(model_folder, fold, options)
+    for config_class in REGISTRY.config_classes("fit"):  # every method's options, also of methods not fitted
+        check = getattr(options.config(config_class), "check_network", None)
+        if check is not None:
+            check(predictor.network)
     base, data_folder = preprocessed_folders(predictor.plans_manager.dataset_name,
                                              predictor.configuration_manager.data_identifier)
     dataset_class = infer_dataset_class(data_folder)

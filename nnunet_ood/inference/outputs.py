@@ -32,6 +32,7 @@ from nnunet_ood.io.map_dtypes import maps_metadata, normalization_bounds
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
 from nnunet_ood.io.scores import (
     collect_records,
+    common_input_folder,
     decision,
     has_case_record,
     write_case_record,
@@ -105,7 +106,8 @@ class PredictionOutputs:
                 self._map_futures.append(self._map_pool.submit(export_ood_maps, *args))
             else:
                 export_ood_maps(*args)
-        write_case_record(os.path.dirname(ofile) or ".", case, scores, self.run_signature())
+        write_case_record(os.path.dirname(ofile) or ".", case, scores, self.run_signature(),
+                          (self._run or {}).get("input_folder"))
         self.unfinished_case = None
         result = CaseOODResult(case, scores, None, outcome.methods)
         p.ood_results.append(result)
@@ -167,17 +169,20 @@ class PredictionOutputs:
         self.unfinished_case = None
 
     def end_run(self) -> None:
-        """Rebuild ``ood_scores.csv``/``.json`` from every record of this model in the output folder."""
+        """Rebuild ``ood_scores.csv``/``.json`` from every record of the output folder with this run's signature:
+        the cases of earlier runs into the folder with the same model and settings stay in the tables."""
         run, self._run = self._run, None
         if not run or run["output_folder"] is None:
             return
         deciding = self.decision_methods()
         # -num_parts runs share the folder: collect and write in turn, so the last writer has seen every record
         with folder_lock(run["output_folder"]):
-            records = collect_records(run["output_folder"], run["cases"], self.run_signature())
+            records = collect_records(run["output_folder"], None, self.run_signature())
             write_score_tables(run["output_folder"], records, self.predictor.ood_methods,
-                               self.table_metadata(run["input_folder"]), deciding)
-        print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}")
+                               self.table_metadata(common_input_folder(records)), deciding)
+        earlier = len({r["case"] for r in records} - set(run["cases"]))
+        print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}"
+              + (f" ({earlier} of them from earlier runs into this folder with the same settings)" if earlier else ""))
         for m in deciding:
             review = sum(bool(r["methods"][m]["ood"]) for r in records if m in r["methods"])
             print(f"{m}: {len(records) - review} of {len(records)} cases accepted, {review} sent to review")
@@ -223,8 +228,8 @@ class PredictionOutputs:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def table_metadata(self, input_folder: str | None) -> dict[str, Any]:
-        """Thresholds, normalisation and provenance stored in ``ood_scores.json`` (``input_folder``: the run's input
-        folder, None when it was given as lists of files)."""
+        """Thresholds, normalisation and provenance stored in ``ood_scores.json`` (``input_folder``: the input folder
+        of the table's cases, None when they come from several or were given as lists of files)."""
         p = self.predictor
         return {
             "plugin": "nnunet-ood", "plugin_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -3,22 +3,27 @@
 Every problem is a one-line :class:`~nnunet_ood.errors.OODInputError` naming the case or folder and the
 fix, raised before anything is written:
 
-* the input folder: cases named ``CASE_XXXX<ending>``, the model's number of channels;
-* every image header: readable as an image, a direction nnU-Net's readers accept, a spacing that
-  nnU-Net's resampling to the model's spacing does not shrink to zero voxels along an axis;
+* the input folder: a folder (not a file), cases named ``CASE_XXXX<ending>``, the model's number of
+  channels, every entry a file (no dangling symbolic link, no link loop);
+* every image header: readable as an image, one scalar value per voxel (no RGB/vector pixel type), a
+  dimension the reader reads as one channel (no 4D file with extra channels), a direction nnU-Net's readers
+  accept, a spacing that nnU-Net's resampling to the model's spacing does not shrink to zero voxels;
+* every checkpoint: a complete PyTorch file (not truncated, not some other file);
 * the output folder: not a file, not the input folder, writable;
 * map files that would overwrite another case's outputs (``foo`` and ``foo_ood_mahalanobis``).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
 import tempfile
+import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from nnunet_ood.errors import OODInputError
 
@@ -26,12 +31,35 @@ from nnunet_ood.errors import OODInputError
 HEADER_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz")
 
 
+def check_input_entry(path: str) -> None:
+    """An input image entry must be a readable file: not a dangling symbolic link, a link loop or a folder."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            what = "a symbolic link loop"
+        elif os.path.islink(path):
+            what = f"a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        else:
+            what = f"unreadable ({e.strerror})"
+        raise OODInputError(f"input entry {path} is {what}; fix or remove it") from None
+    if not os.path.isfile(path):
+        raise OODInputError(f"input entry {path} is not a file; remove it or rename it so that it does not end in "
+                            "the dataset's file ending")
+
+
 def input_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
-    """``{case: [channel files]}`` of an nnU-Net input folder; one-line errors for empty folders and wrong channels."""
+    """``{case: [channel files]}`` of an nnU-Net input folder; one-line errors for empty folders, wrong channels
+    and entries that are no files."""
+    if os.path.isfile(folder):
+        raise OODInputError(f"-i {folder} is a file, not a folder; give the folder that holds the images "
+                            "(CASE_XXXX<ending>)")
     if not os.path.isdir(folder):
         raise OODInputError(f"input folder {folder} does not exist")
     pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(file_ending) + "$")
     names = [f for f in sorted(os.listdir(folder)) if f.endswith(file_ending)]
+    for name in names:
+        check_input_entry(os.path.join(folder, name))
     if not names:
         raise OODInputError(f"no input images ending in {file_ending} in {folder}; nnU-Net expects "
                             f"CASE_0000{file_ending} (one file per channel)")
@@ -79,7 +107,16 @@ def resampled_shape(size_xyz: Sequence[int], spacing_xyz: Sequence[float], targe
     return [int(round(sp / t * s)) for s, sp, t in zip(shape, spacing, target)]
 
 
-def _sitk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+class ImageHeader(NamedTuple):
+    """What a header tells of an image: size and spacing (x, y, z, ...), values per voxel, pixel type."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    components: int = 1  # 3 for RGB, n for a vector image
+    pixel: str = ""
+
+
+def _sitk_header(path: str) -> ImageHeader:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -88,28 +125,52 @@ def _sitk_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise ValueError(" ".join(str(e).split()).split("ERROR: ")[-1][:200]) from None
-    return reader.GetSize(), reader.GetSpacing()
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    return ImageHeader(reader.GetSize(), reader.GetSpacing(), reader.GetNumberOfComponents(), pixel)
 
 
-def _nibabel_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _nibabel_header(path: str) -> ImageHeader:
     import nibabel
 
     try:
         header = nibabel.load(path).header  # reads the header only
     except Exception as e:  # nibabel raises several types for files that are not images
         raise ValueError(" ".join(str(e).split())[:200]) from None
-    return tuple(int(s) for s in header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
+    dtype = header.get_data_dtype()
+    return ImageHeader(tuple(int(s) for s in header.get_data_shape()), tuple(float(z) for z in header.get_zooms()),
+                       len(dtype.fields) if dtype.fields else 1, str(dtype))
 
 
 #: header readers by nnU-Net reader/writer class (the plans' ``image_reader_writer``); others are not checked
 HEADER_READERS = {"SimpleITKIO": _sitk_header, "SimpleITKIOWithReorient": _sitk_header,
                   "NibabelIO": _nibabel_header, "NibabelIOWithReorient": _nibabel_header}
+#: image dimensions each reader reads (SimpleITK reads the 4th axis of a 4D file as channels)
+READER_DIMENSIONS = {_sitk_header: (2, 3, 4), _nibabel_header: (3,)}
+
+
+def check_image_layout(path: str, case: str, header: ImageHeader, dimensions: Sequence[int],
+                       num_channels: int) -> None:
+    """One scalar value per voxel, a dimension the reader reads, and exactly one channel per file (the files
+    ``_0000.._XXXX`` are the channels): an RGB/vector pixel type or a 4D file with extra channels is refused."""
+    if header.components != 1:
+        raise OODInputError(f"input file {path} of case {case} has {header.components} values per voxel (pixel type "
+                            f"{header.pixel}) but the model reads one per voxel and channel; convert it to a "
+                            "single-component (grey-value) image, one file per channel")
+    size = tuple(header.size)
+    if len(size) in dimensions and (len(size) < 4 or size[3] == 1):
+        return
+    shown = " or ".join(f"{d}D" for d in dimensions if d < 4)
+    raise OODInputError(f"input file {path} of case {case} is a {len(size)}D image of size {size} but the model "
+                        f"reads {shown} images, one channel per file ({num_channels} channel(s): "
+                        f"_0000.._{num_channels - 1:04d}); split it into one image per channel")
 
 
 def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
-                        target_spacing: Sequence[float] | None, transpose_forward: Sequence[int]) -> None:
+                        target_spacing: Sequence[float] | None, transpose_forward: Sequence[int],
+                        num_channels: int = 1) -> None:
     """Read every image's header with (the header part of) the model's reader: it must be an image that
-    nnU-Net can read and resample. ``reader``: the plans' ``image_reader_writer`` (None: SimpleITK)."""
+    nnU-Net can read and resample, with one scalar channel per file. ``reader``: the plans'
+    ``image_reader_writer`` (None: SimpleITK)."""
     read_header = HEADER_READERS.get(reader or "SimpleITKIO")
     for case, files in cases.items():
         for path in files:
@@ -118,10 +179,12 @@ def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
             if read_header is None or not path.endswith(HEADER_ENDINGS):
                 continue
             try:
-                size, spacing = read_header(path)
+                header = read_header(path)
             except ValueError as e:
                 raise OODInputError(f"cannot read input file {path} of case {case} as an image ({e}); "
                                     "replace or remove the case") from None
+            check_image_layout(path, case, header, READER_DIMENSIONS[read_header], num_channels)
+            size, spacing = header.size, header.spacing
             if not all(math.isfinite(s) and s > 0 for s in spacing):
                 raise OODInputError(f"input file {path} of case {case} has spacing {spacing}; spacings must be "
                                     "positive: fix the image header")
@@ -166,6 +229,29 @@ def check_map_collisions(cases: Iterable[str], methods: Iterable[str]) -> None:
         case, other = clashes[0]
         raise OODInputError(f"the OOD map files of case {case} ({other}<ending>) would overwrite the outputs of "
                             f"case {other}; rename case {other} or predict without --save_ood_maps")
+
+
+#: the first bytes of PyTorch's legacy (pre-zip) checkpoint format: a pickled magic number
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8"
+
+
+def check_checkpoint(path: str) -> None:
+    """A checkpoint file must exist and be a complete PyTorch file: a zip archive whose central directory is
+    intact and that holds a ``data.pkl`` (what ``torch.save`` writes), or the legacy pickle format. Reads the
+    archive's directory only, no tensors."""
+    if not os.path.isfile(path):
+        raise OODInputError(f"checkpoint {path} does not exist; choose another -chk or folds with -f")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            complete = any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            complete = f.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC
+    except OSError as e:
+        raise OODInputError(f"cannot read checkpoint {path} ({e.strerror}); check -chk") from None
+    if not complete:
+        raise OODInputError(f"checkpoint {path} is truncated or not a PyTorch checkpoint; copy it again or choose "
+                            "another -chk")
 
 
 def count_channels(dataset_json: Mapping[str, Any]) -> int:

@@ -34,10 +34,10 @@ def record_path(output_folder: str, case: str) -> str:
 
 
 def write_case_record(output_folder: str, case: str, scores: Mapping[str, Mapping[str, Any]],
-                      run_signature: str) -> str:
-    """Store one case's scores: ``{method: {score, normalized, ood, threshold}}``."""
+                      run_signature: str, input_folder: str | None = None) -> str:
+    """Store one case's scores: ``{method: {score, normalized, ood, threshold}}`` (and the run's input folder)."""
     os.makedirs(os.path.join(output_folder, RECORDS_DIRNAME), exist_ok=True)
-    payload = {"case": case, "run_signature": run_signature,
+    payload = {"case": case, "run_signature": run_signature, "input_folder": input_folder,
                "methods": {m: {k: (_json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
                            for m, d in scores.items()}}
     path = record_path(output_folder, case)
@@ -54,8 +54,18 @@ def has_case_record(output_folder: str, case: str, run_signature: str) -> bool:
         return False
 
 
-def collect_records(output_folder: str, cases: Iterable[str], run_signature: str) -> list[dict[str, Any]]:
-    """Records of ``cases`` written by runs with this signature (others are stale and ignored)."""
+def recorded_cases(output_folder: str) -> list[str]:
+    """Every case with a record in the output folder, sorted."""
+    folder = os.path.join(output_folder, RECORDS_DIRNAME)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(n[:-len(".json")] for n in names if n.endswith(".json"))
+
+
+def collect_records(output_folder: str, cases: Iterable[str] | None, run_signature: str) -> list[dict[str, Any]]:
+    """Records of ``cases`` (None: every recorded case of the folder) written by runs with this signature (others
+    are stale or of other settings and ignored)."""
+    if cases is None:
+        cases = recorded_cases(output_folder)
     records = []
     for case in cases:
         try:
@@ -66,6 +76,12 @@ def collect_records(output_folder: str, cases: Iterable[str], run_signature: str
         if record.get("run_signature") == run_signature:
             records.append(record)
     return records
+
+
+def common_input_folder(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """The input folder the records share, None when they come from several (or name none)."""
+    folders = {r.get("input_folder") for r in records}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def _nan_if_none(x: float | None) -> float:

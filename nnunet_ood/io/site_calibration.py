@@ -95,9 +95,10 @@ class SiteCalibration:
                 if self.settings.get(k) != settings.get(k)]
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, flag: str = "--name") -> str:
+    """A calibration name is a plain file name part; ``flag``: the option that gave it, for the message."""
     if not NAME_PATTERN.match(name):
-        raise OODInputError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (at most 64 characters)")
+        raise OODInputError(f"{flag} {name!r}: use letters, digits, '.', '_' and '-' (at most 64 characters)")
     return name
 
 
@@ -111,7 +112,8 @@ def calibration_path(model_folder: str, name: str) -> str:
 
 def available_calibrations(model_folder: str) -> list[str]:
     folder = calibrations_dir(model_folder)
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(f[:-5] for f in names if f.endswith(".json") and os.path.isfile(os.path.join(folder, f)))
 
 
 def save_site_calibration(model_folder: str, calibration: SiteCalibration) -> str:
@@ -139,7 +141,8 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
                       ("false_alarm_rate", float)):
         if not isinstance(document.get(key), kind):
             raise _bad(path, f"'{key}' is missing or not a {kind.__name__}")
-    calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}") for m, c in document["calibration"].items()}
+    fix = f"re-run {CALIBRATE_COMMAND} --name {name}"
+    calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}", fix) for m, c in document["calibration"].items()}
     case_scores = {m: {k: math.nan if v is None else float(v) for k, v in s.items()}
                    for m, s in document["case_scores"].items() if isinstance(s, dict)}
     labelled = document.get("labelled", {})

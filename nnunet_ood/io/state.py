@@ -220,6 +220,6 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
         except (OODError, KeyError, TypeError, ValueError) as e:
             raise OODStateError(f"corrupted state of {method.name} in {fold_dir} ({type(e).__name__}: {e}); re-fit "
                                 f"it with {FIT_COMMAND}") from None
-        state.calibration[method.name] = MethodCalibration.from_json(available[method.name]["calibration"],
-                                                                     f"{method.name} in {fold_dir}")
+        where = f"{method.name} in {os.path.join(folder, MANIFEST_NAME)}"
+        state.calibration[method.name] = MethodCalibration.from_json(available[method.name]["calibration"], where)
     return state

@@ -44,26 +44,40 @@ class MCDropoutConfig:
             raise OODInputError(f"mc_dropout needs a rate in (0, 1) and at least 2 passes, got {self.rate} and "
                                 f"{self.passes}")
         self.stages = None if self.stages is None else tuple(int(s) for s in self.stages)
+        if self.stages is not None and (not self.stages or min(self.stages) < 0):
+            raise OODInputError(f"--mc_dropout_stages takes decoder stage numbers >= 0, got {list(self.stages)}")
+
+    def check_network(self, network: Any) -> None:
+        """Given stages must exist in the network (checked by the fit whether mc_dropout is fitted or not)."""
+        if self.stages is not None:
+            dropout_stages(network, self)
+
+
+def dropout_stages(network: Any, config: MCDropoutConfig) -> list:
+    """The decoder stages of ``network`` that ``config`` puts dropout on; one-line errors for a network without
+    decoder stages and for stages out of range."""
+    from nnunet_ood.features import unwrap_network
+
+    net = unwrap_network(network)
+    stages = getattr(getattr(net, "decoder", None), "stages", None)
+    if stages is None:
+        raise OODInputError(f"cannot insert dropout into {type(net).__name__}: it has no decoder.stages")
+    chosen = range(len(stages)) if config.stages is None else config.stages
+    if any(not 0 <= i < len(stages) for i in chosen):
+        raise OODInputError(f"--mc_dropout_stages {list(chosen)} out of range: the decoder has {len(stages)} "
+                            f"stages (0..{len(stages) - 1})")
+    return [stages[i] for i in chosen]
 
 
 class PostHocDropout:
     """Dropout on the inputs of decoder stages, switched on only inside :meth:`spread`."""
 
     def __init__(self, network: Any, config: MCDropoutConfig, region_based: bool) -> None:
-        from nnunet_ood.features import unwrap_network
-
-        net = unwrap_network(network)
-        stages = getattr(getattr(net, "decoder", None), "stages", None)
-        if stages is None:
-            raise OODInputError(f"cannot insert dropout into {type(net).__name__}: it has no decoder.stages")
-        chosen = range(len(stages)) if config.stages is None else config.stages
-        if any(not 0 <= i < len(stages) for i in chosen):
-            raise OODInputError(f"--mc_dropout_stages {list(chosen)} out of range: the decoder has {len(stages)} "
-                                f"stages (0..{len(stages) - 1})")
+        stages = dropout_stages(network, config)
         self.network, self.config, self.region_based = network, config, region_based
         self._active = False
         self._generator = None
-        self._handles = [stages[i].register_forward_pre_hook(self._drop) for i in chosen]
+        self._handles = [stage.register_forward_pre_hook(self._drop) for stage in stages]
 
     def _drop(self, module: Any, inputs: tuple):
         import torch
