@@ -531,14 +531,22 @@ def decision_table(text: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
+def upper_bound_95(failures: int, accepted: int) -> float:
+    """Exact one-sided 95% upper bound of a failure rate, from scipy's binomial test (two-sided 90% interval)."""
+    from scipy.stats import binomtest
+
+    return binomtest(failures, accepted).proportion_ci(confidence_level=0.90, method="exact").high if accepted else NAN
+
+
 def counted_decisions(project: dict, method: str, groups: list[str], fail_below: float = 0.6) -> list[float]:
-    """n, coverage, silent, silent among the accepted: by counting the fixture's cases (flag = score > threshold)."""
+    """n, coverage, silent, silent among the accepted and its 95% upper bound: by counting the fixture's cases
+    (flag = score > threshold)."""
     n = accepted = silent = 0
     for group in groups:
         for (_, _, dice), score in zip(project["cases"][group].values(), project["scores"][group][method]):
             ok = not score > CALIBRATION[method]["threshold"]
             n, accepted, silent = n + 1, accepted + ok, silent + (ok and dice < fail_below)
-    return [n, accepted / n, silent / n, silent / accepted if accepted else NAN]
+    return [n, accepted / n, silent / n, silent / accepted if accepted else NAN, upper_bound_95(silent, accepted)]
 
 
 def test_evaluation_report_decision_table(evaluation_project, evaluation_report) -> None:
@@ -548,8 +556,8 @@ def test_evaluation_report_decision_table(evaluation_project, evaluation_report)
     for (method, cases), cells in table.items():
         expected = counted_decisions(evaluation_project, method, ["id_test"] if cases == "id_test" else ["scanner"])
         assert cells[0] == str(expected[0])
-        assert cells[1:4] == [f"{v:.3f}" if not math.isnan(v) else "-" for v in expected[1:]]
-        assert cells[4:] == ["-", "-"]  # A and B do not predict the Dice
+        assert cells[1:5] == [f"{v:.3f}" if not math.isnan(v) else "-" for v in expected[1:]]
+        assert cells[5:] == ["-", "-"]  # A and B do not predict the Dice
     assert counted_decisions(evaluation_project, "A", ["scanner"])[2] > 0  # scanner_003: accepted and failed
 
 
@@ -596,14 +604,38 @@ def test_evaluation_report_with_a_dice_predicting_method(evaluation_project, qua
         silent = accepted & (dice[group] < 0.8)
         cells = table[("quality", cases_name)]
         assert cells[1] == f"{accepted.mean():.3f}" and cells[2] == f"{silent.mean():.3f}"
-        assert cells[4] == f"{np.mean(np.abs((1 - risk[group]) - dice[group])):.3f}"
-        assert cells[5] == f"{np.corrcoef(1 - risk[group], dice[group])[0, 1]:.3f}"
+        assert cells[5] == f"{np.mean(np.abs((1 - risk[group]) - dice[group])):.3f}"
+        assert cells[6] == f"{np.corrcoef(1 - risk[group], dice[group])[0, 1]:.3f}"
     id_accepted = (risk["id_test"] <= 0.2).mean()
     assert "Accept/review decision of <b>quality</b>" in text
     assert f"on the ID test cases it accepts {id_accepted:.1%}" in text
     summary = (out / "ood_summary.md").read_text()
     (line,) = [ln for ln in summary.splitlines() if ln.startswith("| scanner |")]
     assert line.split("|")[4].strip() == str(int((dice["scanner"] < 0.8).sum()))  # failures at --fail_below 0.8
+
+
+def test_evaluation_headline_leads_with_the_decision_and_its_upper_bound(evaluation_project, quality_report) -> None:
+    """Per group: coverage, failures among accepted and the exact 95% upper bound, counted here and bounded by
+    scipy's binomial test; the table is the first thing in the headline."""
+    text = (quality_report["out"] / "report.html").read_text()
+    headline = text[text.index('<h2 id="headline">'):text.index('<h2 id="metrics">')]
+    assert headline.index('id="decision-quality"') < headline.index("Best at detecting shifted cases")
+    table = headline[headline.index('id="decision-quality"'):]
+    table = table[:table.index("</table>")]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]:
+        cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        rows[cells[0]] = cells[1:]
+    assert list(rows) == ["id_test", "scanner"]  # one domain: no pooled row
+    for group in ("id_test", "scanner"):
+        dice = np.array([d for _, _, d in evaluation_project["cases"][group].values()])
+        accepted = np.array(quality_report["risks"][group]) <= 0.2
+        k, n = int(np.sum(accepted & (dice < 0.8))), int(accepted.sum())
+        assert rows[group][0] == str(dice.size)
+        assert rows[group][1] == f"{n} ({n / dice.size:.1%})"
+        assert rows[group][2] == (f"{k} ({k / n:.1%})" if n else "0 (-)")
+        assert rows[group][3] == (f"{upper_bound_95(k, n):.1%}" if n else "-")
+    assert any(int(r[1].split()[0]) > 0 for r in rows.values())  # the fixture accepts cases somewhere
 
 
 def test_overlay_is_never_a_method_without_maps() -> None:
