@@ -453,9 +453,9 @@ def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: 
               '<p class="note">What each method\'s own flag in ood_scores.csv did (accepted = not flagged; a case '
               "that could not be scored is never accepted): coverage = share accepted; silent = accepted and failed "
               f"(Dice &lt; {evaluation.fail_below:g}) among all cases; silent (accepted) = the same among the "
-              "accepted cases, with its exact one-sided 95% upper bound (Clopper–Pearson). Dice MAE and Dice r: error and Pearson correlation of the predicted Dice (1 - score) "
-              "of methods that predict it (bold). Rows: the ID test cases and all shifted cases; every domain is in "
-              "the table above.</p>",
+              "accepted cases, with its exact one-sided 95% upper bound (Clopper–Pearson). Dice MAE and Dice r: "
+              "error and Pearson correlation of the predicted Dice (1 - score) of methods that predict it (bold). "
+              "Rows: the ID test cases and all shifted cases; every domain is in the table above.</p>",
               _decision_table(evaluation),
               "<details><summary>notes on the metrics</summary><ul>" +
               "".join(f"<li>{page.esc(n)}</li>" for n in evaluation.notes) + "</ul></details>",
