@@ -781,6 +781,7 @@ def test_review_shows_quality_as_a_decision() -> None:
 
     assert (_flag_text("quality", True), _flag_text("quality", False)) == ("review", "accept")
     assert (_flag_text("mahalanobis", True), _flag_text("mahalanobis", False)) == ("OOD", "ok")
+    assert _flag_text("Q", True, deciding="Q") == "review"  # known as the deciding method from decision_rules
 
 
 def test_image_folders_come_from_the_flag_then_the_recorded_input_then_the_raw_layout(tmp_path) -> None:

@@ -124,7 +124,7 @@ def _order_sentence(method: str | None, cases: Sequence[RankedCase]) -> str:
             f"Overlay: the {page.esc(method)} map.")
 
 
-def _scores_table(r: RankedCase, methods: Sequence[str]) -> str:
+def _scores_table(r: RankedCase, methods: Sequence[str], deciding: str | None = None) -> str:
     """One column per method (the overlay's marked): raw score, normalised score, flag; flagged columns in red."""
     def cell(m: str, text: str) -> str:
         s = r.scores.get(m)
@@ -134,15 +134,17 @@ def _scores_table(r: RankedCase, methods: Sequence[str]) -> str:
     rows = [["score", *(cell(m, page.compact(r.scores[m].score)) if m in r.scores else "-" for m in methods)],
             ["normalised", *(cell(m, page.number(r.scores[m].normalized)) if m in r.scores else "-"
                              for m in methods)],
-            ["flag", *(cell(m, _flag_text(m, r.scores[m].ood)) if m in r.scores else "-" for m in methods)]]
+            ["flag", *(cell(m, _flag_text(m, r.scores[m].ood, deciding)) if m in r.scores else "-"
+                       for m in methods)]]
     return page.table(["", *heads], rows)
 
 
-def _flag_text(method: str, flagged: bool) -> str:
-    """``OOD``/``ok``; for a method that predicts Dice (quality) its decision, ``review``/``accept``."""
+def _flag_text(method: str, flagged: bool, deciding: str | None = None) -> str:
+    """``OOD``/``ok``; for a method that predicts Dice (quality) or the run's ``deciding`` method its decision,
+    ``review``/``accept``."""
     from nnunet_ood.methods import REGISTRY
 
-    if method in REGISTRY and REGISTRY.get(method).predicts_dice:
+    if method == deciding or (method in REGISTRY and REGISTRY.get(method).predicts_dice):
         return "review" if flagged else "accept"
     return "OOD" if flagged else "ok"
 
@@ -192,7 +194,8 @@ def _card(r: RankedCase, case: CaseSlices, thumbs: Mapping[str, str], methods: S
         info = (f"<h3>#{r.rank} {page.esc(r.case)} {pill}</h3>{reason}"
                 f'<div class="note">predicted Dice ({page.esc(deciding)}): '
                 f"<b>{page.number(_predicted_dice(r, deciding), 2)}</b></div>{where}{notes}"
-                f"<details><summary>scores of all {len(methods)} methods</summary>{_scores_table(r, methods)}"
+                f"<details><summary>scores of all {len(methods)} methods</summary>"
+                f"{_scores_table(r, methods, deciding)}"
                 "</details>")
     return (f'<div class="card {"flagged" if flagged else "ok"}" id="case-{r.rank}">'
             f'<div class="thumbs">{"".join(figures)}</div><div class="info">{info}</div></div>')
