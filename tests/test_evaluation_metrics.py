@@ -13,9 +13,11 @@ from nnunet_ood.evaluation.metrics import (
     aurc,
     auroc,
     average_ranks,
+    coverage_at_risk,
     dice_prediction_errors,
     e_aurc,
     esce,
+    failure_rate_upper_bound,
     oracle_aurc,
     oracle_risk_coverage_curve,
     pearson,
@@ -212,3 +214,58 @@ def test_pearson_and_dice_prediction_errors():
     assert out["dice_mae"] == pytest.approx((0.1 + 0.1 + 0.05) / 3)  # the NaN prediction is left out
     assert out["dice_pearson"] == pytest.approx(pearsonr([0.9, 0.5, 0.7], [0.8, 0.6, 0.75]).statistic)
     assert all(math.isnan(v) for v in dice_prediction_errors([np.nan], [0.5]).values())
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 22, 60, 200])
+def test_failure_rate_upper_bound_matches_scipy_binomtest(n):
+    from scipy.stats import binom, binomtest
+
+    for k in range(n + 1):
+        ours = failure_rate_upper_bound(k, n)
+        # one-sided 95% upper bound = the upper end of the two-sided exact 90% interval
+        theirs = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high
+        assert ours == pytest.approx(theirs, abs=1e-9), (k, n)
+        if k < n:  # the definition: at the bound, k or fewer failures have probability 5%
+            assert binom.cdf(k, n, ours) == pytest.approx(0.05, abs=1e-7)
+    assert failure_rate_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n))  # no failure: closed form
+
+
+def test_failure_rate_upper_bound_edges():
+    assert math.isnan(failure_rate_upper_bound(0, 0))
+    assert failure_rate_upper_bound(3, 3) == 1.0
+    with pytest.raises(ValueError):
+        failure_rate_upper_bound(4, 3)
+
+
+def brute_force_coverage_at_risk(u: np.ndarray, failed: np.ndarray, alpha: float) -> float:
+    """Every threshold: nothing accepted, or each distinct finite score (u <= t); the best allowed coverage."""
+    best = 0.0
+    for t in sorted(set(u[~np.isnan(u)].tolist())):
+        accepted = u <= t  # NaN <= t is False: never accepted
+        if np.mean(failed[accepted]) <= alpha:
+            best = max(best, float(np.mean(accepted)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_coverage_at_risk_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    u = rng.integers(0, 8, size=n).astype(float) if seed % 2 else rng.normal(size=n)  # ties on even seeds
+    if seed % 3 == 0:
+        u[rng.random(n) < 0.2] = np.nan
+    failed = rng.random(n) < rng.uniform(0.0, 0.5)
+    for alpha in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0):
+        assert coverage_at_risk(u, failed, alpha) == pytest.approx(brute_force_coverage_at_risk(u, failed, alpha)), \
+            (seed, alpha)
+
+
+def test_coverage_at_risk_hand_computed():
+    u = np.array([0.1, 0.2, 0.2, 0.3, 0.4, np.nan])
+    failed = np.array([False, False, True, False, False, False])
+    # thresholds: 0.1 -> 1 of 6, 0 failed; 0.2 -> 3 (ties together), 1 failed = 1/3; 0.3 -> 4, 1/4; 0.4 -> 5, 1/5
+    assert coverage_at_risk(u, failed, 0.2) == pytest.approx(5 / 6)
+    assert coverage_at_risk(u, failed, 0.1) == pytest.approx(1 / 6)
+    assert coverage_at_risk(u, failed, 0.0) == pytest.approx(1 / 6)
+    assert coverage_at_risk(np.array([0.1]), np.array([True]), 0.1) == 0.0  # nothing can be accepted
+    assert math.isnan(coverage_at_risk(np.array([]), np.array([], dtype=bool), 0.1))

@@ -460,6 +460,7 @@ Q_CALIBRATION = {"quality": {"low": 0.0, "high": 1.0, "threshold": 0.3},
                  "A": {"low": 0.0, "high": 10.0, "threshold": 5.0},
                  "E": {"low": None, "high": None, "threshold": None}}
 Q_RECORDED_FAIL_BELOW = 0.7  # what the quality method was fitted for, as its score document records it
+Q_RISK = 0.25  # quality's max_silent_failures in decision_rules: the alpha of coverage at risk (not the default 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +501,9 @@ def quality_project(tmp_path_factory) -> dict:
                 flags[method].append(ood)
         (pred_dir / "ood_scores.csv").write_text("\n".join(lines) + "\n")
         document = {"calibration": Q_CALIBRATION,
-                    "method_config": {"quality": {"fail_below": Q_RECORDED_FAIL_BELOW, "max_silent_failures": 0.1}}}
+                    "method_config": {"quality": {"fail_below": Q_RECORDED_FAIL_BELOW, "max_silent_failures": 0.1}},
+                    "decision_rules": {"quality": {"rule": "ltt", "fail_below": Q_RECORDED_FAIL_BELOW,
+                                                   "max_silent_failures": Q_RISK, "threshold": 0.3}}}
         (pred_dir / "ood_scores.json").write_text(json.dumps(document))
         (pred_dir / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ENDING}))
         data["dice"][group], data["scores"][group], data["flags"][group] = np.array(dice), scores, flags
@@ -555,6 +558,70 @@ def test_decision_columns_match_counts(quality_project, quality_runs, fail_below
             assert as_float(row[column]) == pytest.approx(value, nan_ok=True), (method, column)
     # no calibrated threshold: its flags are no decision
     assert all(csv_row(rows, "E", domain)[c] == "" for c in ("coverage", "silent_rate", "silent_rate_accepted"))
+
+
+def brute_coverage_at_risk(score: np.ndarray, failed: np.ndarray, alpha: float) -> float:
+    """Every threshold (each distinct finite score, accept score <= t): the largest coverage with at most alpha of
+    the accepted failing; 0 when none qualifies."""
+    best = 0.0
+    for t in np.unique(score[~np.isnan(score)]):
+        accepted = score <= t
+        if failed[accepted].mean() <= alpha:
+            best = max(best, accepted.mean())
+    return float(best)
+
+
+@pytest.mark.parametrize("domain", list(ROW_GROUPS))
+def test_upper_bound_and_coverage_at_risk_columns(quality_project, quality_runs, domain) -> None:
+    from scipy.stats import binomtest
+
+    for fail_below, out in quality_runs.items():
+        rows = read_csv(out / "ood_evaluation.csv")
+        dice = np.concatenate([quality_project["dice"][g] for g in ROW_GROUPS[domain]])
+        for method in ("quality", "A", "E"):
+            score = np.concatenate([quality_project["scores"][g][method] for g in ROW_GROUPS[domain]])
+            flags = np.concatenate([quality_project["flags"][g][method] for g in ROW_GROUPS[domain]])
+            row = csv_row(rows, method, domain)
+            expected = brute_coverage_at_risk(score, dice < fail_below, Q_RISK)
+            assert float(row["coverage_at_risk"]) == pytest.approx(expected), (method, domain, fail_below)
+            if method == "E":  # no decision: no bound, but a ranking measure all the same
+                assert row["silent_rate_accepted_upper"] == ""
+                continue
+            accepted = ~flags & ~np.isnan(score)
+            k, n = int(np.sum(accepted & (dice < fail_below))), int(accepted.sum())
+            upper = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high  # one-sided 95%
+            assert float(row["silent_rate_accepted_upper"]) == pytest.approx(upper), (method, domain)
+            assert float(row["silent_rate_accepted_upper"]) >= float(row["silent_rate_accepted"])
+    text = (quality_runs[0.6] / "ood_evaluation.md").read_text()
+    assert "| coverage at risk α |" in text and "| silent (accepted) 95% upper |" in text
+    assert f"α = {Q_RISK:g} of the accepted failing" in text and "max_silent_failures of quality" in text
+
+
+def test_summary_accept_or_review_has_the_bound_and_coverage_at_risk(quality_runs) -> None:
+    out = quality_runs[0.6]
+    rows = {r["method"]: r for r in read_csv(out / "ood_evaluation.csv") if r["domain"] == ALL_SHIFTED}
+    summary = (out / "ood_summary.md").read_text()
+    header = next(ln for ln in summary.splitlines() if ln.startswith("| method | AURC"))
+    assert header.split("|")[-3:-1] == [" failed among accepted, all shifted (95% upper) ",
+                                       f" coverage at risk {Q_RISK:g}, all shifted "]
+    for method in ("quality", "A"):
+        name = f"**{method}**" if method == "quality" else method
+        (line,) = [ln for ln in summary.splitlines() if ln.startswith(f"| {name} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        r = rows[method]
+        assert cells[-2] == f"{float(r['silent_rate_accepted']):.0%} (<= {float(r['silent_rate_accepted_upper']):.0%})"
+        assert cells[-1] == f"{float(r['coverage_at_risk']):.0%}"
+
+
+def test_risk_level_from_decision_rules() -> None:
+    from nnunet_ood.evaluation.decisions import DEFAULT_RISK, risk_level
+
+    assert risk_level([{}, {"quality": {"max_silent_failures": 0.05}}], ["quality"])[0] == 0.05
+    alpha, note = risk_level([{"quality": {"max_silent_failures": 0.2}}, {"quality": {"max_silent_failures": 0.05}}],
+                             ["quality"])
+    assert alpha == 0.2 and "different values (0.2, 0.05)" in note
+    assert risk_level([{"quality": {"max_silent_failures": 0.2}}], [])[0] == DEFAULT_RISK  # not a deciding method
+    assert risk_level([{"quality": "broken"}, {}], ["quality"]) == (DEFAULT_RISK, risk_level([], ["quality"])[1])
 
 
 @pytest.mark.parametrize("domain", list(ROW_GROUPS))

@@ -8,6 +8,7 @@ with numpy from the exported segmentation files.
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 from pathlib import Path
@@ -133,6 +134,21 @@ def test_prediction_decides_accept_or_review(tiny_project, test_images, tmp_path
     accepted = sum(r["decision"] == "accept" for r in quality.values())
     assert f"quality: {accepted} of {len(cases)} cases accepted, {len(cases) - accepted} sent to review" in printed
     assert f"quality: {q['statement']}" in printed  # the closing line says what the decision guarantees
+
+    # the review page of this prediction leads with the same statement; review.csv: reviews first, with reasons
+    from nnunet_ood.reports.review import write_review
+
+    write_review(str(test_images), str(out))
+    with open(out / "review.csv", newline="") as f:
+        review = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in review) == sorted(cases)
+    assert [(r["decision"], r["reason"]) for r in review] == \
+        [(quality[r["case"]]["decision"], quality[r["case"]]["reason"]) for r in review]
+    decisions = [r["decision"] for r in review]
+    assert decisions == sorted(decisions, key=lambda d: d != "review")  # every review before every accept
+    text = (out / "review.html").read_text()
+    assert html.escape(q["statement"], quote=True) in text
+    assert text.index(html.escape(q["statement"], quote=True)) < text.index('class="card ')
 
     # the score is the stored model applied to the other scores and the exported segmentation's properties
     m = manifest(tiny_project)["methods"]["quality"]["config"]

@@ -49,6 +49,7 @@ class Page(HTMLParser):
         self.tags: set[str] = set()
         self.cards: list[dict] = []
         self.section: str | None = None
+        self._details = 0  # open <details> elements: a card that starts inside one is folded
         self._depth = 0
         self._in_title = False
         self.feed(text)
@@ -58,6 +59,8 @@ class Page(HTMLParser):
         self.tags.add(tag)
         if tag == "h2" and "id" in a:
             self.section = a["id"]
+        if tag == "details":
+            self._details += 1
         if tag == "img":
             self.images.append(unquote(a["src"]))
             if self._depth:
@@ -69,11 +72,14 @@ class Page(HTMLParser):
                 self._depth += 1
             elif "card" in (a.get("class") or "").split():
                 self._depth = 1
-                self.cards.append({"title": "", "text": "", "images": [], "section": self.section})
+                self.cards.append({"title": "", "text": "", "images": [], "section": self.section,
+                                   "folded": self._details > 0})
         if tag == "h3" and self._depth:
             self._in_title = True
 
     def handle_endtag(self, tag):
+        if tag == "details":
+            self._details -= 1
         if tag == "div" and self._depth:
             self._depth -= 1
         if tag == "h3":
@@ -219,8 +225,10 @@ def test_review_csv_and_page_follow_the_independent_default_order(review) -> Non
     rows = read_review_csv(output)
     assert [r["case"] for r in rows] == expected
     assert [int(r["rank"]) for r in rows] == list(range(1, len(expected) + 1))
-    assert list(rows[0])[:4] == ["rank", "case", "n_flagged", "ranking_score"]
-    assert list(rows[0])[4:] == [f"{m}_{k}" for m in ("A", "B", "E") for k in ("score", "normalized", "ood")]
+    assert list(rows[0])[:6] == ["rank", "case", "decision", "reason", "n_flagged", "ranking_score"]
+    assert list(rows[0])[6:] == [f"{m}_{k}" for m in ("A", "B", "E") for k in ("score", "normalized", "ood")]
+    assert all(r["decision"] == "" and r["reason"] == "" for r in rows)  # no deciding method: no decision
+    assert not any(c["folded"] for c in Page((output / "review.html").read_text()).cards)
     for r in rows:
         values = table[r["case"]]
         assert int(r["n_flagged"]) == sum(v["ood"] for v in values.values())
@@ -302,6 +310,124 @@ def test_review_escapes_case_names(tmp_path) -> None:
     page = check_self_contained(output / "review.html")
     assert odd in [c["title"].split(" ", 1)[1].rsplit(" flagged", 1)[0] for c in page.cards]
     assert any(r["case"] == odd for r in read_review_csv(output))
+
+
+# case -> (predicted risk, decision, reason, the gate's p-value in the case's record); reviews: unscored first, then
+# the highest risk (c01, c00, c03, c02); accepted after them, same order (c06, c04, c05)
+DECISIONS = {
+    "c00": (0.6, "review", "predicted Dice 0.40 < 0.70", 0.3),
+    "c01": (NAN, "review", "could not be scored", None),
+    "c02": (0.1, "review", "unusual for A (p = 0.004)", 0.004),
+    "c03": (0.35, "review", "predicted Dice 0.65 < 0.70; unusual for B (p = 0.02)", 0.02),
+    "c04": (0.2, "accept", "", 0.5),
+    "c05": (0.05, "accept", "", 0.3),
+    "c06": (0.25, "accept", "", 0.8),
+}
+STATEMENT = "Estimated on the fold's 12 validation cases & their versions <synthetic shifts, no guarantee>."
+GATE_LEVEL = 0.05
+
+
+def make_decision_folder(root: Path, name: str, with_rules: bool = True) -> tuple[Path, Path]:
+    """The review folder plus a deciding method ``name`` (rows with decision and reason, its decision_rules with a
+    statement and an active gate, per-case records with the gate's p-value)."""
+    images, output = make_review_folder(root)
+    with open(output / "ood_scores.csv", newline="") as f:
+        rows = [{**r, "decision": "", "reason": ""} for r in csv.DictReader(f)]
+    for case, (risk, decision, reason, p_value) in DECISIONS.items():
+        rows.append({"case": case, "method": name, "score": repr(risk), "normalized": repr(risk),
+                     "ood": str(decision == "review"), "decision": decision, "reason": reason})
+        record = {"case": case, "run_signature": "x", "methods": {name: {"score": None if math.isnan(risk) else risk,
+                                                                          "unusual_p": p_value}}}
+        (output / "ood_cases").mkdir(exist_ok=True)
+        (output / "ood_cases" / f"{case}.json").write_text(json.dumps(record))
+    with open(output / "ood_scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "method", "score", "normalized", "ood", "decision", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+    document = json.loads((output / "ood_scores.json").read_text())
+    document["methods"].append(name)
+    if with_rules:
+        document["decision_rules"] = {name: {"rule": "ltt", "max_silent_failures": 0.1, "threshold": 0.3,
+                                             "gate": {"level": GATE_LEVEL, "active": True, "scores": ["A", "B"]},
+                                             "statement": STATEMENT}}
+    (output / "ood_scores.json").write_text(json.dumps(document))
+    return images, output
+
+
+def expected_decision_order(key) -> list[str]:
+    """Reviews before accepted cases; within each, ``key``."""
+    return sorted(DECISIONS, key=lambda c: (DECISIONS[c][1] != "review", key(c)))
+
+
+def by_risk(case: str) -> tuple:
+    risk = DECISIONS[case][0]
+    return (0, 0.0, case) if math.isnan(risk) else (1, -risk, case)
+
+
+@pytest.mark.parametrize("name, with_rules", [("quality", True), ("Q", True), ("quality", False)])
+def test_review_leads_with_the_decision(tmp_path, name, with_rules) -> None:
+    """"Q" is no registered method: the decision_rules make it the deciding one; "quality" without decision_rules
+    (predicted before they existed) is found through the registry."""
+    images, output = make_decision_folder(tmp_path, name, with_rules)
+    write_review(str(images), str(output))
+    expected = expected_decision_order(by_risk)
+    assert expected == ["c01", "c00", "c03", "c02", "c06", "c04", "c05"]  # the data's intent
+    rows = read_review_csv(output)
+    assert [r["case"] for r in rows] == expected
+    assert list(rows[0])[:6] == ["rank", "case", "decision", "reason", "n_flagged", "ranking_score"]
+    for r in rows:
+        risk, decision, reason, _ = DECISIONS[r["case"]]
+        assert (r["decision"], r["reason"]) == (decision, reason)
+        assert (r["ranking_score"] == "" and math.isnan(risk)) or float(r["ranking_score"]) == risk
+
+    text = (output / "review.html").read_text()
+    page = check_self_contained(output / "review.html")
+    assert [c["title"].split()[1] for c in page.cards] == expected
+    first_card = text.index('class="card ')
+    if with_rules:
+        assert STATEMENT not in text and page_text(text).index(STATEMENT) < page_text(text).index("Cases to review")
+        # the drift line: 6 cases with a p-value (c01 has none), 2 of them at or below the gate's level
+        p_values = [p for *_, p in DECISIONS.values() if p is not None]
+        unusual = sum(p <= GATE_LEVEL for p in p_values)
+        assert f"{unusual} of {len(p_values)} cases unusual" in page_text(text)
+        assert text.index("cases unusual") < first_card
+    else:
+        assert "no statement of its rule" in text and "cases unusual" not in text
+    assert text.index('id="review"') < first_card < text.index('id="accepted"')
+    for card in page.cards:
+        case = card["title"].split()[1]
+        risk, decision, reason, _ = DECISIONS[case]
+        shown = "-" if math.isnan(risk) else f"{1 - risk:.2f}"
+        assert f"predicted Dice ({name}): {shown}" in card["text"]
+        assert "scores of all 4 methods" in card["text"]  # every method's scores folded in the card
+        assert len(card["images"]) == 3
+        if decision == "review":
+            assert card["section"] == "review" and not card["folded"]
+            assert reason in card["text"] and "review" in card["title"]
+        else:
+            assert card["section"] == "accepted" and card["folded"]  # accepted cases inside <details>
+            assert "accept" in card["title"]
+
+
+def page_text(html_text: str) -> str:
+    """The text of a page as a reader sees it (tags dropped, entities decoded)."""
+    import html as html_module
+
+    return html_module.unescape(re.sub(r"<[^>]+>", " ", html_text))
+
+
+def test_review_decision_first_with_report_method(tmp_path) -> None:
+    images, output = make_decision_folder(tmp_path, "quality")
+    write_review(str(images), str(output), "A")
+    table = score_table(output)
+    order_a = expected_method_order(table, "A")
+    expected = expected_decision_order(order_a.index)
+    rows = read_review_csv(output)
+    assert [r["case"] for r in rows] == expected
+    assert expected != expected_decision_order(by_risk)  # A orders the parts differently
+    page = check_self_contained(output / "review.html")
+    assert [c["title"].split()[1] for c in page.cards] == expected
+    assert all("uncertainty: A" in c["text"] for c in page.cards)
 
 
 def test_predict_report_flags_fail_in_one_line_before_anything_is_written(tmp_path, capsys) -> None:
@@ -531,14 +657,22 @@ def decision_table(text: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
+def upper_bound_95(failures: int, accepted: int) -> float:
+    """Exact one-sided 95% upper bound of a failure rate, from scipy's binomial test (two-sided 90% interval)."""
+    from scipy.stats import binomtest
+
+    return binomtest(failures, accepted).proportion_ci(confidence_level=0.90, method="exact").high if accepted else NAN
+
+
 def counted_decisions(project: dict, method: str, groups: list[str], fail_below: float = 0.6) -> list[float]:
-    """n, coverage, silent, silent among the accepted: by counting the fixture's cases (flag = score > threshold)."""
+    """n, coverage, silent, silent among the accepted and its 95% upper bound: by counting the fixture's cases
+    (flag = score > threshold)."""
     n = accepted = silent = 0
     for group in groups:
         for (_, _, dice), score in zip(project["cases"][group].values(), project["scores"][group][method]):
             ok = not score > CALIBRATION[method]["threshold"]
             n, accepted, silent = n + 1, accepted + ok, silent + (ok and dice < fail_below)
-    return [n, accepted / n, silent / n, silent / accepted if accepted else NAN]
+    return [n, accepted / n, silent / n, silent / accepted if accepted else NAN, upper_bound_95(silent, accepted)]
 
 
 def test_evaluation_report_decision_table(evaluation_project, evaluation_report) -> None:
@@ -548,8 +682,8 @@ def test_evaluation_report_decision_table(evaluation_project, evaluation_report)
     for (method, cases), cells in table.items():
         expected = counted_decisions(evaluation_project, method, ["id_test"] if cases == "id_test" else ["scanner"])
         assert cells[0] == str(expected[0])
-        assert cells[1:4] == [f"{v:.3f}" if not math.isnan(v) else "-" for v in expected[1:]]
-        assert cells[4:] == ["-", "-"]  # A and B do not predict the Dice
+        assert cells[1:5] == [f"{v:.3f}" if not math.isnan(v) else "-" for v in expected[1:]]
+        assert cells[5:] == ["-", "-"]  # A and B do not predict the Dice
     assert counted_decisions(evaluation_project, "A", ["scanner"])[2] > 0  # scanner_003: accepted and failed
 
 
@@ -596,14 +730,38 @@ def test_evaluation_report_with_a_dice_predicting_method(evaluation_project, qua
         silent = accepted & (dice[group] < 0.8)
         cells = table[("quality", cases_name)]
         assert cells[1] == f"{accepted.mean():.3f}" and cells[2] == f"{silent.mean():.3f}"
-        assert cells[4] == f"{np.mean(np.abs((1 - risk[group]) - dice[group])):.3f}"
-        assert cells[5] == f"{np.corrcoef(1 - risk[group], dice[group])[0, 1]:.3f}"
+        assert cells[5] == f"{np.mean(np.abs((1 - risk[group]) - dice[group])):.3f}"
+        assert cells[6] == f"{np.corrcoef(1 - risk[group], dice[group])[0, 1]:.3f}"
     id_accepted = (risk["id_test"] <= 0.2).mean()
     assert "Accept/review decision of <b>quality</b>" in text
     assert f"on the ID test cases it accepts {id_accepted:.1%}" in text
     summary = (out / "ood_summary.md").read_text()
     (line,) = [ln for ln in summary.splitlines() if ln.startswith("| scanner |")]
     assert line.split("|")[4].strip() == str(int((dice["scanner"] < 0.8).sum()))  # failures at --fail_below 0.8
+
+
+def test_evaluation_headline_leads_with_the_decision_and_its_upper_bound(evaluation_project, quality_report) -> None:
+    """Per group: coverage, failures among accepted and the exact 95% upper bound, counted here and bounded by
+    scipy's binomial test; the table is the first thing in the headline."""
+    text = (quality_report["out"] / "report.html").read_text()
+    headline = text[text.index('<h2 id="headline">'):text.index('<h2 id="metrics">')]
+    assert headline.index('id="decision-quality"') < headline.index("Best at detecting shifted cases")
+    table = headline[headline.index('id="decision-quality"'):]
+    table = table[:table.index("</table>")]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]:
+        cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        rows[cells[0]] = cells[1:]
+    assert list(rows) == ["id_test", "scanner"]  # one domain: no pooled row
+    for group in ("id_test", "scanner"):
+        dice = np.array([d for _, _, d in evaluation_project["cases"][group].values()])
+        accepted = np.array(quality_report["risks"][group]) <= 0.2
+        k, n = int(np.sum(accepted & (dice < 0.8))), int(accepted.sum())
+        assert rows[group][0] == str(dice.size)
+        assert rows[group][1] == f"{n} ({n / dice.size:.1%})"
+        assert rows[group][2] == (f"{k} ({k / n:.1%})" if n else "0 (-)")
+        assert rows[group][3] == (f"{upper_bound_95(k, n):.1%}" if n else "-")
+    assert any(int(r[1].split()[0]) > 0 for r in rows.values())  # the fixture accepts cases somewhere
 
 
 def test_overlay_is_never_a_method_without_maps() -> None:
@@ -623,6 +781,7 @@ def test_review_shows_quality_as_a_decision() -> None:
 
     assert (_flag_text("quality", True), _flag_text("quality", False)) == ("review", "accept")
     assert (_flag_text("mahalanobis", True), _flag_text("mahalanobis", False)) == ("OOD", "ok")
+    assert _flag_text("Q", True, deciding="Q") == "review"  # known as the deciding method from decision_rules
 
 
 def test_image_folders_come_from_the_flag_then_the_recorded_input_then_the_raw_layout(tmp_path) -> None:

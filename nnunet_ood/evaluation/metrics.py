@@ -209,3 +209,45 @@ def dice_prediction_errors(predicted_dice: ArrayLike, dice: ArrayLike) -> dict[s
     keep = ~np.isnan(p)
     mae = float(np.mean(np.abs(p[keep] - d[keep]))) if keep.any() else float("nan")
     return {"dice_mae": mae, "dice_pearson": pearson(p[keep], d[keep])}
+
+
+def failure_rate_upper_bound(failures: int, accepted: int, confidence: float = 0.95) -> float:
+    """Exact one-sided upper confidence bound (Clopper–Pearson) of a failure rate among ``accepted`` cases, of which
+    ``failures`` failed: the rate p at which seeing ``failures`` or fewer has probability 1 - ``confidence``, i.e.
+    the ``confidence`` quantile of Beta(failures + 1, accepted - failures); 1 when every accepted case failed, NaN
+    when none is accepted."""
+    if accepted <= 0:
+        return float("nan")
+    if not 0 <= failures <= accepted:
+        raise ValueError(f"failures must be between 0 and accepted ({accepted}), got {failures}")
+    if failures == accepted:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, failures + 1, accepted - failures))
+
+
+def coverage_at_risk(uncertainty: ArrayLike, failed: ArrayLike, alpha: float) -> float:
+    """The largest share of the cases that a threshold t on ``uncertainty`` can accept (u <= t, the least uncertain
+    first; equal uncertainties accepted together) with at most ``alpha`` of the accepted cases failed.
+
+    A ranking measure for decisions: the best any threshold of this score could do at risk ``alpha``, whatever
+    threshold the prediction used. Cases with a NaN uncertainty (not scored) are never accepted but count in the
+    denominator. Accepting nothing is always allowed (0). NaN for no cases.
+    """
+    u = np.asarray(uncertainty, dtype=np.float64).ravel()
+    f = np.asarray(failed, dtype=bool).ravel()
+    if u.shape != f.shape:
+        raise ValueError(f"coverage_at_risk needs equal lengths, got {u.size} and {f.size}")
+    if u.size == 0:
+        return float("nan")
+    keep = ~np.isnan(u)
+    order = np.argsort(u[keep], kind="stable")
+    su, sf = u[keep][order], f[keep][order]
+    if su.size == 0:
+        return 0.0
+    last_of_group = np.r_[su[1:] != su[:-1], True]
+    accepted = np.arange(1, su.size + 1)[last_of_group]
+    failures = np.cumsum(sf)[last_of_group]
+    ok = failures / accepted <= alpha
+    return float(accepted[ok].max() / u.size) if ok.any() else 0.0

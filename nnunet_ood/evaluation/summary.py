@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_ood.evaluation.decisions import DEFAULT_RISK
 from nnunet_ood.evaluation.table import ALL_SHIFTED, ID_VAL, Evaluation
 
 SUMMARY_MD = "ood_summary.md"
@@ -123,13 +124,24 @@ def missed_failures(evaluation: Evaluation, method: str) -> set[tuple[str, str]]
     return missed
 
 
+def _accepted_rate_cell(row: Mapping[str, Any]) -> str:
+    """``12% (<= 31%)``: the failure rate among the accepted cases and its exact 95% upper bound."""
+    rate = float(row.get("silent_rate_accepted", math.nan))
+    upper = float(row.get("silent_rate_accepted_upper", math.nan))
+    return "-" if math.isnan(rate) else f"{_cell(rate, 'share')} (<= {_cell(upper, 'share')})"
+
+
 def decision_lines(evaluation: Evaluation, deciding: str) -> list[str]:
     """The accept/review section of ``deciding`` (a method that predicts Dice) next to every single method:
-    pooled AURC and Spearman, silent-failure rate on the ID test and all shifted cases, and the silent failures
+    pooled AURC and Spearman, silent-failure rate on the ID test and all shifted cases, the failure rate among the
+    accepted shifted cases with its exact 95% upper bound, the coverage at risk alpha (the largest share any
+    threshold of the score could accept with at most alpha of the accepted failing), and the silent failures
     of the best single method (lowest pooled AURC) that ``deciding`` sends to review."""
+    alpha = f"{evaluation.risk_level:g}"
     lines = [f"## Accept or review: {deciding}", "",
              "| method | AURC | Spearman | silent failures, ID test | silent failures, all shifted | accepted, all "
-             "shifted |", "|---|---:|---:|---:|---:|---:|"]
+             f"shifted | failed among accepted, all shifted (95% upper) | coverage at risk {alpha}, all shifted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     singles = [m for m in evaluation.methods if m not in evaluation.dice_methods]
     order = [deciding] + sorted(singles, key=lambda m: (_row(evaluation, m, ALL_SHIFTED) or {}).get("aurc", math.inf))
     for m in order:
@@ -139,10 +151,15 @@ def decision_lines(evaluation: Evaluation, deciding: str) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(_cell(float(v), "dice") for v in cells) + " | "
                      + " | ".join(_cell(float(v), "share") for v in (id_row.get("silent_rate", math.nan),
                                                                     pooled.get("silent_rate", math.nan),
-                                                                    pooled.get("coverage", math.nan))) + " |")
+                                                                    pooled.get("coverage", math.nan))) + " | "
+                     + _accepted_rate_cell(pooled) + " | " + _cell(float(pooled.get("coverage_at_risk", math.nan)),
+                                                                   "share") + " |")
     ranked = [m for m in order[1:] if not math.isnan((_row(evaluation, m, ALL_SHIFTED) or {}).get("aurc", math.nan))
               and any(g.accepted(m) is not None for g in evaluation.groups)]
-    lines.append("")
+    lines += ["", f"- Coverage at risk {alpha}: the largest share of all shifted cases that any threshold of the "
+              f"method's score could accept with at most {alpha} of the accepted failing (Dice < "
+              f"{evaluation.fail_below:g}); {alpha} is {deciding}'s max_silent_failures where its decision_rules "
+              f"record it, else {DEFAULT_RISK:g}. The 95% upper bound is exact (Clopper–Pearson)."]
     if ranked:
         best = ranked[0]
         caught = missed_failures(evaluation, best) - missed_failures(evaluation, deciding)

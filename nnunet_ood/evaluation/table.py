@@ -36,6 +36,15 @@ import numpy as np
 
 from nnunet_ood.calibration import normalize_score
 from nnunet_ood.errors import OODInputError
+from nnunet_ood.evaluation.decisions import (
+    BOUND_COLUMNS,
+    DEFAULT_RISK,
+    HEADERS,
+    RISK_COLUMNS,
+    bound_metrics,
+    bound_note,
+    risk_level,
+)
 from nnunet_ood.evaluation.metrics import (
     aurc,
     auroc,
@@ -69,15 +78,17 @@ CORRELATION_PLOT = "correlation_with_failure.png"
 RISK_COVERAGE_PLOT = "risk_coverage.png"
 
 #: what the prediction-time accept/review decision did, and how well a predicted Dice matches the true one
-DECISION_COLUMNS: tuple[str, ...] = ("coverage", "silent_rate", "silent_rate_accepted", "dice_mae", "dice_pearson")
+DECISION_COLUMNS: tuple[str, ...] = ("coverage", "silent_rate", "silent_rate_accepted", *BOUND_COLUMNS, "dice_mae",
+                                     "dice_pearson")
 METRIC_COLUMNS: tuple[str, ...] = ("method", "domain", "n_id", "n_domain", "n_unscored", "auroc", "fpr", "tpr",
-                                   "detection_error", "esce", "spearman", "aurc", "e_aurc", "mean_dice", "threshold",
-                                   *DECISION_COLUMNS)
+                                   "detection_error", "esce", "spearman", "aurc", "e_aurc", *RISK_COLUMNS, "mean_dice",
+                                   "threshold", *DECISION_COLUMNS)
 MARKDOWN_HEADERS: dict[str, str] = {
     "method": "method", "domain": "domain", "n_id": "n_id", "n_domain": "n_domain", "n_unscored": "n_unscored",
     "auroc": "AUROC", "fpr": "FPR", "tpr": "TPR", "detection_error": "det. error", "esce": "ESCE",
-    "spearman": "Spearman", "aurc": "AURC", "e_aurc": "e-AURC", "mean_dice": "mean Dice",
-    "coverage": "coverage", "silent_rate": "silent", "silent_rate_accepted": "silent (accepted)",
+    "spearman": "Spearman", "aurc": "AURC", "e_aurc": "e-AURC", "coverage_at_risk": HEADERS["coverage_at_risk"],
+    "mean_dice": "mean Dice", "coverage": "coverage", "silent_rate": "silent",
+    "silent_rate_accepted": "silent (accepted)", "silent_rate_accepted_upper": HEADERS["silent_rate_accepted_upper"],
     "dice_mae": "Dice MAE", "dice_pearson": "Dice r"}
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -122,6 +133,7 @@ class ScoreTable:
     # SETTING_KEYS)
     flagged: dict[str, dict[str, bool]] = field(default_factory=dict)  # method -> case -> ood flag (sent to review)
     fail_below: dict[str, list[float]] = field(default_factory=dict)  # method -> fail_below its document records
+    decision_rules: dict[str, Any] = field(default_factory=dict)  # ood_scores.json's decision_rules (per method)
 
     def has_flag(self, method: str) -> bool:
         """Whether ``method``'s ``ood`` flags are a decision: its calibration has a finite threshold.
@@ -211,6 +223,7 @@ class Evaluation:
     fail_below: float = FAILURE_DICE  # Dice below which a segmentation counts as failed
     dice_methods: list[str] = field(default_factory=list)  # the evaluated methods that predict the Dice
     dropped: list[str] = field(default_factory=list)  # methods left out: not in every folder (a warning says so)
+    risk_level: float = DEFAULT_RISK  # alpha of coverage_at_risk (the deciding method's max_silent_failures)
 
     @property
     def console_notes(self) -> list[str]:
@@ -463,8 +476,10 @@ def load_score_table(folder: str) -> ScoreTable:
     calibration = {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) \
         else {}
     recorded = {m: values for m in methods if (values := recorded_fail_below(document, m))}
+    rules = document.get("decision_rules")
     return ScoreTable(folder, cases, methods, score, normalized, calibration,
-                      {k: document[k] for k in (*PROVENANCE_KEYS, *SETTING_KEYS) if k in document}, flagged, recorded)
+                      {k: document[k] for k in (*PROVENANCE_KEYS, *SETTING_KEYS) if k in document}, flagged, recorded,
+                      rules if isinstance(rules, dict) else {})
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -569,16 +584,20 @@ def _ranking_metrics(row: dict[str, Any], pooled: CaseValues) -> None:
 
 
 def decision_metrics(values: CaseValues, fail_below: float = FAILURE_DICE,
-                     predicts_dice: bool = False) -> dict[str, float]:
-    """The :data:`DECISION_COLUMNS` of one set of cases (all of them, unscored ones included).
+                     predicts_dice: bool = False, alpha: float = DEFAULT_RISK) -> dict[str, float]:
+    """The :data:`DECISION_COLUMNS` and ``coverage_at_risk`` of one set of cases (all of them, unscored ones included).
 
     * ``coverage``, ``silent_rate`` and ``silent_rate_accepted``
       (:func:`nnunet_ood.evaluation.metrics.selective_outcomes`) of the prediction-time decision, failure =
       Dice below ``fail_below``; NaN without a decision (``values.accepted`` is None) or without cases.
+    * ``silent_rate_accepted_upper`` and ``coverage_at_risk`` at ``alpha``
+      (:func:`nnunet_ood.evaluation.decisions.bound_metrics`).
     * ``dice_mae`` and ``dice_pearson`` of the predicted Dice ``1 - score`` over the scored cases, only for a
       method that ``predicts_dice``; NaN otherwise.
     """
-    out = {c: float("nan") for c in DECISION_COLUMNS}
+    out = {c: float("nan") for c in (*DECISION_COLUMNS, *RISK_COLUMNS)}
+    if values.n:
+        out.update(bound_metrics(values.score, values.accepted, values.dice, fail_below, alpha))
     if values.accepted is not None and values.n:
         out.update(selective_outcomes(values.accepted, values.dice, fail_below))
     if predicts_dice:
@@ -590,7 +609,7 @@ def decision_metrics(values: CaseValues, fail_below: float = FAILURE_DICE,
 
 def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues | None, shifted: CaseValues,
                percentile: float = 95.0, fail_below: float = FAILURE_DICE,
-               predicts_dice: bool = False) -> dict[str, Any]:
+               predicts_dice: bool = False, alpha: float = DEFAULT_RISK) -> dict[str, Any]:
     """One row of the table: ``shifted`` (positives) against ``id_test`` (negatives) for one method.
 
     * AUROC and the threshold metrics use every case (a NaN score counts as maximally uncertain, i.e. rejected);
@@ -617,12 +636,13 @@ def metric_row(method: str, domain: str, id_test: CaseValues, id_val: CaseValues
             row.update(fpr=t["fpr"], tpr=t["tpr"], detection_error=t["detection_error"])
     if id_scored.n >= MIN_CASES and shifted_scored.n >= MIN_CASES:
         _ranking_metrics(row, CaseValues.concat([id_scored, shifted_scored]))
-    row.update(decision_metrics(shifted, fail_below, predicts_dice))
+    row.update(decision_metrics(shifted, fail_below, predicts_dice, alpha))
     return row
 
 
 def id_metric_row(method: str, id_test: CaseValues, id_val: CaseValues | None, percentile: float = 95.0,
-                  fail_below: float = FAILURE_DICE, predicts_dice: bool = False) -> dict[str, Any]:
+                  fail_below: float = FAILURE_DICE, predicts_dice: bool = False,
+                  alpha: float = DEFAULT_RISK) -> dict[str, Any]:
     """The ``id_test`` row of a method: only what the ID test cases alone define.
 
     ``n_id``, ``n_unscored``, ``mean_dice``, the threshold and TPR (share of ID test cases at or below it), ESCE,
@@ -641,12 +661,13 @@ def id_metric_row(method: str, id_test: CaseValues, id_val: CaseValues | None, p
             row["tpr"] = threshold_metrics(val_scores, id_test.score, np.empty(0), percentile)["tpr"]
     if scored.n >= MIN_CASES:
         _ranking_metrics(row, scored)
-    row.update(decision_metrics(id_test, fail_below, predicts_dice))
+    row.update(decision_metrics(id_test, fail_below, predicts_dice, alpha))
     return row
 
 
 def compute_metric_rows(groups: Sequence[Group], methods: Sequence[str], percentile: float,
-                        fail_below: float = FAILURE_DICE, dice_methods: Sequence[str] = ()) -> list[dict[str, Any]]:
+                        fail_below: float = FAILURE_DICE, dice_methods: Sequence[str] = (),
+                        alpha: float = DEFAULT_RISK) -> list[dict[str, Any]]:
     """Rows for every method x (the ID test cases, each shifted domain, then all shifted domains pooled)."""
     id_test = next(g for g in groups if g.spec.role == ID_TEST)
     id_val = next((g for g in groups if g.spec.role == ID_VAL), None)
@@ -654,7 +675,7 @@ def compute_metric_rows(groups: Sequence[Group], methods: Sequence[str], percent
     rows = []
     for method in methods:
         val = id_val.values(method) if id_val is not None else None
-        options = {"fail_below": fail_below, "predicts_dice": method in dice_methods}
+        options = {"fail_below": fail_below, "predicts_dice": method in dice_methods, "alpha": alpha}
         rows.append(id_metric_row(method, id_test.values(method), val, percentile, **options))
         for domain in domains:
             rows.append(metric_row(method, domain.spec.name, id_test.values(method), val, domain.values(method),
@@ -769,9 +790,11 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
     check_reference_labels(specs, tables, setup, reader)
     groups = [load_group(s, t, methods, setup, reader) for s, t in zip(specs, tables)]
     dice_methods = [m for m in methods if method_predicts_dice(m)]
-    rows = compute_metric_rows(groups, methods, percentile, fail_below, dice_methods)
+    alpha, risk_note = risk_level([t.decision_rules for t in tables], dice_methods)
+    rows = compute_metric_rows(groups, methods, percentile, fail_below, dice_methods, alpha)
     recorded = {m: {s.name: t.fail_below[m] for s, t in zip(specs, tables) if m in t.fail_below} for m in dice_methods}
     notes = collect_notes(groups, methods, rows, percentile, dropped, fail_below, dice_methods, recorded)
+    notes += [bound_note(), risk_note]
     warnings = [f"method(s) {', '.join(dropped)} are not in the {CSV_NAME} of every prediction folder and were "
                 "dropped; pass --methods to require them"] if dropped else []
     warnings += provenance_warnings(tables, specs)
@@ -781,7 +804,7 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
         for method, values in table.calibration.items():
             calibration.setdefault(method, values)
     return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods,
-                      dropped)
+                      dropped=dropped, risk_level=alpha)
 
 
 def check_fail_below(fail_below: float) -> None:

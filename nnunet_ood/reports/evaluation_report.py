@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from nnunet_ood.errors import OODInputError
+from nnunet_ood.evaluation.decisions import BOUND_CONFIDENCE, accepted_failures
+from nnunet_ood.evaluation.metrics import failure_rate_upper_bound
 from nnunet_ood.evaluation.summary import best_methods, flag_threshold, flagged, group_rows
 from nnunet_ood.evaluation.table import (
     ALL_SHIFTED,
@@ -191,6 +193,49 @@ def most_uncertain(evaluation: Evaluation, method: str, count: int) -> list[Gall
 # ----------------------------------------------------------------------------------------------- page parts
 
 
+def decision_rows(evaluation: Evaluation, method: str) -> list[dict]:
+    """Per group (the ID test cases, each domain, all shifted domains pooled) what ``method``'s prediction-time
+    decision did: cases, accepted, failures among the accepted (Dice below ``fail_below``), their rate and its exact
+    one-sided 95% upper bound (Clopper–Pearson). Groups where the method made no decision are left out."""
+    rows, shifted = [], []
+    for group in (g for g in evaluation.groups if g.spec.role != ID_VAL):
+        accepted = group.accepted(method)
+        if accepted is None:
+            continue
+        rows.append((group.spec.name, accepted, group.dice))
+        if group.spec.role != ID_TEST:
+            shifted.append((accepted, group.dice))
+    if len(shifted) > 1:
+        rows.append((ALL_SHIFTED, np.concatenate([a for a, _ in shifted]), np.concatenate([d for _, d in shifted])))
+    out = []
+    for name, accepted, dice in rows:
+        failures, n_accepted = accepted_failures(accepted, dice, evaluation.fail_below)
+        out.append({"group": name, "cases": int(accepted.size), "accepted": n_accepted,
+                    "coverage": n_accepted / accepted.size if accepted.size else math.nan, "failures": failures,
+                    "rate": failures / n_accepted if n_accepted else math.nan,
+                    "upper": failure_rate_upper_bound(failures, n_accepted, BOUND_CONFIDENCE)})
+    return out
+
+
+def _decision_headline(evaluation: Evaluation) -> str:
+    """Per method that predicts the Dice, first on the page: coverage and the failures among accepted cases with
+    their exact 95% upper bound, per group."""
+    out = []
+    for method in evaluation.dice_methods:
+        rows = decision_rows(evaluation, method)
+        if not rows:
+            continue
+        body = [[page.esc(r["group"]), str(r["cases"]), f"{r['accepted']} ({_percent(r['coverage'])})",
+                 f"{r['failures']} ({_percent(r['rate'])})", _percent(r["upper"])] for r in rows]
+        out.append(f'<p id="decision-{page.esc(method)}"><b>Auto-accepted by {page.esc(method)}</b>: per group, the '
+                   f"share of cases accepted (coverage) and the accepted cases that failed (Dice &lt; "
+                   f"{evaluation.fail_below:g}), with the exact one-sided 95% upper bound of that failure rate "
+                   "(Clopper–Pearson: the true rate among cases like these is below it with 95% confidence).</p>"
+                   + page.table(["group", "cases", "accepted (coverage)", "failed among accepted",
+                                 "95% upper bound"], body))
+    return "".join(out)
+
+
 def _headline(evaluation: Evaluation, method: str | None) -> str:
     best = best_methods(evaluation)
     pooled = {r["method"]: r for r in evaluation.rows if r["domain"] == ALL_SHIFTED}
@@ -218,7 +263,8 @@ def _headline(evaluation: Evaluation, method: str | None) -> str:
                      page.number(r["caught"]), page.number(r["missed"])])
     header = ["group", "cases", "mean Dice", "failures", f"flagged by {page.esc(best['failure'] or '-')}",
               "failures caught", "failures missed"]
-    return ('<div class="headline"><ul>' + "".join(f"<li>{i}</li>" for i in items) + "</ul>" +
+    return ('<div class="headline">' + _decision_headline(evaluation) + "<ul>" +
+            "".join(f"<li>{i}</li>" for i in items) + "</ul>" +
             page.table(header, rows) + "</div>")
 
 
@@ -407,9 +453,9 @@ def build_evaluation_report(evaluation: Evaluation, setup: LabelSetup, sources: 
               '<p class="note">What each method\'s own flag in ood_scores.csv did (accepted = not flagged; a case '
               "that could not be scored is never accepted): coverage = share accepted; silent = accepted and failed "
               f"(Dice &lt; {evaluation.fail_below:g}) among all cases; silent (accepted) = the same among the "
-              "accepted cases. Dice MAE and Dice r: error and Pearson correlation of the predicted Dice (1 - score) "
-              "of methods that predict it (bold). Rows: the ID test cases and all shifted cases; every domain is in "
-              "the table above.</p>",
+              "accepted cases, with its exact one-sided 95% upper bound (Clopper–Pearson). Dice MAE and Dice r: "
+              "error and Pearson correlation of the predicted Dice (1 - score) of methods that predict it (bold). "
+              "Rows: the ID test cases and all shifted cases; every domain is in the table above.</p>",
               _decision_table(evaluation),
               "<details><summary>notes on the metrics</summary><ul>" +
               "".join(f"<li>{page.esc(n)}</li>" for n in evaluation.notes) + "</ul></details>",

@@ -48,6 +48,7 @@ figure img{display:block;border:1px solid #c9ced4;image-rendering:pixelated;back
  border:1px solid #777}
 .pill{display:inline-block;border-radius:9px;padding:0 7px;font-size:11.5px;font-weight:600}
 .pill.bad{background:#fbe0de;color:#a3221b}.pill.good{background:#e1f2e4;color:#2d6b3a}
+.statement{font-size:15px;margin:4px 0 8px}.drift{margin:4px 0}.reason{color:#a3221b;font-weight:600;margin:2px 0}
 """.strip()
 
 

@@ -6,6 +6,12 @@
   calibration, whose normalised scores are all NaN) are broken by its raw score. Cases it could not score (NaN)
   come first.
 
+With a **deciding method** (one that predicts the Dice, ``Method.predicts_dice``, e.g. ``quality``; found through
+the registry or the ``decision_rules`` of ``ood_scores.json``, :func:`deciding_method`), the cases it sends to
+review come first and the accepted cases after them; within each part, the order above when ``method`` is given,
+else the deciding method's own: cases it could not score first, then the predicted risk (1 - predicted Dice,
+highest first).
+
 Remaining ties keep the case names in alphabetical order, so the order is deterministic. No torch, no SimpleITK:
 the command lines import this module before they check their arguments.
 """
@@ -28,6 +34,8 @@ class MethodScore:
     score: float
     normalized: float
     ood: bool
+    decision: str = ""  # accept/review for a deciding method, else empty
+    reason: str = ""  # why a deciding method sends the case to review
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,11 @@ class RankedCase:
     rank: int
     case: str
     n_flagged: int
-    ranking_score: float  # mean normalised score, or the chosen method's normalised score (NaN: none)
-    overlay_method: str | None
+    ranking_score: float  # mean normalised score, the chosen method's normalised score, or the deciding method's
+    overlay_method: str | None  # predicted risk (NaN: none)
     scores: Mapping[str, MethodScore]
+    decision: str = ""  # the deciding method's accept/review ('' without one)
+    reason: str = ""  # why it goes to review ('' when accepted or without a deciding method)
 
 
 def check_report_arguments(report: bool, method: str | None, known: Sequence[str]) -> None:
@@ -75,7 +85,8 @@ def read_scores(output_folder: str) -> tuple[list[str], dict[str, dict[str, Meth
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cases: dict[str, dict[str, MethodScore]] = {}
     for r in rows:
-        cases.setdefault(r["case"], {})[r["method"]] = MethodScore(r["score"], r["normalized"], r["ood"])
+        cases.setdefault(r["case"], {})[r["method"]] = MethodScore(r["score"], r["normalized"], r["ood"],
+                                                                   r["decision"], r["reason"])
     return methods, cases
 
 
@@ -99,6 +110,35 @@ def calibration_bounds(document: Mapping[str, object]) -> dict[str, tuple[float,
     return out
 
 
+def deciding_method(methods: Sequence[str], document: Mapping[str, object]) -> str | None:
+    """The method whose flag is the run's accept/review decision: the first method (table order) that the
+    ``decision_rules`` of ``ood_scores.json`` name or that the registry says predicts the Dice; None without one."""
+    from nnunet_ood.methods import REGISTRY
+
+    rules = document.get("decision_rules")
+    for m in methods:
+        if (isinstance(rules, dict) and isinstance(rules.get(m), dict)) or \
+                (m in REGISTRY and getattr(REGISTRY.get(m), "predicts_dice", False)):
+            return m
+    return None
+
+
+def in_review(scores: Mapping[str, MethodScore], deciding: str) -> bool:
+    """Whether the deciding method sends the case to review: flagged, not scored, or no row for it."""
+    entry = scores.get(deciding)
+    return entry is None or entry.ood or math.isnan(entry.score)
+
+
+def review_reason(scores: Mapping[str, MethodScore], deciding: str) -> str:
+    """The reason the prediction wrote; for tables written before reasons existed, what can be said."""
+    entry = scores.get(deciding)
+    if entry is None:
+        return f"no {deciding} score"
+    if entry.reason:
+        return entry.reason
+    return "could not be scored" if math.isnan(entry.score) else "sent to review (no reason recorded)"
+
+
 def has_maps(method: str) -> bool:
     """Whether the method writes voxel maps (derived methods do not; unknown names are assumed to)."""
     from nnunet_ood.methods import REGISTRY, MethodKind
@@ -107,15 +147,16 @@ def has_maps(method: str) -> bool:
 
 
 def overlay_method(scores: Mapping[str, MethodScore], methods: Sequence[str], method: str | None,
-                   bounds: Mapping[str, tuple[float, float]] | None = None) -> str | None:
+                   bounds: Mapping[str, tuple[float, float]] | None = None, deciding: str | None = None) -> str | None:
     """The method whose map a case shows: ``method`` if given and it has maps, else the one with the highest
     normalised score among the methods with maps (a derived method such as ``quality`` has none).
 
     Ties (typically several methods clipped at 1) go to the method whose score lies furthest beyond its scale, the
     unclipped ``(score - low) / (high - low)`` with the ``bounds`` of ``ood_scores.json``, then to the first in
-    table order. Without any finite normalised score: the first method with a row.
+    table order. Without any finite normalised score: the first method with a row. The ``deciding`` method (a
+    derived score, registered or not) has no map either.
     """
-    mapped = [m for m in methods if has_maps(m)]
+    mapped = [m for m in methods if has_maps(m) and m != deciding]
     if method is not None and method in mapped:
         return method
     present = [m for m in mapped if m in scores]
@@ -142,19 +183,42 @@ def _sort_key(case: str, scores: Mapping[str, MethodScore], method: str | None) 
     return (1, -normalized, -entry.score, case)
 
 
+def _decision_key(case: str, scores: Mapping[str, MethodScore], deciding: str, method: str | None) -> tuple:
+    part = 0 if in_review(scores, deciding) else 1
+    if method is not None:
+        return (part, *_sort_key(case, scores, method))
+    entry = scores.get(deciding)
+    if entry is None or math.isnan(entry.score):
+        return (part, 0, 0.0, case)
+    return (part, 1, -entry.score, case)
+
+
 def rank_cases(methods: Sequence[str], cases: Mapping[str, Mapping[str, MethodScore]], method: str | None = None,
-               bounds: Mapping[str, tuple[float, float]] | None = None) -> list[RankedCase]:
+               bounds: Mapping[str, tuple[float, float]] | None = None,
+               deciding: str | None = None) -> list[RankedCase]:
     """Every case, least trustworthy first (see the module's docstring); ``method``: rank by that method only.
-    ``bounds``: the calibration's normalisation bounds, to choose the overlay (:func:`overlay_method`)."""
+    ``bounds``: the calibration's normalisation bounds, to choose the overlay (:func:`overlay_method`).
+    ``deciding``: the method whose decision splits the cases (reviews first, :func:`deciding_method`)."""
     if method is not None and method not in methods:
         raise OODInputError(f"--report_method {method} has no scores in this folder's {CSV_NAME} (methods: "
                             f"{', '.join(methods)}); choose one of them")
-    order = sorted(cases, key=lambda c: _sort_key(c, cases[c], method))
+    if deciding is not None:
+        order = sorted(cases, key=lambda c: _decision_key(c, cases[c], deciding, method))
+    else:
+        order = sorted(cases, key=lambda c: _sort_key(c, cases[c], method))
     ranked = []
     for rank, case in enumerate(order, start=1):
         scores = cases[case]
-        value = mean_normalized(scores) if method is None else \
-            (scores[method].normalized if method in scores else math.nan)
+        if method is not None:
+            value = scores[method].normalized if method in scores else math.nan
+        elif deciding is not None:
+            value = scores[deciding].score if deciding in scores else math.nan
+        else:
+            value = mean_normalized(scores)
+        decision = reason = ""
+        if deciding is not None:
+            review = in_review(scores, deciding)
+            decision, reason = ("review", review_reason(scores, deciding)) if review else ("accept", "")
         ranked.append(RankedCase(rank, case, sum(s.ood for s in scores.values()), value,
-                                 overlay_method(scores, methods, method, bounds), scores))
+                                 overlay_method(scores, methods, method, bounds, deciding), scores, decision, reason))
     return ranked
