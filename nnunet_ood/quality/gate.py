@@ -121,5 +121,7 @@ def drift_summary(p_values: Sequence[float | None], level: float) -> str:
         return "no case could be tested for being unusual"
     tail = float(binom.sf(k - 1, n, level)) if k > 0 else 1.0
     shown = "p < 0.001" if tail < 0.001 else f"p = {tail:.3g}"
-    return (f"{k} of {n} cases unusual; expected about {n * level:.0f} on in-distribution data; {shown}"
+    expected = n * level
+    shown_expected = f"{expected:.0f}" if expected >= 10 else f"{expected:.1g}" if expected < 1 else f"{expected:.1f}"
+    return (f"{k} of {n} cases unusual; expected about {shown_expected} on in-distribution data; {shown}"
             + (" (drift: scanner, protocol or population unlike the calibration?)" if tail < 0.01 else ""))
