@@ -503,7 +503,8 @@ def quality_project(tmp_path_factory) -> dict:
         document = {"calibration": Q_CALIBRATION,
                     "method_config": {"quality": {"fail_below": Q_RECORDED_FAIL_BELOW, "max_silent_failures": 0.1}},
                     "decision_rules": {"quality": {"rule": "ltt", "fail_below": Q_RECORDED_FAIL_BELOW,
-                                                   "max_silent_failures": Q_RISK, "threshold": 0.3}}}
+                                                   "max_silent_failures": Q_RISK, "threshold": 0.3,
+                                                   "statement": f"Statement of {group}: at most 25% & no more."}}}
         (pred_dir / "ood_scores.json").write_text(json.dumps(document))
         (pred_dir / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ENDING}))
         data["dice"][group], data["scores"][group], data["flags"][group] = np.array(dice), scores, flags
@@ -837,3 +838,12 @@ def test_a_dropped_method_is_told_once(project, broken, capsys) -> None:
                                                                                     ln)]
     assert len(told) == 1 and told[0].startswith("warning: "), told
     assert "Method(s) B are not in every prediction folder" in (out / "ood_evaluation.md").read_text()
+
+
+def test_report_leads_with_the_id_test_folders_statement(quality_runs) -> None:
+    """report.html's headline carries the sentence the ID test folder's prediction recorded (escaped), not
+    another folder's."""
+    text = (quality_runs[0.6] / "report.html").read_text()
+    assert "Statement of id_test: at most 25% &amp; no more." in text
+    assert "Statement of shiftA" not in text and "Statement of id_val" not in text
+    assert text.index("Statement of id_test") < text.index("Auto-accepted by")

@@ -64,6 +64,18 @@ def recorded_risks(rules: Sequence[Mapping[str, Any]], methods: Sequence[str]) -
     return found
 
 
+def recorded_statements(rules: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> dict[str, str]:
+    """Per deciding method, the statement of what its decision guarantees (``decision_rules[m]["statement"]``) of
+    the first folder that records one (the ID test folder first)."""
+    found: dict[str, str] = {}
+    for document_rules in rules:
+        for method in methods:
+            entry = document_rules.get(method)
+            if isinstance(entry, dict) and isinstance(entry.get("statement"), str):
+                found.setdefault(method, entry["statement"])
+    return found
+
+
 def risk_level(rules: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> tuple[float, str]:
     """alpha of ``coverage_at_risk`` and a note saying where it comes from."""
     found = recorded_risks(rules, methods)

@@ -43,6 +43,7 @@ from nnunet_ood.evaluation.decisions import (
     RISK_COLUMNS,
     bound_metrics,
     bound_note,
+    recorded_statements,
     risk_level,
 )
 from nnunet_ood.evaluation.metrics import (
@@ -224,6 +225,7 @@ class Evaluation:
     dice_methods: list[str] = field(default_factory=list)  # the evaluated methods that predict the Dice
     dropped: list[str] = field(default_factory=list)  # methods left out: not in every folder (a warning says so)
     risk_level: float = DEFAULT_RISK  # alpha of coverage_at_risk (the deciding method's max_silent_failures)
+    statements: dict[str, str] = field(default_factory=dict)  # deciding method -> what its decision guarantees
 
     @property
     def console_notes(self) -> list[str]:
@@ -804,7 +806,8 @@ def evaluate(specs: Sequence[GroupSpec], setup: LabelSetup, requested_methods: S
         for method, values in table.calibration.items():
             calibration.setdefault(method, values)
     return Evaluation(groups, methods, rows, notes, warnings, calibration, percentile, fail_below, dice_methods,
-                      dropped=dropped, risk_level=alpha)
+                      dropped=dropped, risk_level=alpha,
+                      statements=recorded_statements([t.decision_rules for t in tables], dice_methods))
 
 
 def check_fail_below(fail_below: float) -> None:

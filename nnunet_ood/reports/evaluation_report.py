@@ -227,6 +227,10 @@ def _decision_headline(evaluation: Evaluation) -> str:
             continue
         body = [[page.esc(r["group"]), str(r["cases"]), f"{r['accepted']} ({_percent(r['coverage'])})",
                  f"{r['failures']} ({_percent(r['rate'])})", _percent(r["upper"])] for r in rows]
+        statement = evaluation.statements.get(method)
+        if statement:  # the same sentence as the prediction's ood_scores.json, closing lines and review page
+            out.append(f'<p class="statement"><b>What the decision of {page.esc(method)} guarantees</b> (as the '
+                       f"prediction of the ID test cases recorded it): {page.esc(statement)}</p>")
         out.append(f'<p id="decision-{page.esc(method)}"><b>Auto-accepted by {page.esc(method)}</b>: per group, the '
                    f"share of cases accepted (coverage) and the accepted cases that failed (Dice &lt; "
                    f"{evaluation.fail_below:g}), with the exact one-sided 95% upper bound of that failure rate "
