@@ -132,10 +132,11 @@ def test_ridge_equals_sklearn_on_standardised_clipped_inputs():
     Z_new = standardise(rng.normal(size=(20, 4)) * 20, center, scale)
     for alpha in RIDGE_ALPHAS:
         coef, intercept = fit_ridge(Z, y, alpha)
+        ref_coef, ref_intercept = ridge_normal_equations(Z, y, alpha)
+        np.testing.assert_allclose(coef, ref_coef, rtol=1e-8, atol=1e-10)
+        assert intercept == pytest.approx(ref_intercept, abs=1e-10)
+        np.testing.assert_allclose(Z_new @ coef + intercept, Z_new @ ref_coef + ref_intercept, atol=1e-10)
         ref = Ridge(alpha=alpha).fit(Z, y)
-        np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-10)
-        assert intercept == pytest.approx(ref.intercept_, abs=1e-10)
-        np.testing.assert_allclose(Z_new @ coef + intercept, ref.predict(Z_new), atol=1e-10)
         # the fitted candidate predicts the same, clipped to [0, 1] (the tie-break moves it by at most TIE_BREAK)
         spec = fit_candidate(Candidate("ridge", alpha=alpha), X, y, ["a", "b", "c", "d"])
         X_new = rng.normal(size=(20, 4)) * 20
@@ -145,8 +146,32 @@ def test_ridge_equals_sklearn_on_standardised_clipped_inputs():
         assert np.abs(predict_spec(spec, X_new, ["a", "b", "c", "d"]) - expected).max() <= TIE_BREAK
 
 
+def ridge_normal_equations(Z, y, alpha):
+    """The ridge solution by its normal equations on centred data (intercept unpenalised)."""
+    z_mean, y_mean = Z.mean(axis=0), y.mean()
+    Zc = Z - z_mean
+    coef = np.linalg.solve(Zc.T @ Zc + alpha * np.eye(Z.shape[1]), Zc.T @ (y - y_mean))
+    return coef, y_mean - z_mean @ coef
+
+
+def pool_adjacent_violators(x, y, increasing):
+    """The least-squares monotone fit at every x, by pooling adjacent violators over the sorted, tie-pooled x."""
+    ux, inverse = np.unique(x, return_inverse=True)
+    weight = np.bincount(inverse.reshape(-1)).astype(float)
+    value = np.bincount(inverse.reshape(-1), weights=y) / weight * (1 if increasing else -1)
+    blocks = []  # [value, weight, count of unique x]
+    for v, w in zip(value, weight):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + v2 * w2) / (blocks[-1][1] + w2), blocks[-1][1] + w2,
+                          blocks[-1][2] + n2]
+    fitted = np.concatenate([[b[0]] * b[2] for b in blocks]) * (1 if increasing else -1)
+    return ux, fitted
+
+
 @pytest.mark.parametrize("increasing", [True, False])
-def test_isotonic_equals_sklearn(increasing):
+def test_isotonic_equals_pool_adjacent_violators_and_sklearn(increasing):
     rng = np.random.default_rng(3)
     for _ in range(10):
         x = np.round(rng.normal(size=70), 1)  # ties
@@ -154,6 +179,8 @@ def test_isotonic_equals_sklearn(increasing):
         kx, ky = fit_isotonic(x, y, increasing)
         assert np.all(np.diff(kx) > 0)
         assert np.all(np.diff(ky) >= 0) if increasing else np.all(np.diff(ky) <= 0)
+        ux, fitted = pool_adjacent_violators(x, y, increasing)
+        np.testing.assert_allclose(np.interp(ux, kx, ky), fitted, atol=1e-10)  # the least-squares monotone fit
         ref = IsotonicRegression(increasing=increasing, out_of_bounds="clip").fit(x, y)
         grid = np.linspace(x.min(), x.max(), 301)
         np.testing.assert_allclose(np.interp(grid, kx, ky), ref.predict(grid), atol=1e-10)

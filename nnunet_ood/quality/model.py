@@ -77,47 +77,24 @@ def standardise(X: np.ndarray, center: np.ndarray, scale: np.ndarray, clip: floa
 
 
 def fit_ridge(Z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    """``(coef, intercept)`` minimising ``|y - Z coef - intercept|^2 + alpha |coef|^2`` (intercept unpenalised)."""
-    z_mean, y_mean = Z.mean(axis=0), float(y.mean())
-    Zc = Z - z_mean
-    gram = Zc.T @ Zc + alpha * np.eye(Z.shape[1])
-    coef = np.linalg.solve(gram, Zc.T @ (y - y_mean))  # alpha > 0: the system is positive definite
-    return coef, y_mean - float(z_mean @ coef)
+    """``(coef, intercept)`` minimising ``|y - Z coef - intercept|^2 + alpha |coef|^2`` (intercept unpenalised):
+    scikit-learn's ``Ridge``, whose fitted parameters the model stores as JSON."""
+    from sklearn.linear_model import Ridge
+
+    model = Ridge(alpha=alpha).fit(Z, y)
+    return np.asarray(model.coef_, dtype=np.float64).reshape(-1), float(model.intercept_)
 
 
 def fit_isotonic(x: np.ndarray, y: np.ndarray, increasing: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Knots ``(kx, ky)`` of the least-squares monotone fit of ``y`` on ``x`` (pool adjacent violators).
+    """Knots ``(kx, ky)`` of the least-squares monotone fit of ``y`` on ``x``: scikit-learn's
+    ``IsotonicRegression`` (``out_of_bounds="clip"``), its ``X_thresholds_`` and ``y_thresholds_`` (the two ends of
+    each constant block; ``kx`` strictly increasing). ``np.interp(x_new, kx, ky)`` reproduces its predictions, so the
+    model stores the knots as JSON and needs no pickle."""
+    from sklearn.isotonic import IsotonicRegression
 
-    Tied x values are pooled first (their mean y, weighted by their count), as scikit-learn's
-    ``IsotonicRegression`` does; ``np.interp(x_new, kx, ky)`` then reproduces its ``out_of_bounds="clip"``
-    predictions. Only the two ends of each constant block are kept: ``kx`` is strictly increasing.
-    """
-    ux, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    weight = counts.astype(np.float64)
-    value = np.bincount(inverse, weights=np.asarray(y, dtype=np.float64), minlength=ux.size) / weight
-    sign = 1.0 if increasing else -1.0  # a decreasing fit of y is an increasing fit of -y
-    block_value: list[float] = []
-    block_weight: list[float] = []
-    block_start: list[int] = []
-    for i in range(ux.size):
-        v, w, start = sign * float(value[i]), float(weight[i]), i
-        while block_value and block_value[-1] >= v:  # pool violators (and equal blocks: fewer knots)
-            pw = block_weight.pop()
-            v = (block_value.pop() * pw + v * w) / (pw + w)
-            w += pw
-            start = block_start.pop()
-        block_value.append(v)
-        block_weight.append(w)
-        block_start.append(start)
-    kx: list[float] = []
-    ky: list[float] = []
-    ends = [*block_start[1:], ux.size]
-    for v, start, end in zip(block_value, block_start, ends):
-        for j in sorted({start, end - 1}):
-            kx.append(float(ux[j]))
-            ky.append(sign * v)
-    return np.array(kx), np.array(ky)
+    model = IsotonicRegression(increasing=increasing, out_of_bounds="clip").fit(np.asarray(x, dtype=np.float64),
+                                                                              np.asarray(y, dtype=np.float64))
+    return np.asarray(model.X_thresholds_, dtype=np.float64), np.asarray(model.y_thresholds_, dtype=np.float64)
 
 
 @dataclass(frozen=True)
