@@ -27,18 +27,15 @@ within 0.05 of the best single method's, on the shifts pooled).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from demo_runs import DATASET, add_demo_arguments, demo_env, demo_paths, demo_trainer, read_rows, run, value
 
-DATASET = "Dataset501_OODDemo"
 ENDING = ".nii.gz"
 SHIFTS = ("unseen_pathology", "contrast_swap", "cropped_fov", "low_resolution")
 SEVERITIES = (1, 2)
@@ -94,41 +91,16 @@ def write_sets(work: Path, n: int, seed: int) -> None:
                     sitk.WriteImage(itk, str(path))
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def value(rows: list[dict[str, str]], method: str, domain: str, column: str) -> float:
-    for r in rows:
-        if r["method"] == method and r["domain"] == domain and r.get(column, "") != "":
-            return float(r[column])
-    return math.nan
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--demo", required=True, help="the demo's output folder (nnunet_ood_demo --output)")
-    p.add_argument("--work", default=None, help="where the shifted sets and predictions go (default: "
-                                                "DEMO/bench_decision)")
+    add_demo_arguments(p, "bench_decision")
     p.add_argument("--n", type=int, default=16, help="new subjects per shift and severity (default: 16)")
     p.add_argument("--calibration", default="site", help="the site calibration to predict with (default: site)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    demo = Path(args.demo).resolve()
-    work = Path(args.work).resolve() if args.work else demo / "bench_decision"
+    demo, work = demo_paths(args, "bench_decision")
     results = demo / "nnunet" / "results" / DATASET
-    env = {**os.environ, "nnUNet_raw": str(demo / "nnunet" / "raw"),
-           "nnUNet_preprocessed": str(demo / "nnunet" / "preprocessed"), "nnUNet_results": str(demo / "nnunet" /
-                                                                                              "results"),
-           "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
-    trainer = next(t for t in ("nnUNetTrainerOOD_demo_full", "nnUNetTrainerOOD_demo")
-                   if (results / f"{t}__nnUNetPlans__2d").is_dir())
+    env = demo_env(demo)
+    trainer = demo_trainer(demo)
     model = results / f"{trainer}__nnUNetPlans__2d"
     if not (model / "ood_calibrations" / f"{args.calibration}.json").is_file():
         sys.exit(f"error: {model} has no calibration {args.calibration}; run a current `make demo` (it makes one) "
@@ -140,12 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     run([sys.executable, "-m", "nnunet_ood.cli.predict", "-i", *(str(i) for i, _ in folders.values()),
          "-o", *(str(work / f"pred_{k}") for k in folders), "-d", "501", "-c", "2d", "-f", "0", "-tr", trainer,
          "-device", "cpu", "-npp", "0", "-nps", "0", "--calibration", args.calibration,
-         "--disable_progress_bar"], env)
+         "--disable_progress_bar"], env, quiet=True)
     evaluation = work / "evaluation"
     run([sys.executable, "-m", "nnunet_ood.cli.evaluate", "--id_test", str(work / "pred_id_test"),
          str(folders["id_test"][1]), *(a for k in SHIFTS for a in ("--domain", k, str(work / f"pred_{k}"),
                                                                    str(folders[k][1]))),
-         "-o", str(evaluation), "--no_report"], env)
+         "-o", str(evaluation), "--no_report"], env, quiet=True)
     rows = read_rows(evaluation / "ood_evaluation.csv")
     rules = json.loads((work / "pred_id_test" / "ood_scores.json").read_text())["decision_rules"]
     deciding = next(iter(rules))

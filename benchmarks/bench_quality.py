@@ -20,19 +20,16 @@ Needs a finished demo (``nnunet_ood_demo -o WORK`` or ``make demo``, which leave
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from demo_runs import DATASET, add_demo_arguments, demo_env, demo_paths, demo_trainer, read_rows, run, value
 
-DATASET = "Dataset501_OODDemo"
 ENDING = ".nii.gz"
 
 
@@ -64,41 +61,16 @@ def corrupt_folder(images: Path, labels: Path, out_images: Path, out_labels: Pat
     return n
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def value(rows: list[dict[str, str]], method: str, domain: str, column: str) -> float:
-    for r in rows:
-        if r["method"] == method and r["domain"] == domain and r.get(column, "") != "":
-            return float(r[column])
-    return math.nan
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--demo", required=True, help="the demo's output folder (nnunet_ood_demo -o)")
-    p.add_argument("--work", default=None, help="where the new test sets and their predictions go "
-                                                "(default: DEMO/bench_quality)")
-    p.add_argument("--seed", type=int, default=0)
+    add_demo_arguments(p, "bench_quality")
     args = p.parse_args(argv)
     from nnunet_ood.quality.corruptions import CORRUPTIONS, HELD_OUT_SHIFTS, SEVERITIES
 
-    demo = Path(args.demo).resolve()
-    work = Path(args.work).resolve() if args.work else demo / "bench_quality"
+    demo, work = demo_paths(args, "bench_quality")
     raw = demo / "nnunet" / "raw" / DATASET
-    env = {**os.environ, "nnUNet_raw": str(demo / "nnunet" / "raw"),
-           "nnUNet_preprocessed": str(demo / "nnunet" / "preprocessed"),
-           "nnUNet_results": str(demo / "nnunet" / "results"),
-           "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
-    trainer = next(t for t in ("nnUNetTrainerOOD_demo_full", "nnUNetTrainerOOD_demo")
-                   if (demo / "nnunet" / "results" / DATASET / f"{t}__nnUNetPlans__2d").is_dir())
+    env = demo_env(demo)
+    trainer = demo_trainer(demo)
     rng = np.random.default_rng(args.seed)
     family = [(c.name, int(rng.choice(SEVERITIES))) for c in CORRUPTIONS]
     held_out = [(c.name, s) for c in HELD_OUT_SHIFTS for s in SEVERITIES]
