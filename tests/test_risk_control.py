@@ -465,3 +465,17 @@ def test_a_state_fitted_before_learn_then_test_keeps_its_rule_and_says_so():
                        if line.split(",")[1] == "0" and line.split(",")[5] != "")  # a NaN risk leaves the gate
     assert rule.gate.level == 0.05 and rule.gate.names == ["mahalanobis", "quality"]
     assert rule.gate.n_cases == clean_scored and 25 <= clean_scored <= 30
+
+
+def test_one_fold_without_its_table_is_refused_for_the_gate():
+    """The gate's calibration cases are the fold's clean validation rows: a lost table is a one-line error naming
+    the file and the ways out, also for one fold."""
+    from nnunet_ood.methods import REGISTRY
+
+    rng = np.random.default_rng(7)
+    params = {**fold_params(rng, 20, 2), "inputs": ["tta"], "table_csv": "",
+              "_table_file": "/models/fold_0/ood/quality_calibration.csv"}
+    params["risk_threshold"] = crc_threshold(rng.random(40), rng.random(40), 0.6, 0.1).to_json()
+    with pytest.raises(OODStateError, match=r"table \(/models/fold_0/ood/quality_calibration.csv\) is missing.*"
+                                            r"nnUNetv2_fit_ood.*--ood"):
+        REGISTRY.get("quality").decision_rule([params], ["tta", "quality"])

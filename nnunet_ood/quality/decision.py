@@ -96,7 +96,7 @@ class DecisionRule:
                     f"takes at least {need}), so every case goes to review; {fix}")
         if t.rule == "crc":
             legacy = "; fitted before the rule on accepted cases existed (re-fit with nnUNetv2_fit_ood for it)" \
-                if t.n_rows == 0 else ""
+                if t.n_rows == 0 else ""  # n_rows is 0 only in thresholds stored before the rule was recorded
             return (f"{where}: conformal risk control, the expected share of all cases accepted with Dice below "
                     f"{dice} at most {a} (realised {t.empirical_rate:.1%} of all rows){legacy}; {fix}")
         return (f"{where}: {t.accepted_failure_rate:.1%} of the accepted rows have Dice below {dice} (target at "

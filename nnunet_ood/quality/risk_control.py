@@ -73,7 +73,7 @@ class RiskThreshold:
     coverage: float  # share of calibration rows accepted at the threshold
     rule: str = "crc"  # "ltt" or "crc"
     confidence: float | None = None  # ltt: 1 - delta; crc: None (an expected value, no confidence)
-    n_rows: int = 0  # calibration rows (versions of the cases)
+    n_rows: int = 0  # calibration rows (versions of the cases); 0 for a threshold stored before the rule was recorded
     n_accepted: int = 0  # calibration rows accepted
     accepted_failure_rate: float = 0.0  # failed among the accepted rows (0 when none is accepted)
     n_needed: int = 0  # the fewest calibration units with which the rule can accept anything
