@@ -135,6 +135,11 @@ class MethodCalibration:
                 raise OODStateError(f"corrupted calibration in {where}: {key} = {value!r} is not a valid "
                                     f"{'aggregation' if key == 'aggregation' else kind}{allowed}; {fix}")
             values[key] = float(value) if kind == "float" else value
+        # a stored threshold is always finite (NaN made the method silently 'uncalibrated': it never flagged)
+        if not math.isfinite(values["threshold"]) or not 0 < values.get("false_alarm_rate", FALSE_ALARM_RATE) < 1:
+            raise OODStateError(f"corrupted calibration in {where}: threshold = {values['threshold']!r} must be finite "
+                                f"and false_alarm_rate = {values.get('false_alarm_rate', FALSE_ALARM_RATE)!r} in "
+                                f"(0, 1); {fix}")
         calibration = cls(**values)
         problem = calibration.bounds_problem()
         if problem is not None:

@@ -411,7 +411,10 @@ def test_paired_input_and_output_folders_are_checked(tiny_project, test_images, 
 
 @pytest.mark.parametrize("extra, needle", [
     (["-step_size", "0"], "-step_size"), (["-step_size", "2"], "-step_size"), (["-step_size", "-0.5"], "-step_size"),
+    (["-step_size", "1e-9"], "less than one voxel"),  # asked nnU-Net for billions of windows
     (["-num_parts", "0"], "-num_parts must be at least 1"),
+    (["-npp", "-1"], "-npp and -nps must be in 0.."),  # ran as -npp 1
+    (["-nps", "10000"], "-npp and -nps must be in 0.."),  # spawned workers until the machine ran out of memory
     (["-num_parts", "2", "-part_id", "1", "-npp", "0", "-nps", "0"], "multiprocessing"),
     (["--ood", "foo"], "unknown OOD method 'foo'; the known methods are mahalanobis"),
     (["-device", "tpu"], "-device"),

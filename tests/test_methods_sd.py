@@ -229,6 +229,9 @@ def test_sd_training_options_are_checked():
     for bad in (dict(loss="l1"), dict(augmentation="none"), dict(min_agreement=1.5), dict(lr_patience=0)):
         with pytest.raises(OODInputError):
             SDTrainingConfig(**bad)
+    for rate in (float("inf"), float("nan"), 0.0):  # --sd_lr inf trained to NaN weights, silently
+        with pytest.raises(OODInputError, match="--sd_lr"):
+            SDTrainingConfig(learning_rate=rate)
 
 
 def test_trainer_augmentation_is_the_models_own_and_leaves_no_files(fit_context, tiny_project):

@@ -21,6 +21,7 @@ from nnunet_ood.io.inputs import (
     check_image_headers,
     check_map_collisions,
     check_output_folder,
+    check_step_size,
     configuration_spacing,
     count_channels,
     input_cases,
@@ -31,6 +32,10 @@ from nnunet_ood.methods import REGISTRY
 from nnunet_ood.reports.ranking import check_report_arguments, check_report_method
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
+
+
+#: at most this many -npp/-nps processes (each imports torch; -nps 10000 exhausted the machine's memory)
+MAX_PROCESSES = max(32, 4 * (os.cpu_count() or 1))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -119,6 +124,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise OODInputError(f"-num_parts must be at least 1 and -part_id in 0..num_parts-1, got -num_parts "
                             f"{args.num_parts} -part_id {args.part_id}")
+    if not (0 <= args.npp <= MAX_PROCESSES and 0 <= args.nps <= MAX_PROCESSES):
+        raise OODInputError(f"-npp and -nps must be in 0..{MAX_PROCESSES} (worker processes; -npp 0 -nps 0 runs "
+                            f"without workers), got -npp {args.npp} -nps {args.nps}")
     if args.nps == 0 and args.npp == 0 and args.num_parts > 1:
         raise OODInputError("-num_parts needs multiprocessing mode in nnU-Net; drop -npp 0 -nps 0")
     for name in args.ood or ():
@@ -159,6 +167,7 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[t
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
         check_checkpoint(join(model_folder, f"fold_{fold}", args.chk))
     dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
+    check_step_size(args.step_size, plans, args.c)
     num_channels = count_channels(dataset_json)
     for input_folder, output in pairs:
         cases = input_cases(input_folder, dataset_json["file_ending"], num_channels)

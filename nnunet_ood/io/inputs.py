@@ -78,17 +78,33 @@ def input_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, l
     return {case: [os.path.join(folder, f) for f in sorted(channel_files)] for case, channel_files in files.items()}
 
 
-def configuration_spacing(plans: Mapping[str, Any], configuration: str) -> list[float] | None:
-    """The target spacing of a configuration in the plans (following ``inherits_from``), or None."""
+def _configuration_value(plans: Mapping[str, Any], configuration: str, key: str) -> Any:
+    """``key`` of a configuration in the plans (following ``inherits_from``), or None."""
     configurations = plans.get("configurations", {})
     seen = set()
     while configuration in configurations and configuration not in seen:
         seen.add(configuration)
         config = configurations[configuration]
-        if "spacing" in config:
-            return [float(s) for s in config["spacing"]]
+        if key in config:
+            return config[key]
         configuration = config.get("inherits_from")
     return None
+
+
+def configuration_spacing(plans: Mapping[str, Any], configuration: str) -> list[float] | None:
+    """The target spacing of a configuration in the plans (following ``inherits_from``), or None."""
+    spacing = _configuration_value(plans, configuration, "spacing")
+    return None if spacing is None else [float(s) for s in spacing]
+
+
+def check_step_size(step_size: float, plans: Mapping[str, Any], configuration: str) -> None:
+    """The sliding window must move by at least one voxel: ``step_size`` x the smallest patch edge >= 1
+    (``-step_size 1e-9`` asked nnU-Net for billions of windows)."""
+    patch_size = _configuration_value(plans, configuration, "patch_size")
+    if patch_size and step_size * min(patch_size) < 1:
+        raise OODInputError(f"-step_size {step_size:g} moves the sliding window by less than one voxel (patch size "
+                            f"{' x '.join(map(str, patch_size))}); use at least {1 / min(patch_size):.3g} (default "
+                            "0.5)")
 
 
 def resampled_shape(size_xyz: Sequence[int], spacing_xyz: Sequence[float], target_spacing: Sequence[float],

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nnunet_ood.io.atomic import atomic_write_text
+from nnunet_ood.io.json_files import read_optional_json_object
 
 RECORDS_DIRNAME = "ood_cases"
 CSV_NAME = "ood_scores.csv"
@@ -45,13 +46,21 @@ def write_case_record(output_folder: str, case: str, scores: Mapping[str, Mappin
     return path
 
 
+def _read_record(output_folder: str, case: str) -> dict[str, Any] | None:
+    """A case's record, None when it is missing, unreadable, malformed or not of the record's shape (a JSON
+    ``null`` or list made ``--continue_prediction`` stop with an ``AttributeError`` traceback): the case is
+    then predicted again."""
+    record = read_optional_json_object(record_path(output_folder, case))
+    methods = record.get("methods")
+    if not isinstance(methods, dict) or not all(isinstance(m, dict) for m in methods.values()):
+        return None
+    return record
+
+
 def has_case_record(output_folder: str, case: str, run_signature: str) -> bool:
     """True if the case was already scored by a run with the same model, folds, checkpoint and methods."""
-    try:
-        with open(record_path(output_folder, case)) as f:
-            return json.load(f).get("run_signature") == run_signature
-    except (OSError, ValueError):
-        return False
+    record = _read_record(output_folder, case)
+    return record is not None and record.get("run_signature") == run_signature
 
 
 def recorded_cases(output_folder: str) -> list[str]:
@@ -68,12 +77,8 @@ def collect_records(output_folder: str, cases: Iterable[str] | None, run_signatu
         cases = recorded_cases(output_folder)
     records = []
     for case in cases:
-        try:
-            with open(record_path(output_folder, case)) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if record.get("run_signature") == run_signature:
+        record = _read_record(output_folder, case)
+        if record is not None and record.get("run_signature") == run_signature:
             records.append(record)
     return records
 

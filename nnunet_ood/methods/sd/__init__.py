@@ -9,6 +9,7 @@ Both share one autoencoder per fold, trained once with :class:`SDTrainingConfig`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -63,9 +64,10 @@ class SDTrainingConfig:
         for name in ("latent_dim", "iterations_per_epoch", "max_epochs", "val_batches"):
             if int(getattr(self, name)) < 1:
                 raise OODInputError(f"SD training: {name} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 1 or self.lr_patience < 1 or not self.learning_rate > 0:
+        if self.patience < 1 or self.lr_patience < 1 or not 0 < self.learning_rate < math.inf:
             raise OODInputError("SD training: --sd_patience and --sd_lr_patience must be at least 1 and the learning "
-                                "rate positive")
+                                f"rate (--sd_lr) positive and finite, got {self.patience}, {self.lr_patience} and "
+                                f"{self.learning_rate}")
         if not 0 <= self.min_agreement <= 1:
             raise OODInputError(f"--sd_min_agreement must be in [0, 1], got {self.min_agreement}")
         if self.loss not in ("sum", "mean") or self.augmentation not in ("mirror", "nnunet"):

@@ -1,0 +1,41 @@
+"""Issue 22's campaign by kind (docs/bad_inputs.md, "Campaign by kind"): the inputs whose fix needs no trained
+model. Type confusion in the JSON the plugin reads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from nnunet_ood.calibration import MethodCalibration
+from nnunet_ood.errors import OODStateError
+from nnunet_ood.io.scores import collect_records, has_case_record, record_path, write_case_record
+
+GOOD = {"low": 1.0, "high": 4.0, "threshold": 2.0, "n_train_cases": 3, "n_val_cases": 3, "aggregation": "mean",
+        "false_alarm_rate": 0.05}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("threshold", math.nan), ("threshold", math.inf), ("threshold", -math.inf),  # NaN: silently never flagged
+    ("false_alarm_rate", math.nan), ("false_alarm_rate", math.inf), ("false_alarm_rate", 1e308),
+    ("false_alarm_rate", 0.0),
+])
+def test_calibration_threshold_and_rate_must_be_usable(key, value):
+    entry = json.loads(json.dumps({**GOOD, key: value}))  # NaN/Infinity literals, as a file holds them
+    with pytest.raises(OODStateError, match=f"corrupted calibration in here: .*{key}.*; fix it"):
+        MethodCalibration.from_json(entry, "here", "fix it")
+    assert MethodCalibration.from_json(GOOD, "here").threshold == 2.0
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "3", '"x"', '{"run_signature": "sig", "methods": "x"}',
+                                     '{"run_signature": "sig", "methods": {"mahalanobis": null}}'])
+def test_case_records_of_the_wrong_shape_are_redone(tmp_path, content):
+    """A per-case record that is valid JSON of the wrong shape stopped --continue_prediction and the tables with an
+    AttributeError traceback; now the case counts as not done and is predicted again."""
+    write_case_record(str(tmp_path), "good", {"mahalanobis": {"score": 1.0, "ood": False}}, "sig")
+    write_case_record(str(tmp_path), "bad", {"mahalanobis": {"score": 1.0, "ood": False}}, "sig")
+    with open(record_path(str(tmp_path), "bad"), "w") as f:
+        f.write(content)
+    assert has_case_record(str(tmp_path), "good", "sig") and not has_case_record(str(tmp_path), "bad", "sig")
+    assert [r["case"] for r in collect_records(str(tmp_path), None, "sig")] == ["good"]
