@@ -213,7 +213,11 @@ def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
 
 
 def check_output_folder(output: str, input_folder: str | None = None) -> None:
-    """The output folder must not be a file nor the input folder, and must be creatable and writable."""
+    """The output folder must not be a file, a dangling symlink nor the input folder, and must be creatable and
+    writable."""
+    if os.path.islink(output) and not os.path.exists(output):
+        raise OODInputError(f"output folder {output} is a symlink to {os.readlink(output)}, which does not exist; "
+                            "create that folder or choose another -o")
     if os.path.exists(output) and not os.path.isdir(output):
         raise OODInputError(f"output folder {output} exists and is not a folder; choose another -o")
     if input_folder is not None and os.path.realpath(output) == os.path.realpath(input_folder):
