@@ -339,6 +339,28 @@ def test_calibration_references_with_values_outside_the_dataset_are_refused(tiny
     assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "relabelled.json").exists()
 
 
+def test_calibration_references_of_another_size_are_refused_before_predicting(tiny_project, test_images, tmp_path,
+                                                                              fails_with):
+    """nnUNetv2_calibrate_ood -l with a reference of another shape failed only after predicting every case."""
+    import SimpleITK as sitk
+
+    from nnunet_ood.cli import calibrate
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for domain in tiny_project.dataset.domains:
+        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
+            shutil.copy(f, labels / f.name)
+    bad = sorted(labels.iterdir())[0]
+    sitk.WriteImage(sitk.Image([10, 12], sitk.sitkUInt8), str(bad))
+    out = tmp_path / "cal"
+    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
+                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "resized"],
+               str(bad), "(10, 12)", "give the reference of this image")
+    assert not out.exists()
+    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "resized.json").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "text"])
 def test_checkpoint_that_is_no_checkpoint_is_refused(tiny_project, test_images, tmp_path, fails_with, predict_argv,
                                                      scratch_model, damage):

@@ -152,6 +152,7 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
     from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.io.inputs import check_reference_sizes
     from nnunet_ood.io.labels import check_references, dataset_label_values
 
     if not os.path.isdir(args.labels):
@@ -167,6 +168,10 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
         raise OODInputError(f"-l {args.labels} has no reference segmentation for {shown} (expected "
                             f"{missing[0]}{ending}); add them or remove those images from -i")
     files = [_label_file(args, c, ending) for c in cases]
+    plans = load_json(join(model_folder, "plans.json"))
+    images = {os.path.basename(f[0])[:-(len(ending) + 5)]: f[0]
+              for f in create_lists_from_splitted_dataset_folder(args.i, ending)}
+    check_reference_sizes({c: (images[c], f) for c, f in zip(cases, files)}, plans.get("image_reader_writer"))
     check_references(files, make_reader(ending, files[0]), dataset_label_values(dataset_json["labels"]),
                      f"the model's dataset.json ({join(model_folder, 'dataset.json')})")
 

@@ -212,6 +212,25 @@ def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
                                         f"{tuple(target_spacing)}; fix the image header's spacing")
 
 
+def check_reference_sizes(pairs: Mapping[str, tuple[str, str]], reader: str | None) -> None:
+    """Each case's reference segmentation must have its image's size (``pairs``: case -> (image file of its first
+    channel, reference file); headers only, read as :func:`check_image_headers` reads them), so that a Dice against
+    the wrong reference fails before anything is predicted rather than after every case."""
+    read_header = HEADER_READERS.get(reader or "SimpleITKIO")
+    for case, (image, reference) in pairs.items():
+        if read_header is None or not (image.endswith(HEADER_ENDINGS) and reference.endswith(HEADER_ENDINGS)):
+            continue
+        try:
+            image_size, reference_size = read_header(image).size, read_header(reference).size
+        except ValueError as e:
+            raise OODInputError(f"cannot read the header of case {case}'s image or reference ({e}); replace "
+                                f"{reference}") from None
+        if tuple(image_size) != tuple(reference_size):
+            raise OODInputError(f"reference segmentation {reference} has size {tuple(reference_size)} but the image "
+                                f"{image} of case {case} has size {tuple(image_size)}; give the reference of this "
+                                "image")
+
+
 def check_output_folder(output: str, input_folder: str | None = None) -> None:
     """The output folder must not be a file, a dangling symlink nor the input folder, and must be creatable and
     writable."""
