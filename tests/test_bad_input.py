@@ -449,7 +449,7 @@ def test_argument_errors(tiny_project, test_images, tmp_path, fails_with, predic
 
 
 def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_project, test_images, tmp_path,
-                                                                     predict_argv):
+                                                                     predict_argv, capsys):
     """Folder A, then folder B into the same -o with the same settings: the tables held B's cases only."""
     images = sorted(test_images.iterdir())
     folders = {"A": tmp_path / "A", "B": tmp_path / "B"}
@@ -470,9 +470,13 @@ def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_projec
     document = json.loads((out / "ood_scores.json").read_text())
     assert {r["case"] for r in document["scores"]} == cases["A"] | cases["B"]
     assert document["input_folder"] is None  # two input folders
-    # other settings: their records are not mixed with these
+    # other settings: their records are not mixed with these, and the cases left out are named
+    capsys.readouterr()
     predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential, "--ood", "mahalanobis"))
     assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == cases["B"]
+    printed = capsys.readouterr().out
+    assert f"warning: {len(cases['A'])} case(s) in {out} were scored with other settings" in printed
+    assert all(case in printed for case in cases["A"])
 
 
 def test_empty_segmentation_file_is_redone_by_continue_prediction(tiny_project, test_images, tmp_path, predict_argv):
