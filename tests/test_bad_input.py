@@ -569,3 +569,25 @@ def test_trainer_folder_is_found_without_the_export(tiny_project, test_images, t
         predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
     predict_entry.main(predict_argv(test_images, tmp_path / "out"))  # the command adds the folder itself
     assert (tmp_path / "out" / "ood_scores.csv").is_file()
+
+
+def test_calibration_into_a_folder_with_earlier_cases_uses_only_its_own(tiny_project, test_images, tmp_path,
+                                                                        predict_argv):
+    """The score table of -o keeps earlier cases of the same settings; the calibration must come from -i's only."""
+    from nnunet_ood.cli import calibrate
+
+    images = sorted(test_images.iterdir())
+    folders = {"A": tmp_path / "A", "B": tmp_path / "B"}
+    for name, files in (("A", images[:3]), ("B", images[3:5])):
+        folders[name].mkdir()
+        for f in files:
+            shutil.copy(f, folders[name] / f.name)
+    out = tmp_path / "out"
+    predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, "-npp", "0", "-nps", "0"))
+    calibrate.main(["-i", str(folders["A"]), "-o", str(out), "-d", "501", "-c", "2d", "-f", "0", "-tr", OOD_TRAINER,
+                    "-device", "cpu", "-npp", "0", "-nps", "0", "--name", "onlyA", "--disable_progress_bar"])
+    stored = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "onlyA.json").read_text())
+    expected = {f.name[:-len("_0000.nii.gz")] for f in folders["A"].iterdir()}
+    assert all(set(scores) == expected for scores in stored["case_scores"].values())
+    in_table = {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))}
+    assert in_table > expected  # the folder's table does hold B's cases too

@@ -109,8 +109,10 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
     predictor = make_predictor(args, model_folder, folds)
     run_prediction(predictor, args, args.i, output)
     case_scores: dict[str, dict[str, float]] = {m: {} for m in predictor.ood_methods}
+    cases = _input_images(args.i, predictor.dataset_json["file_ending"])
     for row in read_score_csv(os.path.join(output, "ood_scores.csv")):
-        case_scores[row["method"]][row["case"]] = row["score"]
+        if row["case"] in cases:  # -o may hold earlier cases of the same settings: only -i's calibrate
+            case_scores[row["method"]][row["case"]] = row["score"]
     aggregations = {m: c.aggregation for m, c in predictor.ood_calibration.items()}
     site = SiteCalibration.from_scores(args.name, predictor.model_identity(), predictor.score_settings(),
                                        case_scores, aggregations, args.false_alarm_rate)
@@ -141,6 +143,14 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
 
 
 
+def _input_images(folder: str, file_ending: str) -> dict[str, str]:
+    """The cases of an input folder (nnU-Net's naming) and the file of each one's first channel."""
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    return {os.path.basename(files[0])[:-(len(file_ending) + 5)]: files[0]
+            for files in create_lists_from_splitted_dataset_folder(folder, file_ending)}
+
+
 def _label_file(args: argparse.Namespace, case: str, file_ending: str) -> str:
     return os.path.join(args.labels, case + file_ending)
 
@@ -149,7 +159,6 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
     """Every calibration case needs its reference segmentation in ``-l``, holding only the dataset's label values
     (checked before predicting)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
     from nnunet_ood.evaluation.table import make_reader
     from nnunet_ood.io.inputs import check_reference_sizes
@@ -160,8 +169,8 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
                             "segmentations")
     dataset_json = load_json(join(model_folder, "dataset.json"))
     ending = dataset_json["file_ending"]
-    cases = [os.path.basename(files[0])[:-(len(ending) + 5)]
-             for files in create_lists_from_splitted_dataset_folder(args.i, ending)]
+    images = _input_images(args.i, ending)
+    cases = list(images)
     missing = [c for c in cases if not os.path.isfile(_label_file(args, c, ending))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -169,8 +178,6 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
                             f"{missing[0]}{ending}); add them or remove those images from -i")
     files = [_label_file(args, c, ending) for c in cases]
     plans = load_json(join(model_folder, "plans.json"))
-    images = {os.path.basename(f[0])[:-(len(ending) + 5)]: f[0]
-              for f in create_lists_from_splitted_dataset_folder(args.i, ending)}
     check_reference_sizes({c: (images[c], f) for c, f in zip(cases, files)}, plans.get("image_reader_writer"))
     check_references(files, make_reader(ending, files[0]), dataset_label_values(dataset_json["labels"]),
                      f"the model's dataset.json ({join(model_folder, 'dataset.json')})")
