@@ -311,18 +311,33 @@ def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, 
     assert not out.exists()
 
 
+def copy_test_labels(tiny_project, folder: Path) -> Path:
+    """A writable copy of every test domain's reference segmentations in one folder."""
+    folder.mkdir()
+    for domain in tiny_project.dataset.domains:
+        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def calibration_with_labels_is_refused(tiny_project, test_images, labels: Path, tmp_path: Path, fails_with,
+                                       *needles: str) -> None:
+    """nnUNetv2_calibrate_ood -l LABELS fails in one line naming ``needles``, before anything is written."""
+    from nnunet_ood.cli import calibrate
+
+    out = tmp_path / "cal"
+    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
+                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "refused"], *needles)
+    assert not out.exists()
+    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "refused.json").exists()
+
+
 def test_calibration_references_with_values_outside_the_dataset_are_refused(tiny_project, test_images, tmp_path,
                                                                            fails_with):
     """nnUNetv2_calibrate_ood -l: a reference storing class 1 under 7 gave a wrong Dice silently."""
     import SimpleITK as sitk
 
-    from nnunet_ood.cli import calibrate
-
-    labels = tmp_path / "labels"
-    labels.mkdir()
-    for domain in tiny_project.dataset.domains:
-        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
-            shutil.copy(f, labels / f.name)
+    labels = copy_test_labels(tiny_project, tmp_path / "labels")
     bad = next(f for f in sorted(labels.iterdir()) if 1 in sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
     image = sitk.ReadImage(str(bad))
     array = sitk.GetArrayFromImage(image)
@@ -331,12 +346,8 @@ def test_calibration_references_with_values_outside_the_dataset_are_refused(tiny
     relabelled = sitk.GetImageFromArray(array)
     relabelled.CopyInformation(image)
     sitk.WriteImage(relabelled, str(bad))
-    out = tmp_path / "cal"
-    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
-                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "relabelled"],
-               str(bad), "7", "0, 1, 2")
-    assert not out.exists()
-    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "relabelled.json").exists()
+    calibration_with_labels_is_refused(tiny_project, test_images, labels, tmp_path, fails_with, str(bad), "7",
+                                       "0, 1, 2")
 
 
 def test_calibration_references_of_another_size_are_refused_before_predicting(tiny_project, test_images, tmp_path,
@@ -344,21 +355,11 @@ def test_calibration_references_of_another_size_are_refused_before_predicting(ti
     """nnUNetv2_calibrate_ood -l with a reference of another shape failed only after predicting every case."""
     import SimpleITK as sitk
 
-    from nnunet_ood.cli import calibrate
-
-    labels = tmp_path / "labels"
-    labels.mkdir()
-    for domain in tiny_project.dataset.domains:
-        for f in Path(tiny_project.dataset.labels_ts[domain]).iterdir():
-            shutil.copy(f, labels / f.name)
+    labels = copy_test_labels(tiny_project, tmp_path / "labels")
     bad = sorted(labels.iterdir())[0]
     sitk.WriteImage(sitk.Image([10, 12], sitk.sitkUInt8), str(bad))
-    out = tmp_path / "cal"
-    fails_with(calibrate.main, ["-i", str(test_images), "-l", str(labels), "-o", str(out), "-d", "501", "-c", "2d",
-                                "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "resized"],
-               str(bad), "(10, 12)", "give the reference of this image")
-    assert not out.exists()
-    assert not (tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "resized.json").exists()
+    calibration_with_labels_is_refused(tiny_project, test_images, labels, tmp_path, fails_with, str(bad), "(10, 12)",
+                                       "give the reference of this image")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "text"])
