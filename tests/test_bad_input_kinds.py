@@ -39,3 +39,24 @@ def test_case_records_of_the_wrong_shape_are_redone(tmp_path, content):
         f.write(content)
     assert has_case_record(str(tmp_path), "good", "sig") and not has_case_record(str(tmp_path), "bad", "sig")
     assert [r["case"] for r in collect_records(str(tmp_path), None, "sig")] == ["good"]
+
+
+def _failure_table_csv() -> str:
+    from nnunet_ood.quality.table import OOF_RISK, FailureTable
+
+    table = FailureTable(["mahalanobis", "tta"])
+    for i in range(6):
+        table.add(f"case{i}", 0, "none", 0, 0.5 + i / 20, {"mahalanobis": 10.0 + i, "tta": 0.1 * i})
+    return table.to_csv({OOF_RISK: [0.1 * i for i in range(6)]})
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.97, 0.03])
+def test_a_truncated_quality_failure_table_is_refused(cut):
+    """quality_calibration.csv cut short (a truncated copy) was read as a table of fewer validation cases: another
+    pooled threshold and gate calibration, exit 0. Now a one-line error naming the file and the ways out."""
+    from nnunet_ood.quality.table import check_table_complete
+
+    text = _failure_table_csv()
+    check_table_complete(text, "whole.csv")
+    with pytest.raises(OODStateError, match="table cut.csv is truncated.*restore it, re-fit.*--ood"):
+        check_table_complete(text[:max(1, int(len(text) * cut))], "cut.csv")
