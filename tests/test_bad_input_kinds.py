@@ -60,3 +60,21 @@ def test_a_truncated_quality_failure_table_is_refused(cut):
     check_table_complete(text, "whole.csv")
     with pytest.raises(OODStateError, match="table cut.csv is truncated.*restore it, re-fit.*--ood"):
         check_table_complete(text[:max(1, int(len(text) * cut))], "cut.csv")
+
+
+@pytest.mark.parametrize("damage", ["dangling", "folder"])
+def test_a_score_document_that_is_no_file_is_refused_by_the_evaluation(tmp_path, damage):
+    """An ood_scores.json that is a dangling link or a folder was read as no document (its calibrations and
+    provenance silently left out, exit 0); a missing one still reads as an older prediction folder."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.evaluation.table import load_score_table
+
+    (tmp_path / "ood_scores.csv").write_text("case,method,score,normalized,ood\nc1,mahalanobis,1.0,0.5,False\n")
+    assert load_score_table(str(tmp_path)).cases == ["c1"]
+    if damage == "dangling":
+        (tmp_path / "ood_scores.json").symlink_to(tmp_path / "nowhere.json")
+    else:
+        (tmp_path / "ood_scores.json").mkdir()
+    with pytest.raises(OODInputError, match="ood_scores.json is (a dangling symbolic link|not a file); re-run "
+                                            "nnUNetv2_predict_ood"):
+        load_score_table(str(tmp_path))

@@ -406,6 +406,9 @@ def _read_score_document(folder: str) -> dict[str, Any]:
     """``ood_scores.json`` of a prediction folder as a dict (empty if missing or not an object)."""
     path = os.path.join(folder, JSON_NAME)
     if not os.path.isfile(path):
+        if os.path.lexists(path):  # a dangling link or a folder is a damaged file, not an older folder without one
+            what = "a dangling symbolic link" if os.path.islink(path) else "not a file"
+            raise OODInputError(f"{path} is {what}; re-run {PREDICT_COMMAND} into {folder} or remove it")
         return {}
     document = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); re-run "
                                                              f"{PREDICT_COMMAND} into {folder}"))
