@@ -78,3 +78,20 @@ def test_a_score_document_that_is_no_file_is_refused_by_the_evaluation(tmp_path,
     with pytest.raises(OODInputError, match="ood_scores.json is (a dangling symbolic link|not a file); re-run "
                                             "nnUNetv2_predict_ood"):
         load_score_table(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_reference_label_is_named_without_tracebacks(tmp_path, capsys, damage):
+    """An empty or truncated reference label printed nnU-Net's reader tracebacks (one per reader it tried) and then
+    blamed --file_ending; now one line naming the file and the fix, and nothing else on stderr."""
+    import gzip
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.evaluation.table import make_reader
+
+    label = tmp_path / "case_000.nii.gz"
+    label.write_bytes(b"" if damage == "empty" else gzip.compress(b"\\x5c\\x01" + b"\\0" * 400)[:60])
+    with pytest.raises(OODInputError, match=r"case_000.nii.gz (is empty \(0 bytes\); replace it|.*a truncated or "
+                                            r"damaged file.*replace the file)"):
+        make_reader(".nii.gz", str(label))
+    assert capsys.readouterr().err == ""

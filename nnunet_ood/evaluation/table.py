@@ -534,12 +534,19 @@ def check_case_files(spec: GroupSpec, cases: Sequence[str], file_ending: str) ->
 
 def make_reader(file_ending: str, example_file: str) -> Any:
     """nnU-Net's image reader/writer for the file ending (tried on one example file)."""
+    import contextlib
+    import io as _io
+
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-    try:
-        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)()
+    if os.path.isfile(example_file) and os.path.getsize(example_file) == 0:
+        raise OODInputError(f"{example_file} is empty (0 bytes); replace it with the case's label file")
+    try:  # nnU-Net prints a traceback for each reader that fails on the example, even with verbose=False
+        with contextlib.redirect_stderr(_io.StringIO()), contextlib.redirect_stdout(_io.StringIO()):
+            return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)()
     except RuntimeError:
-        raise OODInputError(f"nnU-Net has no reader for {file_ending} files that can open {example_file}; check "
+        raise OODInputError(f"nnU-Net has no reader for {file_ending} files that can open {example_file} (a "
+                            "truncated or damaged file, or another format); replace the file or check "
                             "--file_ending") from None
 
 
