@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -84,3 +85,17 @@ def test_a_folder_is_no_calibration(tmp_path, site):
     assert available_calibrations(str(tmp_path)) == ["scanner_b"]
     with pytest.raises(OODInputError, match=r"no calibration named ghost for this model \(known: scanner_b\)"):
         load_site_calibration(str(tmp_path), "ghost")
+
+
+def test_a_dangling_link_is_named_as_such(tmp_path, site):
+    """A calibration file that is a dangling symbolic link said "no calibration named NAME (known: none)"."""
+    path = save_site_calibration(str(tmp_path), site)
+    (tmp_path / "moved.json").write_text(open(path).read())
+    os.remove(path)
+    os.symlink(tmp_path / "gone.json", path)
+    with pytest.raises(OODStateError, match=r"corrupted calibration .*scanner_b.json \(a dangling symbolic link to "
+                                            r".*gone.json\); re-run nnUNetv2_calibrate_ood"):
+        load_site_calibration(str(tmp_path), "scanner_b")
+    os.remove(path)
+    os.symlink(tmp_path / "moved.json", path)  # a link to a valid file works
+    assert load_site_calibration(str(tmp_path), "scanner_b").name == "scanner_b"

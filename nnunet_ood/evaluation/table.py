@@ -406,6 +406,9 @@ def _read_score_document(folder: str) -> dict[str, Any]:
     """``ood_scores.json`` of a prediction folder as a dict (empty if missing or not an object)."""
     path = os.path.join(folder, JSON_NAME)
     if not os.path.isfile(path):
+        if os.path.lexists(path):  # a dangling link or a folder is a damaged file, not an older folder without one
+            what = "a dangling symbolic link" if os.path.islink(path) else "not a file"
+            raise OODInputError(f"{path} is {what}; re-run {PREDICT_COMMAND} into {folder} or remove it")
         return {}
     document = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); re-run "
                                                              f"{PREDICT_COMMAND} into {folder}"))
@@ -531,12 +534,19 @@ def check_case_files(spec: GroupSpec, cases: Sequence[str], file_ending: str) ->
 
 def make_reader(file_ending: str, example_file: str) -> Any:
     """nnU-Net's image reader/writer for the file ending (tried on one example file)."""
+    import contextlib
+    import io as _io
+
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
-    try:
-        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)()
+    if os.path.isfile(example_file) and os.path.getsize(example_file) == 0:
+        raise OODInputError(f"{example_file} is empty (0 bytes); replace it with the case's label file")
+    try:  # nnU-Net prints a traceback for each reader that fails on the example, even with verbose=False
+        with contextlib.redirect_stderr(_io.StringIO()), contextlib.redirect_stdout(_io.StringIO()):
+            return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)()
     except RuntimeError:
-        raise OODInputError(f"nnU-Net has no reader for {file_ending} files that can open {example_file}; check "
+        raise OODInputError(f"nnU-Net has no reader for {file_ending} files that can open {example_file} (a "
+                            "truncated or damaged file, or another format); replace the file or check "
                             "--file_ending") from None
 
 

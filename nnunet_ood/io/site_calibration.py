@@ -130,6 +130,8 @@ def _bad(path: str, what: str) -> OODStateError:
 def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
     """Read and check a named calibration; one-line errors for a missing name or a malformed file."""
     path = calibration_path(model_folder, name)
+    if os.path.islink(path) and not os.path.exists(path):  # said "no calibration named NAME (known: none)"
+        raise _bad(path, f"a dangling symbolic link to {os.readlink(path)}")
     if not os.path.isfile(path):
         known = available_calibrations(model_folder)
         raise OODInputError(f"no calibration named {name} for this model (known: {', '.join(known) or 'none'}); "

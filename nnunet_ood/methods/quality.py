@@ -210,7 +210,7 @@ class Quality(DerivedMethod):
 
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
         from nnunet_ood.quality.model import QualityModel
-        from nnunet_ood.quality.table import CSV_NAME
+        from nnunet_ood.quality.table import CSV_NAME, check_table_complete
 
         config = entry.get("config")
         if not isinstance(config, dict) or entry.get("file") != MODEL_FILE or \
@@ -224,7 +224,11 @@ class Quality(DerivedMethod):
             with open(os.path.join(folder, CSV_NAME)) as f:
                 table_csv = f.read()
         except OSError:
-            table_csv = ""
+            table_csv = ""  # missing: refused where the decision needs it (_table_csv)
+        except UnicodeDecodeError:
+            table_csv = "\0"  # not text: refused as not a failure table
+        if table_csv:
+            check_table_complete(table_csv, os.path.join(folder, CSV_NAME))
         models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
                                            "_model": model, "_table_file": os.path.join(folder, CSV_NAME)}
 

@@ -91,6 +91,17 @@ def read_failure_table(text: str, extra: Sequence[str] = ()) -> FailureTable:
     return table
 
 
+def check_table_complete(text: str, path: str) -> None:
+    """A stored failure table must be whole: a header, at least one row, every row as long as the header and a
+    final newline (what :meth:`FailureTable.to_csv` writes). A table cut short (a truncated copy) gave fewer
+    validation cases, a different pooled threshold and gate calibration, without a word."""
+    rows = list(csv.reader(io.StringIO(text)))
+    if len(rows) < 2 or not text.endswith("\n") or any(len(r) != len(rows[0]) for r in rows[1:]):
+        raise OODStateError(f"the quality method's failure table {path} is truncated or not a failure table: the "
+                            "decision reads the folds' validation cases from it; restore it, re-fit with "
+                            "nnUNetv2_fit_ood, or leave quality out (--ood METHOD ...)")
+
+
 def read_out_of_fold_risks(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(case per row, out-of-fold predicted risk, Dice)`` of a stored failure table (its :data:`OOF_RISK`
     column, written by the quality fit); NaN where a value is empty."""
