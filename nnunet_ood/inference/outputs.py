@@ -31,11 +31,11 @@ from nnunet_ood.io.inputs import check_map_collisions
 from nnunet_ood.io.map_dtypes import maps_metadata, normalization_bounds
 from nnunet_ood.io.maps import export_ood_maps, map_file_ending, map_filename
 from nnunet_ood.io.scores import (
-    cases_of_other_runs,
     collect_records,
     common_input_folder,
     decision,
     has_case_record,
+    recorded_cases,
     write_case_record,
     write_score_tables,
 )
@@ -181,12 +181,14 @@ class PredictionOutputs:
             records = collect_records(run["output_folder"], None, self.run_signature())
             write_score_tables(run["output_folder"], records, self.predictor.ood_methods,
                                self.table_metadata(common_input_folder(records)), deciding)
-            others = cases_of_other_runs(run["output_folder"], self.run_signature())
+            # the records just collected are this run's settings: the folder's other records need no second read
+            others = sorted(set(recorded_cases(run["output_folder"])) - {r["case"] for r in records})
         if others:  # e.g. -num_parts runs with different settings into one folder: say so, never silently
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
             print(f"warning: {len(others)} case(s) in {run['output_folder']} were scored with other settings (model, "
-                  f"folds, methods, step size, mirroring, maps or calibration) and are not in ood_scores.csv: {shown}; "
-                  "predict them again with these settings, or use one -o per setting")
+                  f"folds, methods, step size, mirroring, maps or calibration) or have an unreadable record, and are "
+                  f"not in ood_scores.csv: {shown}; predict them again with these settings, or use one -o per "
+                  "setting")
         earlier = len({r["case"] for r in records} - set(run["cases"]))
         print(f"OOD scores of {len(records)} cases written to {join(run['output_folder'], 'ood_scores.csv')}"
               + (f" ({earlier} of them from earlier runs into this folder with the same settings)" if earlier else ""))

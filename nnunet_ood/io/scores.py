@@ -70,13 +70,6 @@ def recorded_cases(output_folder: str) -> list[str]:
     return sorted(n[:-len(".json")] for n in names if n.endswith(".json"))
 
 
-def cases_of_other_runs(output_folder: str, run_signature: str) -> list[str]:
-    """The recorded cases of the folder whose record was written with other settings (another signature)."""
-    records = {case: _read_record(output_folder, case) for case in recorded_cases(output_folder)}
-    return [case for case, record in records.items()
-            if record is not None and record.get("run_signature") != run_signature]
-
-
 def collect_records(output_folder: str, cases: Iterable[str] | None, run_signature: str) -> list[dict[str, Any]]:
     """Records of ``cases`` (None: every recorded case of the folder) written by runs with this signature (others
     are stale or of other settings and ignored)."""
