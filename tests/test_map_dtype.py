@@ -261,7 +261,7 @@ def test_predicted_maps_of_each_dtype_match_the_float32_maps(tiny_project, test_
         other = read_score_csv(str(tmp_path / dtype / "ood_scores.csv"))
         assert [(r["case"], r["method"]) for r in other] == [(r["case"], r["method"]) for r in rows]
         assert [r["score"] for r in other] == pytest.approx([r["score"] for r in rows], rel=1e-6)
-    assert reference["ood_maps"] == {"dtype": "float32", "values": "score"}
+    assert reference["ood_maps"] == {"dtype": "float32", "values": "score", "methods": ["mahalanobis", "max_softmax"]}
     for case in cases:
         for method in ("mahalanobis", "max_softmax"):
             name = f"{case}_ood_{method}.nii.gz"

@@ -91,3 +91,39 @@ def test_3d_fullres_matches_stock_and_maps_keep_input_geometry(tiny_project, pro
         assert np.isfinite(values).all() and values.max() > 0
     scores = {r["case"]: r["score"] for r in read_score_csv(str(ours / "ood_scores.csv"))}
     assert sorted(scores) == cases and all(np.isfinite(v) and v > 0 for v in scores.values())
+
+
+def test_3d_map_selection_writes_only_named_maps_with_the_same_scores(tiny_project, project_3d, tmp_path,
+                                                                       read_map, fails_with, capsys):
+    """``--save_ood_maps METHOD ...``: only those maps, equal to the all-maps run's, and the same scores; the
+    record says which maps; resuming does not ask for the maps nobody named; bad names fail before predicting."""
+    images = project_3d["images"]
+    common = ["-i", str(images), "-d", str(DATASET_ID_3D), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
+              "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"]
+    every, some = tmp_path / "every", tmp_path / "some"
+    predict_entry.main(["-o", str(every), *common, "--save_ood_maps"])
+    predict_entry.main(["-o", str(some), *common, "--save_ood_maps", "max_softmax", "mahalanobis"])
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.iterdir())
+    written = sorted(p.name for p in some.glob("*_ood_*.nii.gz"))
+    assert written == sorted(f"{c}_ood_{m}.nii.gz" for c in cases for m in ("mahalanobis", "max_softmax"))
+    assert len(list(every.glob("*_ood_*.nii.gz"))) > len(written)  # the bare flag writes every method's map
+    for case in cases:
+        for method in ("mahalanobis", "max_softmax"):
+            image, name = images / f"{case}_0000.nii.gz", f"{case}_ood_{method}.nii.gz"
+            np.testing.assert_array_equal(read_map(image, some / name), read_map(image, every / name))
+    rows = {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(every / "ood_scores.csv"))}
+    assert rows == {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(some / "ood_scores.csv"))}
+    assert json.loads((some / "ood_scores.json").read_text())["ood_maps"]["methods"] == ["mahalanobis", "max_softmax"]
+    # resuming: a case is complete without the maps nobody named; a missing named map makes it incomplete
+    (some / f"{cases[0]}_ood_mahalanobis.nii.gz").unlink()
+    capsys.readouterr()
+    predict_entry.main(["-o", str(some), *common, "--save_ood_maps", "mahalanobis", "max_softmax",
+                        "--continue_prediction"])
+    assert "That's 1 cases." in capsys.readouterr().out
+    assert (some / f"{cases[0]}_ood_mahalanobis.nii.gz").is_file()
+    fails_with(predict_entry.main, ["-o", str(tmp_path / "q"), *common, "--save_ood_maps", "quality"],
+               "--save_ood_maps quality", "without a voxel map")
+    fails_with(predict_entry.main, ["-o", str(tmp_path / "k"), *common, "--ood", "mahalanobis", "--save_ood_maps",
+                                    "entropy"], "--save_ood_maps entropy", "add it to --ood")
+    fails_with(predict_entry.main, ["-o", str(tmp_path / "u"), *common, "--save_ood_maps", "nosuch"],
+               "unknown OOD method 'nosuch'")

@@ -774,6 +774,9 @@ def test_overlay_is_never_a_method_without_maps() -> None:
     assert overlay_method(scores, methods, None) == "entropy"
     assert overlay_method(scores, methods, "quality") == "entropy"
     assert overlay_method(scores, methods, "mahalanobis") == "mahalanobis"
+    # --save_ood_maps mahalanobis: the entropy map was not written, so the overlay is the one that was
+    assert overlay_method(scores, methods, None, with_maps=["mahalanobis"]) == "mahalanobis"
+    assert overlay_method(scores, methods, "entropy", with_maps=["mahalanobis"]) == "mahalanobis"
 
 
 def test_review_shows_quality_as_a_decision() -> None:

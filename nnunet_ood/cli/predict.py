@@ -93,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the output folder, ood_scores.csv / ood_scores.json (and maps with --save_ood_maps).")
     add_prediction_arguments(p, output_help="output folder (created if missing); one per -i folder, in the same order",
                              several_folders=True)
-    p.add_argument("--save_ood_maps", action="store_true",
+    p.add_argument("--save_ood_maps", nargs="*", default=None, metavar="METHOD",
                    help="write one map per case and method, <case>_ood_<method>, in the input geometry (float32 "
-                        "unless --ood_maps_dtype)")
+                        "unless --ood_maps_dtype): of the methods named (e.g. --save_ood_maps mahalanobis), or of "
+                        "every method with a map when none is named. Each float32 map of a 512 x 512 x 300 volume is "
+                        "about 300 MB on disk before compression")
     p.add_argument("--ood_maps_dtype", choices=MAP_DTYPES, default="float32",
                    help="how maps are stored (default: float32). NIfTI has no float16, so the smaller types are "
                         "NIfTI (.nii/.nii.gz) integers with scl_slope/scl_inter, read back as floats by every "
@@ -133,7 +135,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         REGISTRY.get(name)
     if getattr(args, "calibration", None) is not None:
         check_name(args.calibration, "--calibration")
-    if getattr(args, "ood_maps_dtype", "float32") != "float32" and not getattr(args, "save_ood_maps", False):
+    for name in getattr(args, "save_ood_maps", None) or ():
+        REGISTRY.get(name)
+    if getattr(args, "ood_maps_dtype", "float32") != "float32" and getattr(args, "save_ood_maps", None) is None:
         raise OODInputError(f"--ood_maps_dtype {args.ood_maps_dtype} sets how maps are stored but no maps are "
                             "written; add --save_ood_maps")
     check_report_arguments(getattr(args, "report", False), getattr(args, "report_method", None), REGISTRY.names)
@@ -156,7 +160,7 @@ def folder_pairs(inputs: list[str], outputs: list[str]) -> list[tuple[str, str]]
 
 
 def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[tuple[str, str | None]],
-                            save_ood_maps: bool) -> str:
+                            save_ood_maps: bool | list[str]) -> str:
     """The model's folds, the input images and output folder of each (input, output) pair; returns the model
     folder."""
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
@@ -174,13 +178,13 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[t
         if output is not None:
             check_output_folder(output, input_folder)
         if save_ood_maps:
-            check_map_collisions(cases, REGISTRY.names)
+            check_map_collisions(cases, REGISTRY.names if save_ood_maps is True else save_ood_maps)
         check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
                             plans.get("transpose_forward", [0, 1, 2]), num_channels)
     return model_folder
 
 
-def make_predictor(args: argparse.Namespace, model_folder: str, folds: list, save_ood_maps: bool = False,
+def make_predictor(args: argparse.Namespace, model_folder: str, folds: list, save_ood_maps: bool | list[str] = False,
                    calibration: str | None = None):
     """An nnUNetOODPredictor with the command's settings, its folds and OOD state loaded."""
     guard_worker_processes()
@@ -248,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     check_arguments(args)
     folds = parse_folds(args.f)
     pairs = folder_pairs(args.i, args.o)
-    model_folder = check_model_and_folders(args, folds, pairs, args.save_ood_maps)
-    predictor = make_predictor(args, model_folder, folds, args.save_ood_maps, args.calibration)
+    maps = False if args.save_ood_maps is None else (args.save_ood_maps or True)  # bare flag: every method's map
+    model_folder = check_model_and_folders(args, folds, pairs, maps)
+    predictor = make_predictor(args, model_folder, folds, maps, args.calibration)
     check_report_method(args.report_method, predictor.ood_methods)  # before any case is predicted
     for input_folder, output in pairs:  # one model load for every folder
         done = len(predictor.ood_results)

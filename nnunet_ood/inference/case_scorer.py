@@ -17,7 +17,7 @@ encoder-only sliding window through :meth:`add_bottleneck` instead of taps.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,44 +167,52 @@ class CaseScorer:
             self._ensemble.add(logits)
         self._fold_index += 1
 
-    def finish_case(self, logits: torch.Tensor | None) -> CaseOutcome:
-        """Voxel maps and case scores from what was collected; ``logits``: the final (fold-averaged) logits."""
+    def finish_case(self, logits: torch.Tensor | None, keep_maps: Collection[str] | None = None) -> CaseOutcome:
+        """Voxel maps and case scores from what was collected; ``logits``: the final (fold-averaged) logits.
+
+        ``keep_maps``: the methods whose voxel maps the outcome keeps (None: all). The maps are made one method at
+        a time and each is reduced to its case score at once, so a case holds one full-size map beyond those
+        kept (at 512 x 512 x 300 voxels a float32 map is 300 MB).
+        """
         self.in_case = False
-        maps = self._case_maps(logits)
-        names = list(maps)
-        aggregations = [self.aggregations[m] for m in names]
-        foreground = predicted_foreground(logits, self.region_based) \
-            if logits is not None and "foreground_mean" in aggregations else None
-        stacked = torch.stack([maps[m].to(self.map_device) for m in names]) if names else None
-        values = aggregate_case_scores(stacked, aggregations, self._layout, foreground).tolist() if names else []
-        scores = dict(zip(names, values))
         view = CaseView(self._layout, logits, self.region_based, self._ensemble)
-        for m in self.methods:
-            if m.name in maps:
-                own = m.case_score(maps[m.name], view)
-                if own is not None:
-                    scores[m.name] = float(own)
+        foreground = predicted_foreground(logits, self.region_based) \
+            if logits is not None and "foreground_mean" in self.aggregations.values() else None
+        scores: dict[str, float] = {}
+        kept: dict[str, torch.Tensor] = {}
+        for method, voxel_map in self._case_maps(logits):
+            voxel_map = voxel_map.to(self.map_device)
+            scores[method.name] = float(aggregate_case_scores(voxel_map[None], [self.aggregations[method.name]],
+                                                              self._layout, foreground)[0])
+            own = method.case_score(voxel_map, view)
+            if own is not None:
+                scores[method.name] = float(own)
+            if keep_maps is None or method.name in keep_maps:
+                kept[method.name] = voxel_map
+            del voxel_map
         for m in self.derived_methods:
             scores[m.name] = float(m.derived_score(scores, [f.method_params.get(m.name, {}) for f in self.folds], view))
         if not self._input_finite:  # nnU-Net predicts non-finite inputs anyway; their scores must not look valid
             scores = {m: math.nan for m in scores}
         self.last = CaseOutcome([m.name for m in self.methods], {m.name: scores[m.name] for m in self.methods},
-                                {m: stacked[i] for i, m in enumerate(names)}, self._input_finite)
+                                {m.name: kept[m.name] for m in self.methods if m.name in kept}, self._input_finite)
         self._ensemble = None
         return self.last
 
-    def _case_maps(self, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Voxel maps of every method with one, in table order."""
-        maps: dict[str, torch.Tensor] = {}
+    def _case_maps(self, logits: torch.Tensor | None) -> Iterator[tuple[Method, torch.Tensor]]:
+        """The voxel map of every method with one, made one at a time (by kind; the caller orders the results)."""
         if self.feature_methods:
             patch_scores = torch.stack(self._fold_patch_scores).mean(dim=0)  # average the folds per patch
+            self._fold_patch_scores = []
             weights = importance_weights(self.patch_size, self.use_gaussian, self.map_device)
-            maps.update(zip((m.name for m in self.feature_methods),
-                            patch_scores_to_maps(patch_scores, self._layout, weights)))
+            for i, m in enumerate(self.feature_methods):
+                yield m, patch_scores_to_maps(patch_scores[:, i], self._layout, weights)[0]
         if self.map_methods:
-            maps.update(zip((m.name for m in self.map_methods), torch.stack(self._fold_maps).mean(dim=0)))
+            folds, self._fold_maps = self._fold_maps, []
+            for i, m in enumerate(self.map_methods):
+                yield m, torch.stack([fold[i] for fold in folds]).mean(dim=0)
+            del folds
         for m in self.ensemble_methods:
-            maps[m.name] = m.voxel_map(self._ensemble)
+            yield m, m.voxel_map(self._ensemble)
         for m in self.logit_methods:
-            maps[m.name] = m.voxel_map(logits, self.region_based, [f.method_params.get(m.name, {}) for f in self.folds])
-        return {m.name: maps[m.name] for m in self.methods if m.name in maps}
+            yield m, m.voxel_map(logits, self.region_based, [f.method_params.get(m.name, {}) for f in self.folds])

@@ -39,7 +39,7 @@ from nnunet_ood.io.scores import (
     write_case_record,
     write_score_tables,
 )
-from nnunet_ood.methods import REGISTRY, MethodKind
+from nnunet_ood.methods import REGISTRY
 from nnunet_ood.quality.gate import drift_summary
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class PredictionOutputs:
             self.unfinished_case = None
             return result
         if p.save_ood_maps:
-            args = (np.stack([v.cpu().numpy() for v in outcome.maps.values()]), list(outcome.maps),
+            args = (np.stack([outcome.maps[m].cpu().numpy() for m in p.ood_map_methods]), p.ood_map_methods,
                     self.current_case["data_properties"], p.configuration_manager, p.plans_manager, p.dataset_json,
                     ofile, p.ood_maps_dtype, normalization_bounds(p.ood_calibration))
             if self._map_pool is not None:
@@ -118,6 +118,13 @@ class PredictionOutputs:
         # one line per case as it is scored (nnU-Net's sequential mode prints nothing of its own per case)
         print(f"OOD {case}: " + (f"flagged by {', '.join(flags)}" if flags else "no flag") + decisions, flush=True)
         return result
+
+    def maps_to_keep(self) -> list[str] | None:
+        """Methods whose voxel maps the case being predicted needs: those written with ``--save_ood_maps``, or all
+        (None) when the results stay in memory (``CaseOODResult.maps``)."""
+        if self.current_case is None or self.current_case.get("ofile") is None:
+            return None
+        return self.predictor.ood_map_methods
 
     def decision_rules(self) -> dict[str, dict[str, Any]]:
         """The rule in force per deciding method (``ood_scores.json``'s ``decision_rules``): the rule, its
@@ -163,7 +170,7 @@ class PredictionOutputs:
         else:
             output_folder, cases = None, []
         if self.predictor.save_ood_maps:
-            check_map_collisions(cases, self.predictor.ood_methods)
+            check_map_collisions(cases, self.predictor.ood_map_methods)
         input_folder = os.path.abspath(list_of_lists_or_source_folder) \
             if isinstance(list_of_lists_or_source_folder, str) else None
         self._run = {"output_folder": output_folder, "cases": cases, "input_folder": input_folder}
@@ -215,8 +222,7 @@ class PredictionOutputs:
             ([output_truncated + ".npz"] if save_probabilities else [])
         if p.save_ood_maps:
             ending = map_file_ending(p.plans_manager, p.dataset_json)
-            files += [map_filename(output_truncated, m, ending) for m in p.ood_methods
-                      if REGISTRY.get(m).kind is not MethodKind.DERIVED]  # derived methods have no maps
+            files += [map_filename(output_truncated, m, ending) for m in p.ood_map_methods]
         # a file of 0 bytes is what a killed writer leaves: not finished
         return all(isfile(f) and os.path.getsize(f) > 0 for f in files) and has_case_record(
             os.path.dirname(output_truncated) or ".", os.path.basename(output_truncated), self.run_signature())
@@ -232,6 +238,8 @@ class PredictionOutputs:
                    "tile_step_size": p.tile_step_size,
                    "use_mirroring": bool(p.use_mirroring and p.allowed_mirroring_axes),
                    "ood_maps": p.ood_maps_dtype if p.save_ood_maps else None}
+        if p.save_ood_maps and p.requested_map_methods:  # a selection of maps: other map files are expected
+            payload["ood_map_methods"] = p.ood_map_methods
         if p.calibration_name is not None:  # records flagged with another calibration are not mixed in
             payload["calibration"] = p.calibration_name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -254,7 +262,7 @@ class PredictionOutputs:
                             for m, c in p.ood_calibration.items()},
             "calibration_per_fold": {str(f): {m: s.calibration[m].to_json() for m in p.ood_methods
                                               if m in s.calibration} for f, s in zip(p.use_folds, p.ood_states)},
-            "ood_maps": maps_metadata(p.save_ood_maps, p.ood_maps_dtype),  # how map files store their values
+            "ood_maps": maps_metadata(p.save_ood_maps, p.ood_maps_dtype, p.ood_map_methods),  # how and of which methods
             "decision_rules": self.decision_rules(),
             "run_signature": self.run_signature(),
             "input_folder": input_folder,

@@ -50,20 +50,26 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
     ``self.ood_results``. ``ood_methods`` selects methods (default: every fitted one, plus the fold
     ensembles with several folds); ``predict_options`` holds methods' inference options by key
     (e.g. ``{"sd_predict": SDPredictConfig(batched_decoder=True)}``); ``calibration`` the name of a calibration
-    made by ``nnUNetv2_calibrate_ood`` (default: the folds' own). ``ood_maps_dtype`` (``float32``, ``int16`` or
-    ``uint8``, NIfTI only) is how maps are stored (:mod:`nnunet_ood.io.map_dtypes`).
+    made by ``nnUNetv2_calibrate_ood`` (default: the folds' own). ``save_ood_maps``: write voxel maps next to the
+    segmentations, ``True`` for every method with a map or a list of method names. ``ood_maps_dtype``
+    (``float32``, ``int16`` or ``uint8``, NIfTI only) is how maps are stored (:mod:`nnunet_ood.io.map_dtypes`).
     """
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
-                 ood_methods: Sequence[str] | None = None, save_ood_maps: bool = False,
+                 ood_methods: Sequence[str] | None = None, save_ood_maps: bool | Sequence[str] = False,
                  predict_options: Mapping[str, Any] | None = None, calibration: str | None = None,
                  ood_maps_dtype: str = "float32") -> None:
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device, verbose,
                          verbose_preprocessing, allow_tqdm)
         self.requested_ood_methods = list(ood_methods) if ood_methods else None
-        self.save_ood_maps = save_ood_maps
+        # True or [] (the command line's bare --save_ood_maps): every method's map; names: those methods' maps
+        self.save_ood_maps = save_ood_maps is True or not isinstance(save_ood_maps, bool)
+        self.requested_map_methods = [] if isinstance(save_ood_maps, bool) else list(save_ood_maps)
+        for name in self.requested_map_methods:
+            REGISTRY.get(name)
+        self.ood_map_methods: list[str] = []  # the methods whose maps are written, once the state is loaded
         check_dtype_name(ood_maps_dtype)  # the file ending and the methods' bounds are checked once they are known
         self.ood_maps_dtype = ood_maps_dtype
         self.predict_options = dict(predict_options or {})
@@ -133,9 +139,12 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         self.ood_decisions = decision_rules(methods, states, site, self.calibration_name)
         for note in notes:
             print(note)
+        self.ood_map_methods = REGISTRY.with_maps(self.requested_map_methods, self.ood_methods) \
+            if self.save_ood_maps else []
         if self.save_ood_maps:  # before any case is predicted: the map type must fit the dataset and methods
+            bounds = normalization_bounds(self.ood_calibration)
             check_map_dtype(self.ood_maps_dtype, map_file_ending(self.plans_manager, self.dataset_json),
-                            normalization_bounds(self.ood_calibration))
+                            {m: bounds[m] for m in self.ood_map_methods if m in bounds})
         if self._scorer is not None:
             self._scorer.remove()
         self._scorer = self.make_scorer(methods, states, {m: c.aggregation for m, c in self.ood_calibration.items()})
@@ -214,7 +223,8 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
             logits = super().predict_logits_from_preprocessed_data(data)
         finally:
             self._scorer.in_case = False
-        outcome = self._scorer.finish_case(logits)
+        # the fit reads only the scores; a prediction keeps the maps it writes (in memory: all of them)
+        outcome = self._scorer.finish_case(logits, self.outputs.maps_to_keep() if self.ood_enabled else ())
         if self.ood_enabled:
             self.outputs.case_scored(outcome)
         return logits

@@ -22,7 +22,7 @@ Only numpy at module level: the command line takes its choices from here before 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,17 +155,21 @@ def check_map_dtype(dtype: str, file_ending: str, bounds: Mapping[str, tuple[flo
                             "or predict with --calibration NAME")
 
 
-def maps_metadata(save_ood_maps: bool, dtype: str) -> dict[str, object] | None:
-    """How the maps of a run are stored, for ``ood_scores.json`` (None without maps)."""
+def maps_metadata(save_ood_maps: bool, dtype: str, methods: Sequence[str] = ()) -> dict[str, object] | None:
+    """How the maps of a run are stored and of which ``methods``, for ``ood_scores.json`` (None without maps)."""
     if not save_ood_maps:
         return None
     if dtype == "int16":
-        return {"dtype": "int16", "values": "score", "non_finite_code": INT16_NON_FINITE,
-                "scaling": "per map from its finite min/max (NIfTI scl_slope/scl_inter); error <= (max - min) / 131068"}
-    if dtype == "uint8":
-        return {"dtype": "uint8", "values": "normalized", "non_finite_code": UINT8_TOP,
-                "scaling": "scl_slope 1/255, scl_inter 0: the calibration's normalised value in [0, 1]; error <= 1/510"}
-    return {"dtype": "float32", "values": "score"}
+        stored = {"dtype": "int16", "values": "score", "non_finite_code": INT16_NON_FINITE,
+                  "scaling": "per map from its finite min/max (NIfTI scl_slope/scl_inter); error <= (max - min) / "
+                             "131068"}
+    elif dtype == "uint8":
+        stored = {"dtype": "uint8", "values": "normalized", "non_finite_code": UINT8_TOP,
+                  "scaling": "scl_slope 1/255, scl_inter 0: the calibration's normalised value in [0, 1]; error <= "
+                             "1/510"}
+    else:
+        stored = {"dtype": "float32", "values": "score"}
+    return {**stored, "methods": list(methods)}
 
 
 def set_nifti_scaling(source: str, target: str, scaling: NiftiScaling) -> None:

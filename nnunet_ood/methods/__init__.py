@@ -178,6 +178,24 @@ class MethodRegistry:
             methods = [m for m in methods if m not in unmirrored]
         return methods, notes
 
+    def with_maps(self, requested: Sequence[str] | None, in_use: Sequence[str]) -> list[str]:
+        """Methods whose voxel maps are written (``--save_ood_maps [METHOD ...]``), in table order: every method
+        in use with a map when ``requested`` is empty or None, else the named ones, each checked (in use, has a
+        map: derived scores such as ``quality`` have none)."""
+        mapped = [m for m in in_use if self.get(m).kind is not MethodKind.DERIVED]
+        if not requested:
+            return mapped
+        for name in requested:
+            method = self.get(name)
+            if method.kind is MethodKind.DERIVED:
+                raise OODInputError(f"--save_ood_maps {name}: {name} is a case score without a voxel map; name "
+                                    f"methods with maps ({', '.join(mapped)}) or none for all")
+            if name not in in_use:
+                raise OODInputError(f"--save_ood_maps {name}: {name} is not among the methods of this prediction "
+                                    f"({', '.join(in_use)}); add it to --ood, fit it with nnUNetv2_fit_ood, or name "
+                                    "another")
+        return [m for m in mapped if m in requested]
+
     # ------------------------------------------------------------------ command lines
     def config_classes(self, stage: str = "fit") -> list[type]:
         """Options dataclasses of the methods, without repeats: ``stage`` is "fit" or "predict"."""

@@ -147,16 +147,18 @@ def has_maps(method: str) -> bool:
 
 
 def overlay_method(scores: Mapping[str, MethodScore], methods: Sequence[str], method: str | None,
-                   bounds: Mapping[str, tuple[float, float]] | None = None, deciding: str | None = None) -> str | None:
+                   bounds: Mapping[str, tuple[float, float]] | None = None, deciding: str | None = None,
+                   with_maps: Sequence[str] | None = None) -> str | None:
     """The method whose map a case shows: ``method`` if given and it has maps, else the one with the highest
-    normalised score among the methods with maps (a derived method such as ``quality`` has none).
+    normalised score among the methods with maps (a derived method such as ``quality`` has none; ``with_maps``:
+    the methods whose maps were written, when ``--save_ood_maps`` named some).
 
     Ties (typically several methods clipped at 1) go to the method whose score lies furthest beyond its scale, the
     unclipped ``(score - low) / (high - low)`` with the ``bounds`` of ``ood_scores.json``, then to the first in
     table order. Without any finite normalised score: the first method with a row. The ``deciding`` method (a
     derived score, registered or not) has no map either.
     """
-    mapped = [m for m in methods if has_maps(m) and m != deciding]
+    mapped = [m for m in methods if has_maps(m) and m != deciding and (with_maps is None or m in with_maps)]
     if method is not None and method in mapped:
         return method
     present = [m for m in mapped if m in scores]
@@ -195,9 +197,10 @@ def _decision_key(case: str, scores: Mapping[str, MethodScore], deciding: str, m
 
 def rank_cases(methods: Sequence[str], cases: Mapping[str, Mapping[str, MethodScore]], method: str | None = None,
                bounds: Mapping[str, tuple[float, float]] | None = None,
-               deciding: str | None = None) -> list[RankedCase]:
+               deciding: str | None = None, with_maps: Sequence[str] | None = None) -> list[RankedCase]:
     """Every case, least trustworthy first (see the module's docstring); ``method``: rank by that method only.
-    ``bounds``: the calibration's normalisation bounds, to choose the overlay (:func:`overlay_method`).
+    ``bounds``: the calibration's normalisation bounds, and ``with_maps`` the methods whose maps were written (None:
+    all), to choose the overlay (:func:`overlay_method`).
     ``deciding``: the method whose decision splits the cases (reviews first, :func:`deciding_method`)."""
     if method is not None and method not in methods:
         raise OODInputError(f"--report_method {method} has no scores in this folder's {CSV_NAME} (methods: "
@@ -220,5 +223,6 @@ def rank_cases(methods: Sequence[str], cases: Mapping[str, Mapping[str, MethodSc
             review = in_review(scores, deciding)
             decision, reason = ("review", review_reason(scores, deciding)) if review else ("accept", "")
         ranked.append(RankedCase(rank, case, sum(s.ood for s in scores.values()), value,
-                                 overlay_method(scores, methods, method, bounds, deciding), scores, decision, reason))
+                                 overlay_method(scores, methods, method, bounds, deciding, with_maps), scores, decision,
+                                 reason))
     return ranked

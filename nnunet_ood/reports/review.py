@@ -357,7 +357,9 @@ def write_review(input_folder: str | None, output_folder: str, method: str | Non
     dataset = read_optional_json_object(os.path.join(output_folder, "dataset.json"))
     document = read_optional_json_object(os.path.join(output_folder, JSON_NAME))
     deciding = deciding_method(methods, document)
-    ranked = rank_cases(methods, cases, method, calibration_bounds(document), deciding)
+    maps = document.get("ood_maps")
+    with_maps = maps["methods"] if isinstance(maps, dict) and isinstance(maps.get("methods"), list) else None
+    ranked = rank_cases(methods, cases, method, calibration_bounds(document), deciding, with_maps)
     context = decision_context(output_folder, document, deciding, [r.case for r in ranked]) if deciding else None
     ending = dataset.get("file_ending") if isinstance(dataset.get("file_ending"), str) else None
     maps_saved = bool(document.get("ood_maps")) or any(

@@ -1,0 +1,334 @@
+"""Benchmark: 3d_fullres at clinical size: time, peak memory and disk of stock nnU-Net against the OOD predictor.
+
+Builds, once per work folder, a CT-like synthetic dataset (air, a body, bone, one labelled organ; int16 HU
+volumes at 0.8 x 0.8 x 2.5 mm), plans it with nnU-Net's own planner (``nnUNetv2_plan_and_preprocess -c
+3d_fullres``), makes the planned network smaller (every stage's features divided by ``--feature_divisor``;
+same number of stages, same patch size, same kernels and strides), trains it for a few iterations with the
+stock ``nnUNetTrainer`` (the weights barely matter for time and memory) and fits the OOD state post hoc with
+``nnUNetv2_fit_ood`` (short SD and quality schedules), as a user with an existing model would.
+
+Then it predicts one test volume of ``--size`` (``clinical``: 512 x 512 x 300 voxels; ``small``: 256 x 256 x
+100) through the stock ``nnUNetPredictor`` and the ``nnUNetOODPredictor`` in several settings, each run in its
+own child process (``predict_from_files_sequential``: reading, preprocessing, sliding window, export, all in
+that process), alternating stock and OOD runs. Reported per setting: wall time of the prediction, peak
+resident memory of the process (``ru_maxrss``), bytes written for the case, each as a ratio to the stock
+runs (the median of the stock runs around them). It also times the fit of the default methods (without the
+autoencoder's training and the quality model's corruption pass, which have schedules of their own) against
+nnU-Net's validation of the fold, as ``bench_fit.py`` does in 2D.
+
+Usage::
+
+    python benchmarks/bench_3d.py --size small                 # about 25 minutes on 2 CPU cores
+    python benchmarks/bench_3d.py --size clinical --no_mirroring   # about 60 minutes more
+
+Targets (issue 23): time <= 1.10x stock with Pooled Mahalanobis and the free output scores, <= 1.6x with
+the default methods (``sd`` included); peak memory <= 1.2x stock; fit <= 1.5x nnU-Net's validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATASET_ID = 530
+SPACING = (0.8, 0.8, 2.5)  # x, y, z in mm (SimpleITK order)
+SIZES = {"clinical": (300, 512, 512), "small": (100, 256, 256)}  # z, y, x
+TRAIN_SHAPE = (80, 224, 224)  # z, y, x of the training volumes: the planner's patch comes from their median
+N_TRAIN = 6
+#: Pooled Mahalanobis and the scores read off the output (no extra network passes)
+PM_AND_FREE = ["mahalanobis", "max_softmax", "entropy", "energy", "kl_uniform", "temperature"]
+
+
+# ---------------------------------------------------------------------------------------------- data
+def ct_volume(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like int16 volume (HU) and its organ label: air, an elliptic body, a bone ring, one organ."""
+    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32).reshape(s) for n, s in
+               zip(shape, ((-1, 1, 1), (1, -1, 1), (1, 1, -1))))
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1
+    spine = ((x / 0.12) ** 2 + ((y - 0.45) / 0.12) ** 2 <= 1) & ~((x / 0.07) ** 2 + ((y - 0.45) / 0.07) ** 2 <= 1)
+    c = rng.uniform(-0.25, 0.25, 3).astype(np.float32)
+    r = rng.uniform(0.2, 0.35, 3).astype(np.float32)
+    organ = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / (2 * r[2])) ** 2 <= 1
+    hu = np.where(body, 40.0, -1000.0).astype(np.float32)
+    hu = np.where(spine & body, 700.0, hu)
+    hu = np.where(organ & body, 110.0, hu)
+    hu += rng.normal(0, 15, shape).astype(np.float32)
+    return np.clip(hu, -1024, 3071).astype(np.int16), (organ & body).astype(np.uint8)
+
+
+def write_image(array: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    sitk.WriteImage(image, str(path), True)
+
+
+def write_dataset(raw: Path) -> str:
+    """The training set (``N_TRAIN`` volumes of ``TRAIN_SHAPE``); returns the dataset's name."""
+    name = f"Dataset{DATASET_ID}_BenchCT"
+    folder = raw / name
+    if (folder / "dataset.json").is_file():
+        return name
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(N_TRAIN):
+        image, label = ct_volume(TRAIN_SHAPE, rng)
+        write_image(image, folder / "imagesTr" / f"ct_{i:03d}_0000.nii.gz")
+        write_image(label, folder / "labelsTr" / f"ct_{i:03d}.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": N_TRAIN,
+        "file_ending": ".nii.gz"}))
+    return name
+
+
+def write_test_case(folder: Path, size: str) -> Path:
+    """One test volume of ``size`` in its own folder (written once)."""
+    case = folder / f"ct_{size}_0000.nii.gz"
+    if not case.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        image, _ = ct_volume(SIZES[size], np.random.default_rng(1))
+        write_image(image, case)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- model
+def environment(work: Path) -> dict[str, str]:
+    """nnU-Net's folders under ``work`` (also set in this process); returns the environment for children."""
+    from nnunet_ood.cli.trainer_dir import trainer_dir
+
+    env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
+               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
+               nnUNet_def_n_proc="1")
+    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    exe = Path(sys.executable).parent / cmd[0]
+    proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def shrink_network(plans_file: Path, divisor: int) -> dict:
+    """Divide every stage's features by ``divisor`` (at least 2); stages, patch, kernels and strides are kept."""
+    plans = json.loads(plans_file.read_text())
+    config = plans["configurations"]["3d_fullres"]
+    kwargs = config["architecture"]["arch_kwargs"]
+    if not config.get("bench_3d_shrunk"):
+        kwargs["features_per_stage"] = [max(2, f // divisor) for f in kwargs["features_per_stage"]]
+        config["bench_3d_shrunk"] = divisor
+        plans_file.write_text(json.dumps(plans, indent=2))
+    return config
+
+
+def train(preprocessed: Path, name: str, iterations: int) -> None:
+    """A few iterations of the stock nnUNetTrainer on fold 0 (in a child process: ``train`` sub-command)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = load_json(str(preprocessed / name / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
+    trainer = nnUNetTrainer(plans, "3d_fullres", 0, load_json(str(preprocessed / name / "dataset.json")),
+                            device=torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, iterations, 1
+    trainer.batch_size = 1
+    trainer.run_training()
+
+
+def build(work: Path, divisor: int, iterations: int) -> tuple[Path, dict]:
+    """Dataset, plan, small network, training and OOD fit (each once per work folder)."""
+    env = environment(work)
+    name = write_dataset(work / "raw")
+    plans_file = work / "preprocessed" / name / "nnUNetPlans.json"
+    if not plans_file.is_file():
+        print("planning and preprocessing ...", flush=True)
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env)
+    config = shrink_network(plans_file, divisor)
+    model = work / "results" / name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        print(f"training {iterations} iterations ...", flush=True)
+        # no augmentation workers (the planner, however, needs nnUNet_n_proc_DA unset or positive)
+        run([sys.executable, __file__, "train", "--work", str(work), "--iterations", str(iterations)],
+            dict(env, nnUNet_n_proc_DA="0"))
+    if not (model / "fold_0" / "ood" / "ood_state.json").is_file():
+        print("fitting the OOD state (default methods, short schedules) ...", flush=True)
+        start = time.perf_counter()
+        run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", "nnUNetTrainer", "-f", "0",
+             "-device", "cpu", "--disable_progress_bar", "--sd_iterations", "4", "--sd_max_epochs", "2",
+             "--sd_batch_size", "2", "--sd_val_batches", "1", "--corruptions_per_case", "2"], env)
+        print(f"  fit took {time.perf_counter() - start:.0f} s", flush=True)
+    return model, config
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def predict_child(args: argparse.Namespace) -> None:
+    """Predict the input folder with one predictor in this process; print seconds, peak RSS and bytes as JSON."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    common = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirroring, device=torch.device("cpu"),
+                  perform_everything_on_device=False, allow_tqdm=False)
+    if args.methods is None:
+        predictor = nnUNetPredictor(**common)
+    else:
+        maps = True if args.maps == ["all"] else (args.maps or False)
+        predictor = nnUNetOODPredictor(**common, ood_methods=args.methods, save_ood_maps=maps)
+    predictor.initialize_from_trained_model_folder(args.model, (0,), "checkpoint_final.pth")
+    out = Path(args.output)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    predictor.predict_from_files_sequential(args.input, str(out), False, True, None)
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "bytes": written}), flush=True)
+
+
+def run_child(model: Path, inputs: Path, output: Path, env: dict[str, str], methods: list[str] | None,
+              maps: list[str] | None, mirroring: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "predict", "--model", str(model), "--input", str(inputs),
+           "--output", str(output)] + (["--mirroring"] if mirroring else [])
+    if methods is not None:
+        cmd += ["--methods", *methods]
+    if maps:
+        cmd += ["--maps", *maps]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(results[-1][len("RESULT "):])
+
+
+def settings(mirroring: bool) -> dict[str, tuple[list[str] | None, list[str] | None]]:
+    """Setting label -> (OOD methods, maps) for one mirroring mode; ``None`` methods: the default ones."""
+    from nnunet_ood.methods import DEFAULT_FIT_METHODS
+
+    default = list(DEFAULT_FIT_METHODS)
+    if not mirroring:  # tta needs mirroring
+        default.remove("tta")
+    return {"PM + free scores": (PM_AND_FREE, None),
+            "PM + free scores, PM map": (PM_AND_FREE, ["mahalanobis"]),
+            "default methods": (default, None),
+            "default methods, all maps": (default, ["all"])}
+
+
+def time_fit_against_validation(model: Path) -> tuple[float, float]:
+    """(nnU-Net's validation of fold 0, fit_fold of the default methods without AE training and quality) in s."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from contextlib import redirect_stdout
+
+    from bench_fit import time_fit, time_validation
+
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        validation = time_validation(model)[0]
+        fit = time_fit(model)
+    return validation, fit
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    bench = sub.add_parser("bench", help="the benchmark (default)")
+    bench.add_argument("--work", default=None, help="folder for the dataset and model (kept; default: temporary)")
+    bench.add_argument("--size", choices=list(SIZES), default="small", help="test volume size (default: small)")
+    bench.add_argument("--no_mirroring", action="store_true", help="only without test-time mirroring")
+    bench.add_argument("--feature_divisor", type=int, default=8, help="divide the planned features by this (8)")
+    bench.add_argument("--iterations", type=int, default=10, help="training iterations (default: 10)")
+    bench.add_argument("--skip_fit_timing", action="store_true", help="leave out fit against validation")
+    tr = sub.add_parser("train")
+    tr.add_argument("--work", required=True)
+    tr.add_argument("--iterations", type=int, required=True)
+    pr = sub.add_parser("predict")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--input", required=True)
+    pr.add_argument("--output", required=True)
+    pr.add_argument("--methods", nargs="+", default=None)
+    pr.add_argument("--maps", nargs="+", default=None)
+    pr.add_argument("--mirroring", action="store_true")
+    args = parser.parse_args(argv if argv is not None and argv else (sys.argv[1:] or ["bench"]))
+    if args.command == "train":
+        environment(Path(args.work))
+        train(Path(args.work) / "preprocessed", write_dataset(Path(args.work) / "raw"), args.iterations)
+        return 0
+    if args.command == "predict":
+        predict_child(args)
+        return 0
+    return benchmark(args)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """Build once, then the alternating child runs; prints the tables and returns 0 if the targets are met."""
+    from machine import machine_description
+
+    temp = None if args.work else tempfile.TemporaryDirectory()
+    work = Path(args.work or temp.name).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model, config = build(work, args.feature_divisor, args.iterations)
+    env = environment(work)
+    inputs = write_test_case(work / f"test_{args.size}", args.size)
+    kwargs = config["architecture"]["arch_kwargs"]
+    print(f"Machine: {machine_description()}")
+    print(f"3d_fullres plan by nnU-Net's planner: patch {config['patch_size']}, spacing {config['spacing']}, "
+          f"{kwargs['n_stages']} stages, features {kwargs['features_per_stage']} (planned features divided by "
+          f"{args.feature_divisor}); test volume {SIZES[args.size][::-1]} voxels (x y z) at {SPACING} mm", flush=True)
+    ok = True
+    for mirroring in ([False] if args.no_mirroring else [False, True]):
+        ok &= compare(model, inputs, work, env, mirroring)
+    if not args.skip_fit_timing:
+        validation, fit = time_fit_against_validation(model)
+        ok &= fit / validation <= 1.5
+        print(f"\n| fit of fold 0 | nnU-Net validation (s) | fit_fold, default methods without sd training and "
+              f"quality (s) | ratio | target |\n|---|---:|---:|---:|---|\n| 3d_fullres | {validation:.1f} | "
+              f"{fit:.1f} | {fit / validation:.2f} | <= 1.5 |", flush=True)
+    if temp is not None:
+        temp.cleanup()
+    return 0 if ok else 1
+
+
+def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirroring: bool) -> bool:
+    """Stock and OOD child runs alternating (stock, two settings, stock, two settings, stock); prints a table."""
+    runs: dict[str, list[dict[str, float]]] = {"stock": []}
+    order = list(settings(mirroring).items())
+    runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring))
+    for k, (label, (methods, maps)) in enumerate(order):
+        runs[label] = [run_child(model, inputs, work / f"out_{k}", env, methods, maps, mirroring)]
+        if k % 2 == 1:
+            runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring))
+    stock = {key: statistics.median(r[key] for r in runs["stock"]) for key in ("seconds", "peak_mib", "bytes")}
+    print(f"\nmirroring {'on' if mirroring else 'off'}; stock nnUNetPredictor: {stock['seconds']:.0f} s, peak "
+          f"{stock['peak_mib']:.0f} MiB, {stock['bytes'] / 2**20:.1f} MiB written (median of "
+          f"{len(runs['stock'])} runs)")
+    print("| OOD setting | time (s) | time ratio | target | peak RSS (MiB) | memory ratio | target | MiB written "
+          "| disk ratio |\n|---|---:|---:|---|---:|---:|---|---:|---:|")
+    ok = True
+    for label, (methods, _) in order:
+        r = runs[label][0]
+        target = 1.10 if methods == PM_AND_FREE else 1.60
+        t_ratio, m_ratio = r["seconds"] / stock["seconds"], r["peak_mib"] / stock["peak_mib"]
+        ok &= t_ratio <= target and m_ratio <= 1.2
+        print(f"| {label} | {r['seconds']:.0f} | {t_ratio:.2f} | <= {target:.2f} | {r['peak_mib']:.0f} | "
+              f"{m_ratio:.2f} | <= 1.20 | {r['bytes'] / 2**20:.1f} | {r['bytes'] / stock['bytes']:.1f} |", flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
