@@ -13,12 +13,15 @@ def trainer_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(nnunet_ood.__file__)), "trainers", "ext")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description="Print the directory to export as nnUNet_extTrainer so that nnUNetv2_train and "
+                    "nnUNetv2_predict find nnUNetTrainerOOD: export nnUNet_extTrainer=$(nnUNetv2_ood_trainer_dir)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the ext-trainer folder, e.g. ``export nnUNet_extTrainer=$(nnUNetv2_ood_trainer_dir)``."""
-    argparse.ArgumentParser(
-        description="Print the directory to export as nnUNet_extTrainer so that nnUNetv2_train and "
-                    "nnUNetv2_predict find nnUNetTrainerOOD: export nnUNet_extTrainer=$(nnUNetv2_ood_trainer_dir)"
-    ).parse_args(argv)
+    build_parser().parse_args(argv)
     print(trainer_dir())
 
 
