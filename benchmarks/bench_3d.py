@@ -135,7 +135,7 @@ def shrink_network(plans_file: Path, divisor: int) -> dict:
     return config
 
 
-def train(preprocessed: Path, name: str, iterations: int) -> None:
+def train(preprocessed: Path, name: str, iterations: int, device: str) -> None:
     """A few iterations of the stock nnUNetTrainer on fold 0 (in a child process: ``train`` sub-command)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -144,13 +144,13 @@ def train(preprocessed: Path, name: str, iterations: int) -> None:
     plans = load_json(str(preprocessed / name / "nnUNetPlans.json"))
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     trainer = nnUNetTrainer(plans, "3d_fullres", 0, load_json(str(preprocessed / name / "dataset.json")),
-                            device=torch.device("cpu"))
+                            device=torch.device(device))
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, iterations, 1
     trainer.batch_size = 1
     trainer.run_training()
 
 
-def build(work: Path, divisor: int, iterations: int) -> tuple[Path, dict]:
+def build(work: Path, divisor: int, iterations: int, device: str = "cpu") -> tuple[Path, dict]:
     """Dataset, plan, small network, training and OOD fit (each once per work folder)."""
     env = environment(work)
     name = write_dataset(work / "raw")
@@ -163,13 +163,14 @@ def build(work: Path, divisor: int, iterations: int) -> tuple[Path, dict]:
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         print(f"training {iterations} iterations ...", flush=True)
         # no augmentation workers (the planner, however, needs nnUNet_n_proc_DA unset or positive)
-        run([sys.executable, __file__, "train", "--work", str(work), "--iterations", str(iterations)],
+        run([sys.executable, __file__, "train", "--work", str(work), "--iterations", str(iterations), "-device",
+             device],
             dict(env, nnUNet_n_proc_DA="0"))
     if not (model / "fold_0" / "ood" / "ood_state.json").is_file():
         print("fitting the OOD state (default methods, short schedules) ...", flush=True)
         start = time.perf_counter()
         run(["nnUNetv2_fit_ood", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", "nnUNetTrainer", "-f", "0",
-             "-device", "cpu", "--disable_progress_bar", "--sd_iterations", "4", "--sd_max_epochs", "2",
+             "-device", device, "--disable_progress_bar", "--sd_iterations", "4", "--sd_max_epochs", "2",
              "--sd_batch_size", "2", "--sd_val_batches", "1", "--corruptions_per_case", "2"], env)
         print(f"  fit took {time.perf_counter() - start:.0f} s", flush=True)
     return model, config
@@ -184,8 +185,9 @@ def predict_child(args: argparse.Namespace) -> None:
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
 
     torch.set_num_threads(os.cpu_count() or 1)
-    common = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirroring, device=torch.device("cpu"),
-                  perform_everything_on_device=False, allow_tqdm=False)
+    cuda = args.device == "cuda"
+    common = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirroring, device=torch.device(args.device),
+                  perform_everything_on_device=cuda, allow_tqdm=False)
     if args.methods is None:
         predictor = nnUNetPredictor(**common)
     else:
@@ -197,16 +199,20 @@ def predict_child(args: argparse.Namespace) -> None:
     out.mkdir(parents=True)
     start = time.perf_counter()
     predictor.predict_from_files_sequential(args.input, str(out), False, True, None)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "bytes": written}), flush=True)
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "bytes": written,
+                                  "gpu_mib": gpu_mib}), flush=True)
 
 
 def run_child(model: Path, inputs: Path, output: Path, env: dict[str, str], methods: list[str] | None,
-              maps: list[str] | None, mirroring: bool) -> dict[str, float]:
+              maps: list[str] | None, mirroring: bool, device: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "predict", "--model", str(model), "--input", str(inputs),
-           "--output", str(output)] + (["--mirroring"] if mirroring else [])
+           "--output", str(output), "-device", device] + (["--mirroring"] if mirroring else [])
     if methods is not None:
         cmd += ["--methods", *methods]
     if maps:
@@ -223,8 +229,8 @@ def settings(mirroring: bool) -> dict[str, tuple[list[str] | None, list[str] | N
     from nnunet_ood.methods import DEFAULT_FIT_METHODS
 
     default = list(DEFAULT_FIT_METHODS)
-    if not mirroring:  # tta needs mirroring
-        default.remove("tta")
+    if not mirroring:  # tta measures the mirrored passes' disagreement, and quality reads tta
+        default = [m for m in default if m not in ("tta", "quality")]
     return {"PM + free scores": (PM_AND_FREE, None),
             "PM + free scores, PM map": (PM_AND_FREE, ["mahalanobis"]),
             "default methods": (default, None),
@@ -254,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--feature_divisor", type=int, default=8, help="divide the planned features by this (8)")
     bench.add_argument("--iterations", type=int, default=10, help="training iterations (default: 10)")
     bench.add_argument("--skip_fit_timing", action="store_true", help="leave out fit against validation")
+    bench.add_argument("-device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
     tr = sub.add_parser("train")
     tr.add_argument("--work", required=True)
     tr.add_argument("--iterations", type=int, required=True)
+    tr.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
     pr = sub.add_parser("predict")
     pr.add_argument("--model", required=True)
     pr.add_argument("--input", required=True)
@@ -264,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--methods", nargs="+", default=None)
     pr.add_argument("--maps", nargs="+", default=None)
     pr.add_argument("--mirroring", action="store_true")
+    pr.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv if argv is not None and argv else (sys.argv[1:] or ["bench"]))
     if args.command == "train":
         environment(Path(args.work))
-        train(Path(args.work) / "preprocessed", write_dataset(Path(args.work) / "raw"), args.iterations)
+        train(Path(args.work) / "preprocessed", write_dataset(Path(args.work) / "raw"), args.iterations, args.device)
         return 0
     if args.command == "predict":
         predict_child(args)
@@ -282,7 +291,7 @@ def benchmark(args: argparse.Namespace) -> int:
     temp = None if args.work else tempfile.TemporaryDirectory()
     work = Path(args.work or temp.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model, config = build(work, args.feature_divisor, args.iterations)
+    model, config = build(work, args.feature_divisor, args.iterations, args.device)
     env = environment(work)
     inputs = write_test_case(work / f"test_{args.size}", args.size)
     kwargs = config["architecture"]["arch_kwargs"]
@@ -292,7 +301,7 @@ def benchmark(args: argparse.Namespace) -> int:
           f"{args.feature_divisor}); test volume {SIZES[args.size][::-1]} voxels (x y z) at {SPACING} mm", flush=True)
     ok = True
     for mirroring in ([False] if args.no_mirroring else [False, True]):
-        ok &= compare(model, inputs, work, env, mirroring)
+        ok &= compare(model, inputs, work, env, mirroring, args.device)
     if not args.skip_fit_timing:
         validation, fit = time_fit_against_validation(model)
         ok &= fit / validation <= 1.5
@@ -304,15 +313,15 @@ def benchmark(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirroring: bool) -> bool:
+def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirroring: bool, device: str) -> bool:
     """Stock and OOD child runs alternating (stock, two settings, stock, two settings, stock); prints a table."""
     runs: dict[str, list[dict[str, float]]] = {"stock": []}
     order = list(settings(mirroring).items())
-    runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring))
+    runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring, device))
     for k, (label, (methods, maps)) in enumerate(order):
-        runs[label] = [run_child(model, inputs, work / f"out_{k}", env, methods, maps, mirroring)]
+        runs[label] = [run_child(model, inputs, work / f"out_{k}", env, methods, maps, mirroring, device)]
         if k % 2 == 1:
-            runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring))
+            runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring, device))
     stock = {key: statistics.median(r[key] for r in runs["stock"]) for key in ("seconds", "peak_mib", "bytes")}
     print(f"\nmirroring {'on' if mirroring else 'off'}; stock nnUNetPredictor: {stock['seconds']:.0f} s, peak "
           f"{stock['peak_mib']:.0f} MiB, {stock['bytes'] / 2**20:.1f} MiB written (median of "

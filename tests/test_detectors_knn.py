@@ -309,6 +309,7 @@ def test_bad_constructor_arguments_raise(kwargs) -> None:
         KNNDetector(**kwargs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(data) -> None:
     x, y = data

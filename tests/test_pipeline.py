@@ -252,3 +252,21 @@ def test_several_input_folders_in_one_run_match_separate_runs(tiny_project, tmp_
         assert [(r["case"], r["method"], r["ood"]) for r in joint_rows] == \
             [(r["case"], r["method"], r["ood"]) for r in alone_rows]
         assert [r["score"] for r in joint_rows] == pytest.approx([r["score"] for r in alone_rows], rel=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prediction_matches_cpu(tiny_project, test_images, tmp_path):
+    """-device cuda (maps accumulated on the GPU, float64 statistics there) gives the CPU's scores and maps."""
+    predict_ood(tmp_path / "cpu", test_images, "--save_ood_maps")
+    predict_ood(tmp_path / "cuda", test_images, "--save_ood_maps", "-device", "cuda")
+    cpu, gpu = (read_score_csv(str(tmp_path / name / "ood_scores.csv")) for name in ("cpu", "cuda"))
+    assert [(r["case"], r["method"]) for r in cpu] == [(r["case"], r["method"]) for r in gpu]
+    for a, b in zip(cpu, gpu):
+        assert b["score"] == pytest.approx(a["score"], rel=1e-3, abs=1e-5), (a["case"], a["method"])
+    for case in sorted(tiny_project.dataset.case_domain):
+        seg_cpu, seg_gpu = (read_array(tmp_path / name / f"{case}.nii.gz") for name in ("cpu", "cuda"))
+        assert (seg_cpu == seg_gpu).mean() > 0.999
+        np.testing.assert_allclose(read_array(tmp_path / "cuda" / f"{case}_ood_mahalanobis.nii.gz"),
+                                   read_array(tmp_path / "cpu" / f"{case}_ood_mahalanobis.nii.gz"), rtol=1e-3,
+                                   atol=1e-4)

@@ -100,13 +100,15 @@ class PredictionOutputs:
             self.unfinished_case = None
             return result
         if p.save_ood_maps:
-            args = (np.stack([outcome.maps[m].cpu().numpy() for m in p.ood_map_methods]), p.ood_map_methods,
+            # views of the kept maps, no stacked copy: at clinical size each map is hundreds of MB
+            args = ([outcome.maps[m].cpu().numpy() for m in p.ood_map_methods], p.ood_map_methods,
                     self.current_case["data_properties"], p.configuration_manager, p.plans_manager, p.dataset_json,
                     ofile, p.ood_maps_dtype, normalization_bounds(p.ood_calibration))
             if self._map_pool is not None:
                 self._map_futures.append(self._map_pool.submit(export_ood_maps, *args))
             else:
                 export_ood_maps(*args)
+        outcome.maps.clear()  # written (or queued): not held while nnU-Net exports the segmentation
         write_case_record(os.path.dirname(ofile) or ".", case, scores, self.run_signature(),
                           (self._run or {}).get("input_folder"))
         self.unfinished_case = None

@@ -133,7 +133,7 @@ def write_map_image(array: np.ndarray, output_file: str, properties: Mapping, wr
             os.remove(raw)
 
 
-def export_ood_maps(maps: np.ndarray, methods: Sequence[str], properties: Mapping,
+def export_ood_maps(maps: Sequence[np.ndarray], methods: Sequence[str], properties: Mapping,
                     configuration_manager: ConfigurationManager, plans_manager: PlansManager,
                     dataset_json: Mapping, output_file_truncated: str, dtype: str = "float32",
                     bounds: Mapping[str, tuple[float, float] | None] | None = None) -> list[str]:

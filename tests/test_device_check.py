@@ -1,0 +1,57 @@
+"""benchmarks/device_check.sh, the one-call GPU check: syntax and argument handling (it runs only on a GPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+def test_script_parses() -> None:
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_dry_run_lists_the_steps_with_cuda_everywhere() -> None:
+    proc = run("--dry-run", "--python", "py3")
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split(" ")[0] for line in proc.stdout.splitlines()]
+    assert steps == ["environment", "cuda_tests", "bench_2d", "bench_3d"]
+    lines = dict(zip(steps, proc.stdout.splitlines()))
+    assert "-m cuda" in lines["cuda_tests"] and "py3 -m pytest" in lines["cuda_tests"]
+    assert "-device cuda" in lines["bench_2d"] and "-device cuda" in lines["bench_3d"]
+    assert "--no_mirroring" not in lines["bench_3d"]
+    assert "--no_mirroring" in run("--dry-run", "--quick").stdout
+    # the limits add up to at most 8 minutes, inside one device call
+    assert sum(int(line.split("(at most ")[1].split(" s)")[0]) for line in lines.values()) <= 8 * 60
+
+
+@pytest.mark.parametrize("args, needle", [(["--bogus"], "unknown argument '--bogus'"), (["--out"], "--out needs"),
+                                          (["--python"], "--python needs")])
+def test_bad_arguments_exit_2_with_one_line(args, needle) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_and_a_machine_without_cuda(tmp_path) -> None:
+    proc = run("--help")
+    assert proc.returncode == 0 and "bench_3d" in proc.stdout and "--dry-run" in proc.stdout
+    # no CUDA here (or a broken interpreter): the environment step stops everything with status 3
+    proc = run("--out", str(tmp_path / "out"), "--python", "false")
+    assert proc.returncode == 3 and "environment: FAILED" in proc.stdout
+    assert not (tmp_path / "out" / "cuda_tests.log").exists()
+
+
+def test_bench_3d_arguments() -> None:
+    bench = SCRIPT.parent / "bench_3d.py"
+    proc = subprocess.run([sys.executable, str(bench), "bench", "--size", "huge"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
+    proc = subprocess.run([sys.executable, str(bench), "bench", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "-device" in proc.stdout and "--no_mirroring" in proc.stdout
