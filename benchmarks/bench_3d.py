@@ -19,7 +19,7 @@ nnU-Net's validation of the fold, as ``bench_fit.py`` does in 2D.
 Usage::
 
     python benchmarks/bench_3d.py --size small                 # about 25 minutes on 2 CPU cores
-    python benchmarks/bench_3d.py --size clinical --no_mirroring   # about 60 minutes more
+    python benchmarks/bench_3d.py --size clinical --mirroring off   # about 30 minutes more
 
 Targets (issue 23): time <= 1.10x stock with Pooled Mahalanobis and the free output scores, <= 1.6x with
 the default methods (``sd`` included); peak memory <= 1.2x stock; fit <= 1.5x nnU-Net's validation.
@@ -197,6 +197,8 @@ def predict_child(args: argparse.Namespace) -> None:
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    if args.memory_trace:
+        trace_memory_phases(predictor)
     start = time.perf_counter()
     predictor.predict_from_files_sequential(args.input, str(out), False, True, None)
     if cuda:
@@ -207,6 +209,41 @@ def predict_child(args: argparse.Namespace) -> None:
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "bytes": written,
                                   "gpu_mib": gpu_mib}), flush=True)
+
+
+def trace_memory_phases(predictor) -> None:
+    """Print, at exit, the peak resident memory of each phase of a case (sampled every 10 ms): before the
+    sliding window (reading, preprocessing), the sliding window, the OOD scoring after it, and nnU-Net's export."""
+    import atexit
+    import threading
+
+    phase, peaks = ["reading and preprocessing"], {}
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/statm") as fh:
+                rss = int(fh.read().split()[1]) * page
+            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss)
+            time.sleep(0.01)
+
+    def wrap(owner, name: str, label: str, after: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            phase[0] = label
+            try:
+                return original(*a, **k)
+            finally:
+                phase[0] = after
+        setattr(owner, name, wrapped)
+
+    wrap(predictor, "predict_logits_from_preprocessed_data", "sliding window and OOD scoring", "export")
+    scorer = getattr(predictor, "_scorer", None)
+    if scorer is not None:
+        wrap(scorer, "finish_case", "OOD scoring after the window", "export")
+    threading.Thread(target=sample, daemon=True).start()
+    atexit.register(lambda: print("MEMORY " + json.dumps({k: round(v) for k, v in peaks.items()}), flush=True))
 
 
 def run_child(model: Path, inputs: Path, output: Path, env: dict[str, str], methods: list[str] | None,
@@ -256,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="the benchmark (default)")
     bench.add_argument("--work", default=None, help="folder for the dataset and model (kept; default: temporary)")
     bench.add_argument("--size", choices=list(SIZES), default="small", help="test volume size (default: small)")
-    bench.add_argument("--no_mirroring", action="store_true", help="only without test-time mirroring")
+    bench.add_argument("--mirroring", choices=["off", "on", "both"], default="both",
+                       help="test-time mirroring in the timed runs (default: both, off first)")
     bench.add_argument("--feature_divisor", type=int, default=8, help="divide the planned features by this (8)")
     bench.add_argument("--iterations", type=int, default=10, help="training iterations (default: 10)")
     bench.add_argument("--skip_fit_timing", action="store_true", help="leave out fit against validation")
@@ -273,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--maps", nargs="+", default=None)
     pr.add_argument("--mirroring", action="store_true")
     pr.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
+    pr.add_argument("--memory_trace", action="store_true", help="print the peak memory of each phase")
     args = parser.parse_args(argv if argv is not None and argv else (sys.argv[1:] or ["bench"]))
     if args.command == "train":
         environment(Path(args.work))
@@ -300,7 +339,7 @@ def benchmark(args: argparse.Namespace) -> int:
           f"{kwargs['n_stages']} stages, features {kwargs['features_per_stage']} (planned features divided by "
           f"{args.feature_divisor}); test volume {SIZES[args.size][::-1]} voxels (x y z) at {SPACING} mm", flush=True)
     ok = True
-    for mirroring in ([False] if args.no_mirroring else [False, True]):
+    for mirroring in {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]:
         ok &= compare(model, inputs, work, env, mirroring, args.device)
     if not args.skip_fit_timing:
         validation, fit = time_fit_against_validation(model)

@@ -37,7 +37,7 @@ WORK="$OUT_DIR/work"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 nnUNet_compile=0
 
 MIRROR_FLAG=""
-[[ $QUICK -eq 1 ]] && MIRROR_FLAG="--no_mirroring"
+[[ $QUICK -eq 1 ]] && MIRROR_FLAG="--mirroring off"
 declare -a NAMES LIMITS COMMANDS
 add() { NAMES+=("$1"); LIMITS+=("$2"); COMMANDS+=("$3"); }
 add environment 30 "$PY -c 'import torch, nnunetv2, nnunet_ood; assert torch.cuda.is_available(), \"no CUDA device\"; print(torch.__version__, torch.cuda.get_device_name(0))'"

@@ -159,3 +159,24 @@ def test_features_of_another_dimension_are_refused(setup):
     scorer.add_bottleneck(torch.zeros(4, 3, 2, 2))
     with pytest.raises(OODStateError, match="12 dimensions but the mahalanobis state expects 16"):
         scorer.finish_window()
+
+
+def test_voxelwise_maps_in_slabs_equal_the_whole_map(monkeypatch) -> None:
+    """Logit methods' maps and the predicted foreground, computed in slabs to bound their temporaries at clinical
+    sizes, equal the map computed on the whole volume at once (3D, several slabs and a ragged last one)."""
+    from nnunet_ood.inference import case_scorer
+    from nnunet_ood.methods import REGISTRY, MethodKind
+    from nnunet_ood.segmentation import predicted_foreground
+
+    monkeypatch.setattr(case_scorer, "SLAB_VOXELS", 7 * 9 * 2)  # slabs of 2 of the 11 planes
+    logits = torch.randn(4, 11, 7, 9, generator=torch.Generator().manual_seed(0)) * 3
+    params = [{"temperature": 1.7}]
+    for method in (m for m in REGISTRY if m.kind is MethodKind.LOGITS):
+        for region_based in (False, True):
+            whole = method.voxel_map(logits, region_based, params)
+            slabs = case_scorer.in_slabs(lambda part, m=method, r=region_based: m.voxel_map(part, r, params), logits,
+                                         torch.float32)
+            assert slabs.shape == whole.shape == (11, 7, 9)
+            np.testing.assert_allclose(slabs.numpy(), whole.numpy(), rtol=1e-6, atol=1e-7, err_msg=method.name)
+    fg = case_scorer.in_slabs(lambda part: predicted_foreground(part, False), logits, torch.bool)
+    assert torch.equal(fg, logits.argmax(0) > 0)

@@ -27,8 +27,8 @@ def test_dry_run_lists_the_steps_with_cuda_everywhere() -> None:
     lines = dict(zip(steps, proc.stdout.splitlines()))
     assert "-m cuda" in lines["cuda_tests"] and "py3 -m pytest" in lines["cuda_tests"]
     assert "-device cuda" in lines["bench_2d"] and "-device cuda" in lines["bench_3d"]
-    assert "--no_mirroring" not in lines["bench_3d"]
-    assert "--no_mirroring" in run("--dry-run", "--quick").stdout
+    assert "--mirroring off" not in lines["bench_3d"]
+    assert "--mirroring off" in run("--dry-run", "--quick").stdout
     # the limits add up to at most 8 minutes, inside one device call
     assert sum(int(line.split("(at most ")[1].split(" s)")[0]) for line in lines.values()) <= 8 * 60
 
@@ -54,4 +54,4 @@ def test_bench_3d_arguments() -> None:
     proc = subprocess.run([sys.executable, str(bench), "bench", "--size", "huge"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
     proc = subprocess.run([sys.executable, str(bench), "bench", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "-device" in proc.stdout and "--no_mirroring" in proc.stdout
+    assert proc.returncode == 0 and "-device" in proc.stdout and "--mirroring" in proc.stdout

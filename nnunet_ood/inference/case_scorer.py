@@ -17,7 +17,7 @@ encoder-only sliding window through :meth:`add_bottleneck` instead of taps.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +176,7 @@ class CaseScorer:
         """
         self.in_case = False
         view = CaseView(self._layout, logits, self.region_based, self._ensemble)
-        foreground = predicted_foreground(logits, self.region_based) \
+        foreground = in_slabs(lambda part: predicted_foreground(part, self.region_based), logits, torch.bool) \
             if logits is not None and "foreground_mean" in self.aggregations.values() else None
         scores: dict[str, float] = {}
         kept: dict[str, torch.Tensor] = {}
@@ -215,4 +215,26 @@ class CaseScorer:
         for m in self.ensemble_methods:
             yield m, m.voxel_map(self._ensemble)
         for m in self.logit_methods:
-            yield m, m.voxel_map(logits, self.region_based, [f.method_params.get(m.name, {}) for f in self.folds])
+            params = [f.method_params.get(m.name, {}) for f in self.folds]
+            if m.voxelwise:
+                yield m, in_slabs(lambda part, m=m, params=params: m.voxel_map(part, self.region_based, params),
+                                  logits, torch.float32)
+            else:
+                yield m, m.voxel_map(logits, self.region_based, params)
+
+
+#: voxels per slab of a voxelwise map: its temporaries (a few C x slab float32 tensors) stay near 100 MB
+SLAB_VOXELS = 2**22
+
+
+def in_slabs(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fn(logits)`` for a voxelwise ``fn`` (``(C, *spatial) -> (*spatial)``), computed in slabs along the first
+    spatial axis into one preallocated map: the same values, without ``fn``'s full-size temporaries."""
+    spatial = tuple(logits.shape[1:])
+    step = max(1, SLAB_VOXELS // max(1, math.prod(spatial[1:])))
+    if step >= spatial[0]:
+        return fn(logits)
+    out = torch.empty(spatial, dtype=dtype, device=logits.device)
+    for start in range(0, spatial[0], step):  # a few dozen slabs at clinical size, not a loop over voxels
+        out[start:start + step] = fn(logits[:, start:start + step])
+    return out

@@ -220,6 +220,9 @@ class LogitMethod(Method):
     """A voxel map computed from the case's final logits; no extra forward pass."""
 
     kind = MethodKind.LOGITS
+    #: each voxel's value depends on that voxel's logits alone, so the scorer may compute the map in slabs (its
+    #: C x voxels temporaries then stay small at clinical sizes); False for a map that looks at neighbours
+    voxelwise: bool = True
 
     def voxel_map(self, logits: Tensor, region_based: bool, fold_params: Sequence[Mapping[str, Any]]) -> Tensor:
         """``(*spatial)`` float32 map from logits ``(C, *spatial)``; ``fold_params``: fitted parameters per fold."""
