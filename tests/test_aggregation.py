@@ -110,3 +110,19 @@ def test_case_aggregations_against_brute_force():
     assert aggregate_case_scores(maps, ["foreground_mean"] * 3, layout, empty)[1] == pytest.approx(m[1].mean())
     with pytest.raises(ValueError, match="unknown case aggregation"):
         aggregate_case_scores(maps, ["median"] * 3, layout, None)
+
+
+def test_case_scores_of_large_maps_are_summed_in_chunks(monkeypatch) -> None:
+    """Above MEAN_CHUNK voxels the float64 mean is taken chunk by chunk (no float64 copy of the whole map); it
+    equals numpy's float64 mean, NaN included."""
+    import numpy as np
+
+    from nnunet_ood import aggregation
+
+    monkeypatch.setattr(aggregation, "MEAN_CHUNK", 1000)
+    maps = torch.rand(3, 17, 23, 11, generator=torch.Generator().manual_seed(0)) * 100
+    maps[2, 5, 5, 5] = float("nan")
+    got = aggregation.case_scores_from_maps(maps).numpy()
+    expected = maps.numpy().astype(np.float64).reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-13)
+    assert np.isnan(got[2])

@@ -210,7 +210,8 @@ class CaseScorer:
         if self.map_methods:
             folds, self._fold_maps = self._fold_maps, []
             for i, m in enumerate(self.map_methods):
-                yield m, torch.stack([fold[i] for fold in folds]).mean(dim=0)
+                # one fold: its map as it is (the mean of one), without a stacked copy
+                yield m, folds[0][i] if len(folds) == 1 else torch.stack([fold[i] for fold in folds]).mean(dim=0)
             del folds
         for m in self.ensemble_methods:
             yield m, m.voxel_map(self._ensemble)

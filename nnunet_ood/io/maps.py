@@ -41,8 +41,11 @@ def map_to_input_geometry(ood_map: np.ndarray | torch.Tensor, properties: Mappin
     resampled = configuration_manager.resampling_fn_probabilities(ood_map, shape_before_resampling,
                                                                    current_spacing, target_spacing)
     resampled = np.asarray(resampled, dtype=np.float32)[0]
-    full = np.full(properties["shape_before_cropping"], OUTSIDE_CROP_VALUE, dtype=np.float32)
-    full = insert_crop_into_image(full, resampled, properties["bbox_used_for_cropping"])
+    if tuple(resampled.shape) == tuple(properties["shape_before_cropping"]):
+        full = resampled  # nothing was cropped (no all-zero border, as in CT): no second full-size array
+    else:
+        full = np.full(properties["shape_before_cropping"], OUTSIDE_CROP_VALUE, dtype=np.float32)
+        full = insert_crop_into_image(full, resampled, properties["bbox_used_for_cropping"])
     return np.ascontiguousarray(np.asarray(full).transpose(plans_manager.transpose_backward))
 
 
