@@ -67,7 +67,7 @@ def test_a_score_document_that_is_no_file_is_refused_by_the_evaluation(tmp_path,
     """An ood_scores.json that is a dangling link or a folder was read as no document (its calibrations and
     provenance silently left out, exit 0); a missing one still reads as an older prediction folder."""
     from nnunet_ood.errors import OODInputError
-    from nnunet_ood.evaluation.table import load_score_table
+    from nnunet_ood.evaluation.score_tables import load_score_table
 
     (tmp_path / "ood_scores.csv").write_text("case,method,score,normalized,ood\nc1,mahalanobis,1.0,0.5,False\n")
     assert load_score_table(str(tmp_path)).cases == ["c1"]
@@ -87,7 +87,7 @@ def test_a_damaged_reference_label_is_named_without_tracebacks(tmp_path, capsys,
     import gzip
 
     from nnunet_ood.errors import OODInputError
-    from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.evaluation.dice import make_reader
 
     label = tmp_path / "case_000.nii.gz"
     label.write_bytes(b"" if damage == "empty" else gzip.compress(b"\\x5c\\x01" + b"\\0" * 400)[:60])

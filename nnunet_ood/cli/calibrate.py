@@ -160,7 +160,7 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
     (checked before predicting)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-    from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.evaluation.dice import make_reader
     from nnunet_ood.io.inputs import check_reference_sizes
     from nnunet_ood.io.labels import check_references, dataset_label_values
 
@@ -189,7 +189,7 @@ def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, ri
     rule (:func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's function) on the labelled
     calibration cases (Dice of the segmentations just written against ``-l``)."""
     from nnunet_ood.calibration import MethodCalibration
-    from nnunet_ood.evaluation.table import case_dice, make_reader
+    from nnunet_ood.evaluation.dice import case_dice, make_reader
     from nnunet_ood.quality.risk_control import CONFIDENCE, RiskThreshold, choose_threshold
 
     fitted = predictor.ood_states[0].method_params.get(method, {})
