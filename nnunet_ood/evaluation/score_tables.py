@@ -8,7 +8,6 @@ read the same.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -18,8 +17,8 @@ from typing import Any
 
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.evaluation.groups import PREDICT_COMMAND, GroupSpec, short_list
-from nnunet_ood.io.json_files import read_json
-from nnunet_ood.io.scores import CSV_NAME, JSON_NAME, read_score_csv
+from nnunet_ood.io.score_reader import read_score_document, read_score_rows
+from nnunet_ood.io.scores import CSV_NAME
 
 #: entries of ``ood_scores.json`` that say which model made a prediction folder
 PROVENANCE_KEYS = ("model_folder", "configuration", "plans", "folds", "checkpoint")
@@ -80,19 +79,6 @@ def recorded_fail_below(document: Any, method: str) -> list[float]:
     return sorted(found)
 
 
-def _read_score_document(folder: str) -> dict[str, Any]:
-    """``ood_scores.json`` of a prediction folder as a dict (empty if missing or not an object)."""
-    path = os.path.join(folder, JSON_NAME)
-    if not os.path.isfile(path):
-        if os.path.lexists(path):  # a dangling link or a folder is a damaged file, not an older folder without one
-            what = "a dangling symbolic link" if os.path.islink(path) else "not a file"
-            raise OODInputError(f"{path} is {what}; re-run {PREDICT_COMMAND} into {folder} or remove it")
-        return {}
-    document = read_json(path, lambda reason: OODInputError(f"cannot read {path} ({reason}); re-run "
-                                                             f"{PREDICT_COMMAND} into {folder}"))
-    return document if isinstance(document, dict) else {}
-
-
 def provenance_warnings(tables: Sequence[ScoreTable], specs: Sequence[GroupSpec]) -> list[str]:
     """One warning per provenance entry that differs between the prediction folders."""
     warnings = []
@@ -124,45 +110,31 @@ def unlisted_segmentation_warnings(specs: Sequence[GroupSpec], tables: Sequence[
 
 
 def load_score_table(folder: str) -> ScoreTable:
-    """Read and check the ``ood_scores.csv`` of a prediction folder (plus the calibration of ``ood_scores.json``).
+    """The ``ood_scores.csv`` of a prediction folder and what its ``ood_scores.json`` records (calibration,
+    provenance, decision rules), both read and checked by :mod:`nnunet_ood.io.score_reader`; a table without
+    cases is refused.
 
     Columns are read by name: the ``decision`` column of newer tables (``accept``/``review`` for the quality
     method, the same as its ``ood`` flag) is not needed, and older tables without it read the same.
     """
-    path = os.path.join(folder, CSV_NAME)
-    if not os.path.isfile(path):
-        raise OODInputError(f"no {CSV_NAME} in {folder}; {PREDICT_COMMAND} writes it next to the segmentations")
-    try:
-        rows = read_score_csv(path)
-    except (KeyError, ValueError, TypeError, csv.Error) as e:
-        raise OODInputError(f"{path} is not a valid {CSV_NAME} ({type(e).__name__}: {e}); re-run "
-                            f"{PREDICT_COMMAND}") from None
+    rows = read_score_rows(folder)
     if not rows:
-        raise OODInputError(f"{path} lists no cases; run {PREDICT_COMMAND} on this group's images into {folder}")
+        raise OODInputError(f"{os.path.join(folder, CSV_NAME)} lists no cases; run {PREDICT_COMMAND} on this "
+                            f"group's images into {folder}")
     cases = list(dict.fromkeys(r["case"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     score: dict[str, dict[str, float]] = {m: {} for m in methods}
     normalized: dict[str, dict[str, float]] = {m: {} for m in methods}
     flagged: dict[str, dict[str, bool]] = {m: {} for m in methods}
     for r in rows:
-        if r["case"] in score[r["method"]]:
-            raise OODInputError(f"{path} has two rows for case {r['case']}, method {r['method']}; re-run "
-                                f"{PREDICT_COMMAND}")
-        if r["normalized"] < 0 or r["normalized"] > 1:  # NaN passes: it marks an unscored case
-            raise OODInputError(f"{path}: normalized score {r['normalized']} of case {r['case']}, method "
-                                f"{r['method']} is outside [0, 1]; re-run {PREDICT_COMMAND}")
         score[r["method"]][r["case"]] = r["score"]
         normalized[r["method"]][r["case"]] = r["normalized"]
-        flagged[r["method"]][r["case"]] = bool(r["ood"])
-    document = _read_score_document(folder)
-    calibration = document.get("calibration")
-    calibration = {m: c for m, c in calibration.items() if isinstance(c, dict)} if isinstance(calibration, dict) \
-        else {}
+        flagged[r["method"]][r["case"]] = r["ood"]
+    document = read_score_document(folder)  # its entries have the types the plugin writes
     recorded = {m: values for m in methods if (values := recorded_fail_below(document, m))}
-    rules = document.get("decision_rules")
-    return ScoreTable(folder, cases, methods, score, normalized, calibration,
+    return ScoreTable(folder, cases, methods, score, normalized, dict(document.get("calibration", {})),
                       {k: document[k] for k in (*PROVENANCE_KEYS, *SETTING_KEYS) if k in document}, flagged, recorded,
-                      rules if isinstance(rules, dict) else {})
+                      dict(document.get("decision_rules", {})))
 
 
 def resolve_methods(tables: Sequence[ScoreTable], requested: Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.evaluation.groups import GroupSpec
-from nnunet_ood.io.json_files import read_optional_json_object
-from nnunet_ood.io.scores import JSON_NAME
+from nnunet_ood.io.score_reader import read_score_document
 
 IMAGES_FLAG = "--images"
 
@@ -41,7 +40,10 @@ def sibling_image_folder(label_folder: str) -> str | None:
 def recorded_input_folder(prediction_folder: str) -> str | None:
     """The input folder ``nnUNetv2_predict_ood`` recorded in the prediction folder's ``ood_scores.json``, if it still
     exists (predictions are often moved or read on another machine)."""
-    folder = read_optional_json_object(os.path.join(prediction_folder, JSON_NAME)).get("input_folder")
+    try:
+        folder = read_score_document(prediction_folder).get("input_folder")
+    except OODInputError:  # only a hint here: the evaluation reads the same document and names what is wrong
+        return None
     return folder if isinstance(folder, str) and os.path.isdir(folder) else None
 
 
