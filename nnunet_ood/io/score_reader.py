@@ -105,6 +105,9 @@ def _parse_rows(path: str, reader: csv.DictReader) -> list[ScoreRow]:
 
 #: (what the message says is expected, whether a value is of that kind)
 Kind = tuple[str, Callable[[Any], bool]]
+#: builds the one-line error: (where in the document, the value found, what was expected)
+Fail = Callable[[str, Any, str], OODInputError]
+_MISSING = object()  # stands for an entry that is not there
 
 
 def _is_number(value: Any) -> bool:
@@ -192,8 +195,6 @@ def check_score_document(document: Any, path: str, folder: str) -> dict[str, Any
     return document
 
 
-Fail = Callable[[str, Any, str], OODInputError]
-
 
 def _check_fields(entry: Mapping[str, Any], fields: Mapping[str, Kind], prefix: str, fail: Fail) -> None:
     for key, (expected, ok) in fields.items():
@@ -241,8 +242,6 @@ def _check_scores(document: Mapping[str, Any], fail: Fail) -> None:
                 raise fail(f"{where}.{key}", _MISSING, SCORE_FIELDS[key][0])
         _check_fields(entry, SCORE_FIELDS, f"{where}.", fail)
 
-
-_MISSING = object()  # stands for an entry that is not there
 
 
 def _describe(value: Any) -> str:
