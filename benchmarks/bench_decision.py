@@ -27,7 +27,6 @@ within 0.05 of the best single method's, on the shifts pooled).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from demo_runs import DATASET, add_demo_arguments, demo_env, demo_paths, demo_trainer, read_rows, run, value
+
+from nnunet_ood.io.score_reader import read_score_document
 
 ENDING = ".nii.gz"
 SHIFTS = ("unseen_pathology", "contrast_swap", "cropped_fov", "low_resolution")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                    str(folders[k][1]))),
          "-o", str(evaluation), "--no_report"], env, quiet=True)
     rows = read_rows(evaluation / "ood_evaluation.csv")
-    rules = json.loads((work / "pred_id_test" / "ood_scores.json").read_text())["decision_rules"]
+    rules = read_score_document(str(work / "pred_id_test"))["decision_rules"]
     deciding = next(iter(rules))
     alpha = rules[deciding]["max_silent_failures"]
     print(f"\n{deciding}: {rules[deciding]['statement']}\n")

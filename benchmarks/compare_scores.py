@@ -13,15 +13,17 @@ exits with 1 when anything disagrees. Used to show that a refactoring preserves 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
+from nnunet_ood.errors import OODInputError
+from nnunet_ood.io.score_reader import ScoreRow, read_score_rows
+
 CSV_NAME = "ood_scores.csv"
 
 
-def read_tables(folder: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+def read_tables(folder: Path) -> dict[tuple[str, str, str], ScoreRow]:
     """``(group, case, method) -> row`` from ``folder/ood_scores.csv`` or ``folder/*/ood_scores.csv``."""
     tables = [folder / CSV_NAME] if (folder / CSV_NAME).is_file() else sorted(folder.glob(f"*/{CSV_NAME}"))
     if not tables:
@@ -29,9 +31,12 @@ def read_tables(folder: Path) -> dict[tuple[str, str, str], dict[str, str]]:
     rows = {}
     for table in tables:
         group = table.parent.name if table.parent != folder else "."
-        with open(table, newline="") as f:
-            for row in csv.DictReader(f):
-                rows[(group, row["case"], row["method"])] = row
+        try:  # the plugin's own reader: a damaged table is named, never compared as something else
+            read = read_score_rows(str(table.parent))
+        except OODInputError as e:
+            raise SystemExit(f"error: {e}") from None
+        for row in read:
+            rows[(group, row["case"], row["method"])] = row
     return rows
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from nnunet_ood.cli import fit
 from nnunet_ood.cli import predict as predict_entry
-from nnunet_ood.io.scores import read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
 
@@ -192,7 +192,7 @@ def test_nan_image_is_predicted_scored_nan_and_flagged(tiny_project, tmp_path, s
     out = tmp_path / "out"
     predict_entry.main(predict_argv(inp, out, "nnUNetTrainerOOD_5epochs"))
     assert (out / "broken_000.nii.gz").is_file()
-    rows = {r["case"]: r for r in read_score_csv(str(out / "ood_scores.csv"))}
+    rows = {r["case"]: r for r in read_score_rows(str(out))}
     assert np.isnan(rows["broken_000"]["score"]) and rows["broken_000"]["ood"] is True
     assert len(rows) == 3 and all(np.isfinite(r["score"]) for c, r in rows.items() if c != "broken_000")
 
@@ -228,7 +228,7 @@ def test_latent_mahalanobis_alone_from_the_command_line(tiny_project, test_image
     out = tmp_path / "out"
     predict_entry.main(predict_argv(test_images, out, OOD_TRAINER, "--ood", "latent_mahalanobis", "-npp", "0",
                                     "-nps", "0"))
-    rows = read_score_csv(str(out / "ood_scores.csv"))
+    rows = read_score_rows(str(out))
     assert {r["method"] for r in rows} == {"latent_mahalanobis"} and len(rows) == len(list(test_images.iterdir()))
 
 
@@ -250,7 +250,7 @@ def test_map_file_that_would_overwrite_another_case_is_refused(tiny_project, tmp
                "case foo", "foo_ood_mahalanobis", "--save_ood_maps")
     assert not out.exists()
     predict_entry.main(predict_argv(inp, out, OOD_TRAINER))  # without maps the names are fine
-    assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == {"foo", "foo_ood_mahalanobis"}
+    assert {r["case"] for r in read_score_rows(str(out))} == {"foo", "foo_ood_mahalanobis"}
 
 
 def test_api_refuses_map_collisions_too(tiny_project, tmp_path):
@@ -462,10 +462,10 @@ def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_projec
     out = tmp_path / "out"
     sequential = ("-npp", "0", "-nps", "0")
     predict_entry.main(predict_argv(folders["A"], out, OOD_TRAINER, *sequential))
-    first = {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(out / "ood_scores.csv"))}
+    first = {(r["case"], r["method"]): r["score"] for r in read_score_rows(str(out))}
     assert json.loads((out / "ood_scores.json").read_text())["input_folder"] == str(folders["A"])
     predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential))
-    rows = read_score_csv(str(out / "ood_scores.csv"))
+    rows = read_score_rows(str(out))
     assert {r["case"] for r in rows} == cases["A"] | cases["B"]
     assert {(r["case"], r["method"]): r["score"] for r in rows if r["case"] in cases["A"]} == first
     document = json.loads((out / "ood_scores.json").read_text())
@@ -474,7 +474,7 @@ def test_score_tables_keep_the_cases_of_earlier_runs_into_the_folder(tiny_projec
     # other settings: their records are not mixed with these, and the cases left out are named
     capsys.readouterr()
     predict_entry.main(predict_argv(folders["B"], out, OOD_TRAINER, *sequential, "--ood", "mahalanobis"))
-    assert {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))} == cases["B"]
+    assert {r["case"] for r in read_score_rows(str(out))} == cases["B"]
     printed = capsys.readouterr().out
     assert f"warning: {len(cases['A'])} case(s) in {out} were scored with other settings" in printed
     assert all(case in printed for case in cases["A"])
@@ -507,7 +507,7 @@ def test_a_case_failing_inside_nnunet_is_named_and_the_tables_of_the_others_are_
     out = tmp_path / "out"
     fails_with(predict_entry.main, predict_argv(test_images, out, OOD_TRAINER, "-npp", "0", "-nps", "0"),
                f"prediction stopped at case {cases[2]}", "simulated failure", "--continue_prediction")
-    assert sorted({r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))}) == cases[:2]
+    assert sorted({r["case"] for r in read_score_rows(str(out))}) == cases[:2]
 
 
 def test_killed_prediction_leaves_no_worker_processes(tiny_project, test_images, tmp_path, predict_argv):
@@ -590,5 +590,5 @@ def test_calibration_into_a_folder_with_earlier_cases_uses_only_its_own(tiny_pro
     stored = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "onlyA.json").read_text())
     expected = {f.name[:-len("_0000.nii.gz")] for f in folders["A"].iterdir()}
     assert all(set(scores) == expected for scores in stored["case_scores"].values())
-    in_table = {r["case"] for r in read_score_csv(str(out / "ood_scores.csv"))}
+    in_table = {r["case"] for r in read_score_rows(str(out))}
     assert in_table > expected  # the folder's table does hold B's cases too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_a_score_document_that_is_no_file_is_refused_by_the_evaluation(tmp_path,
     """An ood_scores.json that is a dangling link or a folder was read as no document (its calibrations and
     provenance silently left out, exit 0); a missing one still reads as an older prediction folder."""
     from nnunet_ood.errors import OODInputError
-    from nnunet_ood.evaluation.table import load_score_table
+    from nnunet_ood.evaluation.score_tables import load_score_table
 
     (tmp_path / "ood_scores.csv").write_text("case,method,score,normalized,ood\nc1,mahalanobis,1.0,0.5,False\n")
     assert load_score_table(str(tmp_path)).cases == ["c1"]
@@ -87,7 +88,7 @@ def test_a_damaged_reference_label_is_named_without_tracebacks(tmp_path, capsys,
     import gzip
 
     from nnunet_ood.errors import OODInputError
-    from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.evaluation.dice import make_reader
 
     label = tmp_path / "case_000.nii.gz"
     label.write_bytes(b"" if damage == "empty" else gzip.compress(b"\\x5c\\x01" + b"\\0" * 400)[:60])
@@ -95,3 +96,214 @@ def test_a_damaged_reference_label_is_named_without_tracebacks(tmp_path, capsys,
                                             r"damaged file.*replace the file)"):
         make_reader(".nii.gz", str(label))
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- ood_scores.json / .csv: type confusion
+# One prediction folder written by the plugin's own writer, then damaged one entry at a time. Before the shared
+# reader (nnunet_ood/io/score_reader.py) the evaluation ignored the per-case scores of ood_scores.json, read a
+# document that is no object as none, dropped a calibration that is no object and took a threshold "2.4" as no
+# threshold (exit 0); the review page did the same; an ood flag "yes" in ood_scores.csv read as not flagged.
+
+SCORE_METHODS = ("A", "B")
+SCORE_CALIBRATION = {"low": 0.0, "high": 10.0, "threshold": 5.0, "n_train_cases": 4, "n_val_cases": 4,
+                     "aggregation": "mean", "false_alarm_rate": 0.05}
+
+
+def _score_metadata() -> dict:
+    """What nnUNetv2_predict_ood records besides the scores (inference/outputs.py, table_metadata)."""
+    calibration = {m: dict(SCORE_CALIBRATION) for m in SCORE_METHODS}
+    gate = {"level": 0.05, "scores": ["A"], "calibration_cases": 40, "source": "calibration site", "active": True}
+    return {"plugin": "nnunet-ood", "plugin_version": "0.1.0", "created": "2026-01-01T00:00:00+0000",
+            "model_folder": "/models/m", "folds": ["0"], "checkpoint": "checkpoint_final.pth",
+            "methods": list(SCORE_METHODS), "configuration": "2d", "plans": "nnUNetPlans", "tile_step_size": 0.5,
+            "use_gaussian": True, "use_mirroring": True, "calibration_source": "fit", "calibration": calibration,
+            "calibration_per_fold": {"0": calibration}, "ood_maps": None,
+            "decision_rules": {"B": {"rule": "ltt", "fail_below": 0.6, "max_silent_failures": 0.1, "confidence": 0.9,
+                                     "threshold": 5.0, "threshold_from": "fit", "guarantee": False,
+                                     "calibration_cases": 12, "gate": gate, "statement": "B decides."}},
+            "run_signature": "0123456789abcdef", "input_folder": None}
+
+
+def _write_score_group(root, name: str, offset: float):
+    """A prediction folder (two cases, their segmentations, both score tables, dataset.json) and its labels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_ood.io.scores import write_score_tables
+
+    pred, labels = root / f"pred_{name}", root / f"labels_{name}"
+    pred.mkdir()
+    labels.mkdir()
+    records = []
+    for i in range(2):
+        case = f"{name}_{i:03d}"
+        ref = np.zeros((6, 7), np.uint8)
+        ref[1:4, 2:5] = 1
+        for folder, array in ((labels, ref), (pred, np.roll(ref, i, axis=0))):
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / f"{case}.nii.gz"))
+        scores = {m: offset + i + k for k, m in enumerate(SCORE_METHODS)}
+        records.append({"case": case, "methods": {m: {"score": s, "normalized": s / 10, "ood": s > 5.0}
+                                                  for m, s in scores.items()}})
+    write_score_tables(str(pred), records, list(SCORE_METHODS), _score_metadata(), ["B"])
+    (pred / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}))
+    return pred, labels
+
+
+@pytest.fixture(scope="module")
+def score_folders(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("score_documents")
+    return {"id_test": _write_score_group(root, "id", 1.0), "shift": _write_score_group(root, "shift", 4.0)}
+
+
+def _set(path: tuple, value):
+    """A damage: ``document[path[0]][path[1]]... = value`` (an empty path replaces the whole document)."""
+    def damage(document):
+        if not path:
+            return value
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return document
+    return damage
+
+
+def _drop(path: tuple):
+    def damage(document):
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+        return document
+    return damage
+
+
+S0 = "scores[0] (case shift_000, method A)"
+DOCUMENT_DAMAGES = {  # id -> (damage, what the one error line names)
+    "score is a string": (_set(("scores", 0, "score"), "4.0"), f"{S0}.score is the string '4.0', expected a number"),
+    "score is the string NaN": (_set(("scores", 0, "score"), "NaN"), f"{S0}.score is the string 'NaN'"),
+    "score is a boolean": (_set(("scores", 0, "score"), True), f"{S0}.score is the boolean true"),
+    "score is a list": (_set(("scores", 0, "score"), [4.0]), f"{S0}.score is a list of 1 item(s)"),
+    "score is an object": (_set(("scores", 0, "score"), {"value": 4.0}), f"{S0}.score is an object"),
+    "normalized is a string": (_set(("scores", 0, "normalized"), "0.4"), f"{S0}.normalized is the string '0.4'"),
+    "ood is a string": (_set(("scores", 0, "ood"), "False"), f"{S0}.ood is the string 'False', expected true or "
+                                                             "false"),
+    "score missing": (_drop(("scores", 0, "score")), f"{S0}.score is missing"),
+    "case is a number": (_set(("scores", 0, "case"), 3), "scores[0].case is the number 3, expected a string"),
+    "case entry is a string": (_set(("scores", 1), "shift_000,B,5.0"), "scores[1] is the string 'shift_000,B,5.0', "
+                                                                        "expected an object"),
+    "case entry is null": (_set(("scores", 1), None), "scores[1] is null, expected an object"),
+    "scores is an object": (_set(("scores",), {"shift_000": 4.0}), "scores is an object, expected a list"),
+    "document is a list": (_set((), [{"scores": []}]), "the document is a list of 1 item(s), expected a JSON "
+                                                        "object"),
+    "document is null": (_set((), None), "the document is null, expected a JSON object"),
+    "calibration is a list": (_set(("calibration",), [SCORE_CALIBRATION]), "calibration is a list of 1 item(s)"),
+    "calibration entry is a string": (_set(("calibration", "A"), "fit"), "calibration.A is the string 'fit', "
+                                                                         "expected an object"),
+    "threshold is a string": (_set(("calibration", "A", "threshold"), "5.0"), "calibration.A.threshold is the "
+                                                                              "string '5.0', expected a number or "
+                                                                              "null"),
+    "threshold is the string NaN": (_set(("calibration", "A", "threshold"), "NaN"), "calibration.A.threshold is "
+                                                                                    "the string 'NaN'"),
+    "threshold is a boolean": (_set(("calibration", "A", "threshold"), True), "calibration.A.threshold is the "
+                                                                              "boolean true"),
+    "low is a list": (_set(("calibration", "B", "low"), [0.0]), "calibration.B.low is a list"),
+    "fold threshold is a string": (_set(("calibration_per_fold", "0", "A", "threshold"), "x"),
+                                   "calibration_per_fold.0.A.threshold is the string 'x'"),
+    "decision_rules is a string": (_set(("decision_rules",), "ltt"), "decision_rules is the string 'ltt', expected "
+                                                                     "an object"),
+    "max_silent_failures is a string": (_set(("decision_rules", "B", "max_silent_failures"), "0.1"),
+                                        "decision_rules.B.max_silent_failures is the string '0.1'"),
+    "gate is active 'yes'": (_set(("decision_rules", "B", "gate", "active"), "yes"),
+                             "decision_rules.B.gate.active is the string 'yes', expected true or false"),
+    "statement is a number": (_set(("decision_rules", "B", "statement"), 3), "decision_rules.B.statement is the "
+                                                                             "number 3"),
+    "folds is a string": (_set(("folds",), "0"), "folds is the string '0', expected a list"),
+    "step size is a string": (_set(("tile_step_size",), "0.5"), "tile_step_size is the string '0.5', expected a "
+                                                                "number"),
+    "mirroring is a string": (_set(("use_mirroring",), "true"), "use_mirroring is the string 'true', expected true "
+                                                                "or false"),
+    "input folder is a number": (_set(("input_folder",), 3), "input_folder is the number 3, expected a string or "
+                                                             "null"),
+    "ood_maps is a string": (_set(("ood_maps",), "float32"), "ood_maps is the string 'float32', expected an object"),
+}
+
+
+def _damaged_copy(score_folders, tmp_path, damage) -> tuple[list[str], object]:
+    """evaluate's arguments for a copy of the folders whose shifted group's ood_scores.json is damaged."""
+    import shutil
+
+    copies = {}
+    for group, (pred, labels) in score_folders.items():
+        copies[group] = (shutil.copytree(pred, tmp_path / pred.name), shutil.copytree(labels, tmp_path / labels.name))
+    path = copies["shift"][0] / "ood_scores.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    argv = ["--id_test", *map(str, copies["id_test"]), "--domain", "shift", *map(str, copies["shift"]),
+            "-o", str(tmp_path / "out")]
+    return argv, copies["shift"][0]
+
+
+def test_the_undamaged_score_folders_evaluate_and_review(score_folders, tmp_path, capsys) -> None:
+    """The folders the damages start from are valid: evaluation and review run (exit 0)."""
+    from nnunet_ood.cli.evaluate import main
+    from nnunet_ood.reports.review import write_review
+
+    argv, shift = _damaged_copy(score_folders, tmp_path, lambda document: document)
+    main([*argv, "--no_report"])
+    assert (tmp_path / "out" / "ood_evaluation.csv").is_file()
+    assert [os.path.basename(p) for p in write_review(None, str(shift))] == ["review.html", "review.csv"]
+
+
+@pytest.mark.parametrize("kind", list(DOCUMENT_DAMAGES))
+def test_type_confusion_in_ood_scores_json_is_refused_by_the_evaluation(score_folders, tmp_path, fails_with,
+                                                                        kind) -> None:
+    from nnunet_ood.cli.evaluate import main
+
+    damage, needle = DOCUMENT_DAMAGES[kind]
+    argv, shift = _damaged_copy(score_folders, tmp_path, damage)
+    line = fails_with(main, argv, f"{shift / 'ood_scores.json'}: ", needle,
+                      f"regenerate it with nnUNetv2_predict_ood into {shift}")
+    assert "Traceback" not in line
+    assert not (tmp_path / "out").exists(), "nothing may be written on error"
+
+
+@pytest.mark.parametrize("kind", list(DOCUMENT_DAMAGES))
+def test_type_confusion_in_ood_scores_json_is_refused_by_the_review(score_folders, tmp_path, kind) -> None:
+    """The review page of nnUNetv2_predict_ood --report reads the same document with the same reader."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.reports.review import write_review
+
+    damage, needle = DOCUMENT_DAMAGES[kind]
+    _, shift = _damaged_copy(score_folders, tmp_path, damage)
+    with pytest.raises(OODInputError) as info:
+        write_review(None, str(shift))
+    assert str(info.value).startswith(f"{shift / 'ood_scores.json'}: ") and needle in str(info.value)
+    assert not (shift / "review.html").exists()
+
+
+CSV_DAMAGES = {  # id -> (line 2 of ood_scores.csv becomes, what the one error line names)
+    "ood flag 'yes'": ("shift_000,A,4.0,0.4,yes,,", "line 2, case shift_000, method A: ood 'yes' is not True or "
+                                                    "False"),
+    "ood flag '1'": ("shift_000,A,4.0,0.4,1,,", "ood '1' is not True or False"),
+    "score 'four'": ("shift_000,A,four,0.4,False,,", "line 2, case shift_000, method A: score 'four' is not a "
+                                                     "number"),
+    "line cut short": ("shift_000,A,4.0", "line 2 has fewer cells than the columns"),
+    "no case name": (",A,4.0,0.4,False,,", "line 2 has no case or method name"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CSV_DAMAGES))
+def test_type_confusion_in_ood_scores_csv_is_refused(score_folders, tmp_path, fails_with, kind) -> None:
+    """An ood flag other than True/False was read as False (accepted) by the evaluation and the review."""
+    from nnunet_ood.cli.evaluate import main
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.reports.review import write_review
+
+    row, needle = CSV_DAMAGES[kind]
+    argv, shift = _damaged_copy(score_folders, tmp_path, lambda document: document)
+    path = shift / "ood_scores.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], row, *lines[2:]]) + "\n")
+    fails_with(main, argv, f"{path} is not a valid ood_scores.csv (", needle, "re-run nnUNetv2_predict_ood")
+    with pytest.raises(OODInputError, match="is not a valid ood_scores.csv"):
+        write_review(None, str(shift))

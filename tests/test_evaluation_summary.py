@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from nnunet_ood.evaluation.groups import ALL_SHIFTED, DOMAIN, ID_TEST, ID_VAL, Evaluation, Group, GroupSpec
+from nnunet_ood.evaluation.metric_rows import compute_metric_rows
 from nnunet_ood.evaluation.summary import best_methods, flag_threshold, format_summary, group_rows
-from nnunet_ood.evaluation.table import (
-    ALL_SHIFTED,
-    DOMAIN,
-    ID_TEST,
-    ID_VAL,
-    Evaluation,
-    Group,
-    GroupSpec,
-    compute_metric_rows,
-)
 
 # A separates the domains from ID perfectly but ranks failures badly; B ranks failures well.
 DICE = {"id_test": [0.95, 0.9, 0.92, 0.97], "id_val": [0.93, 0.96, 0.9, 0.94, 0.95],

@@ -17,19 +17,17 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from nnunet_ood.cli.evaluate import main
-from nnunet_ood.evaluation.metrics import aurc, e_aurc, esce
-from nnunet_ood.evaluation.table import (
-    ALL_SHIFTED,
-    GroupSpec,
+from nnunet_ood.evaluation.groups import ALL_SHIFTED, GroupSpec, build_group_specs
+from nnunet_ood.evaluation.label_setup import (
     LabelSetup,
-    build_group_specs,
-    evaluate,
     foreground_from_dataset_labels,
-    normalized_threshold,
     parse_label_arguments,
-    recorded_fail_below,
     resolve_label_setup,
 )
+from nnunet_ood.evaluation.metrics import aurc, e_aurc, esce
+from nnunet_ood.evaluation.outputs import normalized_threshold
+from nnunet_ood.evaluation.pipeline import evaluate
+from nnunet_ood.evaluation.score_tables import recorded_fail_below
 
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 ENDING = ".nii.gz"
@@ -305,7 +303,9 @@ def test_outputs_and_plots_are_written(run_output) -> None:
 def test_plots_use_the_tables_threshold(project, tmp_path, monkeypatch) -> None:
     """The threshold line and the silent-failure count of the plots are the table's (ID validation percentile)."""
     import nnunet_ood.evaluation.plots as plots
-    from nnunet_ood.evaluation.table import build_group_specs, render_outputs, resolve_label_setup
+    from nnunet_ood.evaluation.groups import build_group_specs
+    from nnunet_ood.evaluation.label_setup import resolve_label_setup
+    from nnunet_ood.evaluation.outputs import render_outputs
 
     captured = {}
     original = plots.dice_vs_uncertainty_png
@@ -683,7 +683,7 @@ def test_recorded_fail_below_mismatch_is_a_note(quality_project, quality_runs) -
 
 
 def test_decision_column_is_optional(quality_project, tmp_path) -> None:
-    from nnunet_ood.evaluation.table import load_score_table
+    from nnunet_ood.evaluation.score_tables import load_score_table
 
     folder = quality_project["folders"]["shiftA"][0]
     with_decision = load_score_table(str(folder))
@@ -727,7 +727,7 @@ def curve_by_counting(score: np.ndarray, risk: np.ndarray) -> tuple[list[float],
 
 
 def test_risk_coverage_curves_and_plot(quality_project, quality_runs) -> None:
-    from nnunet_ood.evaluation.table import risk_coverage_curves
+    from nnunet_ood.evaluation.risk_coverage import risk_coverage_curves
 
     f = quality_project["folders"]
     specs = build_group_specs(f["id_test"], f["id_val"], [("shiftA", *f["shiftA"]), ("shiftB", *f["shiftB"])])

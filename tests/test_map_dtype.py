@@ -24,7 +24,7 @@ from nnunet_ood.cli import predict as predict_entry
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.io.map_dtypes import check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import write_float_image, write_map_image
-from nnunet_ood.io.scores import read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
 
 RNG = np.random.default_rng(3)
 READERS = [SimpleITKIO, NibabelIO, NibabelIOWithReorient]
@@ -251,14 +251,14 @@ def test_predicted_maps_of_each_dtype_match_the_float32_maps(tiny_project, test_
     predict(tmp_path / "int16", "int16", "-npp", "1", "-nps", "1")
     predict(tmp_path / "uint8", "uint8", *sequential)
     reference = json.loads((tmp_path / "float32" / "ood_scores.json").read_text())
-    rows = read_score_csv(str(tmp_path / "float32" / "ood_scores.csv"))
+    rows = read_score_rows(str(tmp_path / "float32"))
     cases = sorted({r["case"] for r in rows})
     assert len(cases) == len(list(test_images.glob("*_0000.nii.gz")))
     for dtype in ("int16", "uint8"):
         document = json.loads((tmp_path / dtype / "ood_scores.json").read_text())
         assert document["ood_maps"]["dtype"] == dtype
         assert document["ood_maps"]["values"] == ("normalized" if dtype == "uint8" else "score")
-        other = read_score_csv(str(tmp_path / dtype / "ood_scores.csv"))
+        other = read_score_rows(str(tmp_path / dtype))
         assert [(r["case"], r["method"]) for r in other] == [(r["case"], r["method"]) for r in rows]
         assert [r["score"] for r in other] == pytest.approx([r["score"] for r in rows], rel=1e-6)
     assert reference["ood_maps"] == {"dtype": "float32", "values": "score", "methods": ["mahalanobis", "max_softmax"]}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from nnunet_ood.cli import predict as predict_entry
-from nnunet_ood.io.scores import read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
 from nnunet_ood.methods import DEFAULT_FIT_METHODS
 
 OOD_TRAINER = "nnUNetTrainerOOD_smoke"
@@ -34,7 +34,7 @@ def predict_ood(out: Path, inp: Path, *extra: str, trainer: str = OOD_TRAINER) -
 
 
 def scores_by_case(folder: Path) -> dict[str, float]:
-    return {r["case"]: r["score"] for r in read_score_csv(str(folder / "ood_scores.csv"))
+    return {r["case"]: r["score"] for r in read_score_rows(str(folder))
             if r["method"] == "mahalanobis"}
 
 
@@ -71,7 +71,7 @@ def test_predict_matches_stock_segmentation_and_writes_tables(tiny_project, test
     cases = sorted(tiny_project.dataset.case_domain)
     for case in cases:
         np.testing.assert_array_equal(read_array(ours / f"{case}.nii.gz"), read_array(stock / f"{case}.nii.gz"))
-    rows = read_score_csv(str(ours / "ood_scores.csv"))
+    rows = read_score_rows(str(ours))
     methods = list(DEFAULT_FIT_METHODS)  # every fitted method by default, in table order
     assert [(r["case"], r["method"]) for r in rows] == [(c, m) for c in cases for m in methods]
     assert all(0 <= r["normalized"] <= 1 for r in rows)
@@ -203,7 +203,7 @@ def test_site_calibration_end_to_end(tiny_project, test_images, tmp_path, capsys
     out = capsys.readouterr().out
     assert "calibration siteA written to" in out and "too few for a false-alarm rate of 0.1 (needs 9)" in out
     stored = json.loads((tiny_project.model(OOD_TRAINER) / "ood_calibrations" / "siteA.json").read_text())
-    cal_rows = read_score_csv(str(tmp_path / "cal" / "ood_scores.csv"))
+    cal_rows = read_score_rows(str(tmp_path / "cal"))
     scores = sorted(r["score"] for r in cal_rows if r["method"] == "mahalanobis")
     assert len(scores) == 6 and stored["model"]["folds"] == ["0"] and stored["settings"]["tile_step_size"] == 0.5
     rank = min(math.ceil(7 * 0.9), 6)  # 7 > 6 cases: too few for 0.1, the largest score
@@ -214,7 +214,7 @@ def test_site_calibration_end_to_end(tiny_project, test_images, tmp_path, capsys
     document = json.loads((tmp_path / "pred" / "ood_scores.json").read_text())
     assert document["calibration_source"] == "siteA"
     assert document["calibration"]["mahalanobis"]["threshold"] == scores[rank - 1]
-    rows = read_score_csv(str(tmp_path / "pred" / "ood_scores.csv"))
+    rows = read_score_rows(str(tmp_path / "pred"))
     assert all(r["ood"] == (r["score"] > document["calibration"][r["method"]]["threshold"]) for r in rows)
     capsys.readouterr()
     predict_ood(tmp_path / "pred2", test_images, "--calibration", "siteA", "-step_size", "0.25")
@@ -247,8 +247,8 @@ def test_several_input_folders_in_one_run_match_separate_runs(tiny_project, tmp_
         for case in cases:
             np.testing.assert_array_equal(read_array(out / f"{case}.nii.gz"), read_array(alone / f"{case}.nii.gz"))
             assert f"OOD {case}: " in printed  # the line per scored case that progress bars count
-        joint_rows = read_score_csv(str(out / "ood_scores.csv"))
-        alone_rows = read_score_csv(str(alone / "ood_scores.csv"))
+        joint_rows = read_score_rows(str(out))
+        alone_rows = read_score_rows(str(alone))
         assert [(r["case"], r["method"], r["ood"]) for r in joint_rows] == \
             [(r["case"], r["method"], r["ood"]) for r in alone_rows]
         assert [r["score"] for r in joint_rows] == pytest.approx([r["score"] for r in alone_rows], rel=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ood.cli import predict as predict_entry
-from nnunet_ood.io.scores import read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
 
 DATASET_ID_3D = 503
 NAME_3D = f"Dataset{DATASET_ID_3D}_Tiny3D"
@@ -89,7 +89,7 @@ def test_3d_fullres_matches_stock_and_maps_keep_input_geometry(tiny_project, pro
         np.testing.assert_array_equal(a, b)
         values = read_map(images / f"{case}_0000.nii.gz", ours / f"{case}_ood_mahalanobis.nii.gz")
         assert np.isfinite(values).all() and values.max() > 0
-    scores = {r["case"]: r["score"] for r in read_score_csv(str(ours / "ood_scores.csv"))}
+    scores = {r["case"]: r["score"] for r in read_score_rows(str(ours))}
     assert sorted(scores) == cases and all(np.isfinite(v) and v > 0 for v in scores.values())
 
 

@@ -20,7 +20,7 @@ from test_pipeline import OOD_TRAINER, predict_ood
 from test_quality_properties import labels_manager, numpy_dice, one_hot_logits
 
 from nnunet_ood.cli import calibrate as calibrate_entry
-from nnunet_ood.io.scores import read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
 from nnunet_ood.quality.model import QualityModel
 from nnunet_ood.quality.properties import segmentation_properties
 
@@ -109,7 +109,7 @@ def test_prediction_decides_accept_or_review(tiny_project, test_images, tmp_path
     out = tmp_path / "out"
     predict_ood(out, test_images)
     printed = capsys.readouterr().out
-    rows = read_score_csv(str(out / "ood_scores.csv"))
+    rows = read_score_rows(str(out))
     quality = {r["case"]: r for r in rows if r["method"] == "quality"}
     cases = {r["case"] for r in rows}
     assert set(quality) == cases
@@ -164,7 +164,7 @@ def test_prediction_decides_accept_or_review(tiny_project, test_images, tmp_path
     # asking for quality alone computes what it reads, and gives the same scores
     alone = tmp_path / "alone"
     predict_ood(alone, test_images, "--ood", "quality")
-    again = {r["case"]: r["score"] for r in read_score_csv(str(alone / "ood_scores.csv")) if r["method"] == "quality"}
+    again = {r["case"]: r["score"] for r in read_score_rows(str(alone)) if r["method"] == "quality"}
     assert again == pytest.approx({c: r["score"] for c, r in quality.items()})
 
 
@@ -179,7 +179,7 @@ def test_site_calibration_with_labels_reselects_the_threshold(tiny_project, test
                           "-f", "0", "-tr", OOD_TRAINER, "-device", "cpu", "--name", "labelled",
                           "--max_silent_failures", "0.2", "--fail_below", "0.8", "--risk_control", "crc",
                           "--disable_progress_bar"])
-    rows = read_score_csv(str(out / "ood_scores.csv"))
+    rows = read_score_rows(str(out))
     risk = {r["case"]: r["score"] for r in rows if r["method"] == "quality"}
     cases = sorted(risk)
     dice = []
@@ -196,7 +196,7 @@ def test_site_calibration_with_labels_reselects_the_threshold(tiny_project, test
     # predicting with it decides with that threshold; the gate uses the calibration's cases
     pred = tmp_path / "pred"
     predict_ood(pred, test_images, "--calibration", "labelled")
-    for r in read_score_csv(str(pred / "ood_scores.csv")):
+    for r in read_score_rows(str(pred)):
         if r["method"] == "quality":
             assert r["decision"] == ("accept" if r["score"] <= expected else "review")
     rules = json.loads((pred / "ood_scores.json").read_text())["decision_rules"]["quality"]

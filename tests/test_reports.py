@@ -788,8 +788,8 @@ def test_review_shows_quality_as_a_decision() -> None:
 
 
 def test_image_folders_come_from_the_flag_then_the_recorded_input_then_the_raw_layout(tmp_path) -> None:
-    from nnunet_ood.evaluation.table import GroupSpec
-    from nnunet_ood.reports.evaluation_report import resolve_image_sources
+    from nnunet_ood.evaluation.groups import GroupSpec
+    from nnunet_ood.reports.image_sources import resolve_image_sources
 
     folders = {name: tmp_path / name for name in ("given", "recorded", "imagesTs_b", "labelsTs_b", "labelsTs_c",
                                                   "pred_a", "pred_b", "pred_c", "pred_d")}

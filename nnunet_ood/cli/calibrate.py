@@ -103,14 +103,14 @@ def calibrate(args: argparse.Namespace, model_folder: str, folds: list, output: 
     """Predict the calibration cases into ``output`` and store the calibration from their score table."""
     from nnunet_ood.calibration import min_cases_for
     from nnunet_ood.cli.predict import make_predictor, run_prediction
-    from nnunet_ood.io.scores import read_score_csv
+    from nnunet_ood.io.score_reader import read_score_rows
     from nnunet_ood.io.site_calibration import SiteCalibration, save_site_calibration
 
     predictor = make_predictor(args, model_folder, folds)
     run_prediction(predictor, args, args.i, output)
     case_scores: dict[str, dict[str, float]] = {m: {} for m in predictor.ood_methods}
     cases = _input_images(args.i, predictor.dataset_json["file_ending"])
-    for row in read_score_csv(os.path.join(output, "ood_scores.csv")):
+    for row in read_score_rows(output):
         if row["case"] in cases:  # -o may hold earlier cases of the same settings: only -i's calibrate
             case_scores[row["method"]][row["case"]] = row["score"]
     aggregations = {m: c.aggregation for m, c in predictor.ood_calibration.items()}
@@ -160,7 +160,7 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
     (checked before predicting)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-    from nnunet_ood.evaluation.table import make_reader
+    from nnunet_ood.evaluation.dice import make_reader
     from nnunet_ood.io.inputs import check_reference_sizes
     from nnunet_ood.io.labels import check_references, dataset_label_values
 
@@ -189,7 +189,7 @@ def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, ri
     rule (:func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's function) on the labelled
     calibration cases (Dice of the segmentations just written against ``-l``)."""
     from nnunet_ood.calibration import MethodCalibration
-    from nnunet_ood.evaluation.table import case_dice, make_reader
+    from nnunet_ood.evaluation.dice import case_dice, make_reader
     from nnunet_ood.quality.risk_control import CONFIDENCE, RiskThreshold, choose_threshold
 
     fitted = predictor.ood_states[0].method_params.get(method, {})

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from nnunet_ood.cli.common import one_line_errors
-from nnunet_ood.evaluation.table import FAILURE_DICE  # light: numpy, no torch or nnU-Net
+from nnunet_ood.evaluation.groups import FAILURE_DICE  # light: numpy, no torch or nnU-Net
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         resolve_label_setup,
         write_outputs,
     )
-    from nnunet_ood.reports.evaluation_report import (
-        check_gallery_size,
-        resolve_image_sources,
-        write_evaluation_report,
-    )
+    from nnunet_ood.reports.evaluation_report import check_gallery_size, write_evaluation_report
+    from nnunet_ood.reports.image_sources import resolve_image_sources
 
     check_output_folder(args.o)
     check_gallery_size(args.report_cases)

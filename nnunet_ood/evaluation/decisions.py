@@ -9,7 +9,7 @@
   prediction's ``ood_scores.json`` records it in ``decision_rules`` (the first folder that has one), else
   :data:`DEFAULT_RISK`.
 
-Plain numpy (and scipy for the bound); no import of :mod:`nnunet_ood.evaluation.table`, which imports this module.
+Plain numpy (and scipy for the bound); it imports none of the evaluation modules that use it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from nnunet_ood.evaluation.table import RiskCoverage
+    from nnunet_ood.evaluation.risk_coverage import RiskCoverage
 
 UNSCORED_X = 1.05  # where cases without a score are drawn on the normalised-uncertainty axis
 _COLORS = ("tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:green", "tab:brown", "tab:pink", "tab:gray",

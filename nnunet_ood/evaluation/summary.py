@@ -3,7 +3,7 @@
 Written by ``nnUNetv2_evaluate_ood`` as ``ood_summary.md`` and printed by the demo. The best method at
 detecting shifts has the highest AUROC over all shifted domains pooled; the best at predicting failures
 the lowest AURC there. Per group (ID test and each domain): cases, mean Dice, failures (Dice below the
-evaluation's ``fail_below``, by default :data:`~nnunet_ood.evaluation.table.FAILURE_DICE`) and, for the
+evaluation's ``fail_below``, by default :data:`~nnunet_ood.evaluation.groups.FAILURE_DICE`) and, for the
 best failure predictor, the share of cases it flags and the failures it catches (flagged) or misses
 (accepted: silent failures). Flags use the table's threshold (percentile of the ID validation cases)
 where there is one, else the plugin's own (from ``ood_scores.json``); a NaN score is always flagged.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_ood.evaluation.decisions import DEFAULT_RISK
-from nnunet_ood.evaluation.table import ALL_SHIFTED, ID_VAL, Evaluation
+from nnunet_ood.evaluation.groups import ALL_SHIFTED, ID_VAL, Evaluation
 
 SUMMARY_MD = "ood_summary.md"
 

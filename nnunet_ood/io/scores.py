@@ -128,13 +128,3 @@ def write_score_tables(output_folder: str, records: list[dict[str, Any]], method
     json_path = os.path.join(output_folder, JSON_NAME)
     atomic_write_text(json_path, json.dumps(document, indent=2, default=str))
     return csv_path, json_path
-
-
-def read_score_csv(path: str) -> list[dict[str, Any]]:
-    """Read ``ood_scores.csv`` back with proper types (floats, bool for ``ood``; ``decision`` and ``reason`` are
-    empty in tables written before they existed)."""
-    with open(path, newline="") as f:
-        return [{"case": r["case"], "method": r["method"], "score": float(r["score"]),
-                 "normalized": float(r["normalized"]), "ood": r["ood"] == "True", "decision": r.get("decision") or "",
-                 "reason": r.get("reason") or ""}
-                for r in csv.DictReader(f)]

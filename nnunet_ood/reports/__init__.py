@@ -11,7 +11,8 @@ is predicted again. Modules, one job each:
 * :mod:`.page`: HTML building blocks (escaping, tables, the inline style sheet);
 * :mod:`.writer`: the page and its image folder written atomically;
 * :mod:`.ranking`: the review's order of the cases (no heavy imports: the predict command line uses its checks);
-* :mod:`.evaluation_report` and :mod:`.review`: the two pages.
+* :mod:`.evaluation_report` and :mod:`.review`: the two pages; the parts of the former in
+  :mod:`.evaluation_sections` (headline, tables, plots), :mod:`.galleries` and :mod:`.image_sources`.
 
 Only light modules are imported here: the command lines import this package before they check their arguments.
 """

@@ -186,6 +186,6 @@ def foreground_labels(dataset: Mapping[str, Any]) -> dict[int, str]:
 
 def file_key(index: int, case: str) -> str:
     """A thumbnail file prefix unique in the page and safe for file names and URLs."""
-    from nnunet_ood.evaluation.table import safe_file_part
+    from nnunet_ood.evaluation.outputs import safe_file_part
 
     return f"{index:04d}_{safe_file_part(case)}"

@@ -19,12 +19,12 @@ the command lines import this module before they check their arguments.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.io.scores import CSV_NAME, read_score_csv
+from nnunet_ood.io.score_reader import read_score_rows
+from nnunet_ood.io.scores import CSV_NAME
 
 
 @dataclass(frozen=True)
@@ -72,16 +72,9 @@ def check_report_method(method: str | None, methods: Sequence[str]) -> None:
 
 
 def read_scores(output_folder: str) -> tuple[list[str], dict[str, dict[str, MethodScore]]]:
-    """Methods (table order) and ``{case: {method: MethodScore}}`` of a prediction folder's ``ood_scores.csv``."""
-    path = os.path.join(output_folder, CSV_NAME)
-    if not os.path.isfile(path):
-        raise OODInputError(f"no {CSV_NAME} in {output_folder}; nnUNetv2_predict_ood writes it there before the "
-                            "review")
-    try:
-        rows = read_score_csv(path)
-    except (KeyError, ValueError, TypeError) as e:
-        raise OODInputError(f"{path} is not a valid {CSV_NAME} ({type(e).__name__}: {e}); re-run "
-                            "nnUNetv2_predict_ood") from None
+    """Methods (table order) and ``{case: {method: MethodScore}}`` of a prediction folder's ``ood_scores.csv``
+    (read and checked by :func:`nnunet_ood.io.score_reader.read_score_rows`)."""
+    rows = read_score_rows(output_folder)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cases: dict[str, dict[str, MethodScore]] = {}
     for r in rows:

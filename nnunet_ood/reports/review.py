@@ -28,6 +28,7 @@ from typing import Any
 
 from nnunet_ood.io.atomic import atomic_write_text
 from nnunet_ood.io.json_files import read_optional_json_object
+from nnunet_ood.io.score_reader import read_score_document
 from nnunet_ood.io.scores import JSON_NAME, record_path
 from nnunet_ood.reports import page
 from nnunet_ood.reports.cases import (
@@ -355,7 +356,7 @@ def write_review(input_folder: str | None, output_folder: str, method: str | Non
     segmentations and maps, and the images of ``input_folder`` (None: no image thumbnails). Returns the paths."""
     methods, cases = read_scores(output_folder)
     dataset = read_optional_json_object(os.path.join(output_folder, "dataset.json"))
-    document = read_optional_json_object(os.path.join(output_folder, JSON_NAME))
+    document = read_score_document(output_folder)  # checked: a damaged document is a one-line error
     deciding = deciding_method(methods, document)
     maps = document.get("ood_maps")
     with_maps = maps["methods"] if isinstance(maps, dict) and isinstance(maps.get("methods"), list) else None
