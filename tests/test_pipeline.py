@@ -260,7 +260,7 @@ def test_cuda_prediction_matches_cpu(tiny_project, test_images, tmp_path):
     """-device cuda (maps accumulated on the GPU, float64 statistics there) gives the CPU's scores and maps."""
     predict_ood(tmp_path / "cpu", test_images, "--save_ood_maps")
     predict_ood(tmp_path / "cuda", test_images, "--save_ood_maps", "-device", "cuda")
-    cpu, gpu = (read_score_csv(str(tmp_path / name / "ood_scores.csv")) for name in ("cpu", "cuda"))
+    cpu, gpu = (read_score_rows(str(tmp_path / name)) for name in ("cpu", "cuda"))
     assert [(r["case"], r["method"]) for r in cpu] == [(r["case"], r["method"]) for r in gpu]
     for a, b in zip(cpu, gpu):
         assert b["score"] == pytest.approx(a["score"], rel=1e-3, abs=1e-5), (a["case"], a["method"])

@@ -111,8 +111,8 @@ def test_3d_map_selection_writes_only_named_maps_with_the_same_scores(tiny_proje
         for method in ("mahalanobis", "max_softmax"):
             image, name = images / f"{case}_0000.nii.gz", f"{case}_ood_{method}.nii.gz"
             np.testing.assert_array_equal(read_map(image, some / name), read_map(image, every / name))
-    rows = {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(every / "ood_scores.csv"))}
-    assert rows == {(r["case"], r["method"]): r["score"] for r in read_score_csv(str(some / "ood_scores.csv"))}
+    rows = {(r["case"], r["method"]): r["score"] for r in read_score_rows(str(every))}
+    assert rows == {(r["case"], r["method"]): r["score"] for r in read_score_rows(str(some))}
     assert json.loads((some / "ood_scores.json").read_text())["ood_maps"]["methods"] == ["mahalanobis", "max_softmax"]
     # resuming: a case is complete without the maps nobody named; a missing named map makes it incomplete
     (some / f"{cases[0]}_ood_mahalanobis.nii.gz").unlink()
