@@ -95,3 +95,93 @@ def test_a_damaged_reference_label_is_named_without_tracebacks(tmp_path, capsys,
                                             r"damaged file.*replace the file)"):
         make_reader(".nii.gz", str(label))
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ issue 22 leftovers: numeric flags have ranges
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--mc_dropout_passes", "1e9", "an integer in 2..100"),
+    ("--mc_dropout_passes", "1000000000", "an integer in 2..100"),
+    ("--sd_latent", "1000000000", "an integer in 1..4096"),
+    ("--sd_batch_size", "1000000000", "an integer in 1..1024"),
+    ("--calibration_parts", "1000000000", "an integer in 1..20"),
+    ("--normalization_cases", "1000000000", "an integer in 0..100000"),
+    ("--max_patches", "1000000000000", "an integer in 1..100000000"),
+    ("--knn_k", "1000000000", "an integer in 1..1000"),
+    ("--knn_bank", "1000000000000", "an integer in 1..1000000"),
+    ("--sd_channels", "1000000", "an integer in 1..1024"),
+    ("--sd_iterations", "1000000000", "an integer in 1..100000"),
+    ("--sd_max_epochs", "1000000000", "an integer in 1..10000"),
+    ("--sd_patience", "1000000000", "an integer in 1..10000"),
+    ("--sd_val_batches", "1000000000", "an integer in 1..1000"),
+    ("--sd_lr_patience", "1000000000", "an integer in 1..10000"),
+    ("--sd_lr", "1e308", "in (0, 1]"),
+    ("--sd_min_agreement", "nan", "in [0, 1]"),
+    ("--mc_dropout_rate", "inf", "in (0, 1)"),
+    ("--corruptions_per_case", "1000000000", "an integer in 0..12"),
+    ("--corruptions_per_version", "-1", "an integer in 1..12"),
+    ("--unusual_level", "1e308", "in [0, 1)"),
+    ("--seed", "1.5", "an integer in 0..4294967295"),
+])
+def test_fit_flags_have_ranges_checked_when_parsing(fails_with, flag, value, allowed):
+    """nnUNetv2_fit_ood took --mc_dropout_passes, --sd_latent, --sd_batch_size, --calibration_parts and
+    --normalization_cases at 1e9 (a fit of unbounded time or memory); every numeric flag now names its range and the
+    value at once (no model is looked up: -d 1 does not exist)."""
+    from nnunet_ood.cli import fit
+
+    fails_with(fit.main, ["-d", "1", "-c", "2d", flag, value], f"{flag} must be {allowed}, got", value)
+
+
+@pytest.mark.parametrize("main, argv, needle", [
+    ("calibrate", ["--false_alarm_rate", "1e308"], "--false_alarm_rate must be in (0, 1), got 1e308"),
+    ("calibrate", ["--confidence", "nan"], "--confidence must be in (0, 1), got nan"),
+    ("evaluate", ["--report_cases", "1e9"], "--report_cases must be an integer in 1..10000, got 1e9"),
+    ("evaluate", ["--threshold_percentile", "1e308"], "--threshold_percentile must be in (0, 100], got 1e308"),
+    ("demo", ["--n_train", "1000000000"], "--n_train must be an integer in 5..1000, got 1000000000"),
+])
+def test_the_other_commands_check_their_ranges_when_parsing(fails_with, tmp_path, main, argv, needle):
+    import importlib
+
+    module = importlib.import_module({"calibrate": "nnunet_ood.cli.calibrate", "evaluate": "nnunet_ood.cli.evaluate",
+                                      "demo": "nnunet_ood.demo.run_demo"}[main])
+    required = {"calibrate": ["-i", "x", "-d", "1", "-c", "2d"],
+                "evaluate": ["--id_test", "p", "l", "--domain", "d", "p", "l", "-o", str(tmp_path / "o")],
+                "demo": ["--output", str(tmp_path / "demo")]}[main]
+    fails_with(module.main, [*required, *argv], needle)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+#: flags checked after parsing, with the others of the prediction (nnunet_ood.cli.predict.check_arguments)
+PREDICTION_FLAGS = {"-step_size", "-npp", "-nps", "-num_parts", "-part_id"}
+
+
+def test_every_numeric_flag_has_a_range():
+    """A plain int or float argparse type accepts 1e9, NaN and inf alike: every numeric flag of every command parses
+    with a Range (or is one of the prediction's flags, checked with the others before anything is loaded)."""
+    from nnunet_ood.cli import calibrate, evaluate, fit, predict
+    from nnunet_ood.demo import run_demo
+
+    for module in (fit, calibrate, evaluate, predict, run_demo):
+        for action in module.build_parser()._actions:
+            flag = max(action.option_strings, key=len, default=action.dest)
+            assert action.type not in (int, float) or set(action.option_strings) & PREDICTION_FLAGS, \
+                f"{module.__name__} {flag} has no range"
+
+
+def test_ranges_bound_options_made_in_code_but_not_stored_states():
+    """A trainer's FitOptions get the flags' ranges; a stored mc_dropout configuration is read as it was fitted (a
+    range tightened later must not lock anyone out of a fitted model)."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.fitting.options import FitOptions
+    from nnunet_ood.methods.mc_dropout import MCDropoutConfig
+    from nnunet_ood.methods.options import config_from_json
+    from nnunet_ood.methods.sd import SDTrainingConfig
+
+    FitOptions()  # the defaults lie in the ranges
+    with pytest.raises(OODInputError, match="--mc_dropout_passes must be an integer in 2..100, got 1000000000"):
+        FitOptions(method_configs={"mc_dropout": MCDropoutConfig(passes=10**9)})
+    with pytest.raises(OODInputError, match="--sd_latent must be an integer in 1..4096"):
+        FitOptions(method_configs={"sd": SDTrainingConfig(latent_dim=10**9)})
+    with pytest.raises(OODInputError, match="--normalization_cases must be an integer in 0..100000, got 1000000000"):
+        FitOptions(normalization_cases=10**9)
+    assert config_from_json(MCDropoutConfig, {"passes": 500}).passes == 500
+

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.methods.base import FIT_COMMAND, FoldModels, PatchFeatureMethod, Requirements
-from nnunet_ood.methods.options import option
+from nnunet_ood.methods.options import Range, option
 from nnunet_ood.methods.sd import SDTrainingConfig
 
 if TYPE_CHECKING:
@@ -63,9 +63,11 @@ class KNNConfig:
     key: ClassVar[str] = "knn"
     title: ClassVar[str] = "k-nearest neighbours"
 
-    k: int = option(1, "--knn_k", "knn: distance to the k-th nearest training patch feature", type=int)
+    k: int = option(1, "--knn_k", "knn: distance to the k-th nearest training patch feature", type=int,
+                    range=Range(1, 1000, integer=True))
+    # a cap (the training patches bound it too); 10^6 rows of D = 8192 features are 33 GB already
     bank: int = option(50_000, "--knn_bank", "knn: at most this many training patch features are kept, a uniform "
-                       "random sample (memory 4 bytes x D per row)", type=int)
+                       "random sample (memory 4 bytes x D per row)", type=int, range=Range(1, 1_000_000, integer=True))
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.bank < self.k:

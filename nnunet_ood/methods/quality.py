@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.methods.base import DerivedMethod, FoldModels
-from nnunet_ood.methods.options import option
+from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 MODEL_FILE = "quality_model.json"
 #: members of the corruption family (nnunet_ood.quality.corruptions.CORRUPTIONS; not imported: it needs torch)
 FAMILY_SIZE = 12
+#: what --fail_below takes (a Dice) and what --max_silent_failures and --confidence take (a rate, a probability);
+#: nnUNetv2_calibrate_ood's flags of the same names take the same
+FAIL_BELOW = Range(0, 1, open_low=True)
+RATE = Range(0, 1, open_low=True, open_high=True)
+#: what --unusual_level takes: the gate's level, 0 = no gate
+UNUSUAL_LEVEL = Range(0, 1, open_high=True)
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
@@ -47,15 +53,15 @@ class QualityConfig:
     title: ClassVar[str] = "quality model and accept/review decision"
 
     fail_below: float = option(0.6, "--fail_below", "a segmentation with Dice below this is a failure", type=float,
-                               metavar="DICE")
+                               metavar="DICE", range=FAIL_BELOW)
     max_silent_failures: float = option(
         0.05, "--max_silent_failures", "tolerated share of the accepted cases that fail (ltt, at --confidence; "
         "with no failure it takes ln(1 - confidence) / ln(1 - rate) accepted calibration cases, 22 at 0.1 and 0.9); "
         "with --risk_control crc: the tolerated expected share of all cases accepted and failed", type=float,
-        metavar="RATE")
+        metavar="RATE", range=RATE)
     confidence: float = option(
         0.9, "--confidence", "ltt: the probability over the calibration cases with which the rate among accepted "
-        "cases holds", type=float, metavar="1-DELTA")
+        "cases holds", type=float, metavar="1-DELTA", range=RATE)
     risk_control: str = option(
         "ltt", "--risk_control", "ltt: Learn then Test, a bound on the failures among accepted cases with stated "
         "confidence; crc: conformal risk control, a bound on the expected share of all cases accepted and failed",
@@ -63,13 +69,15 @@ class QualityConfig:
     unusual_level: float = option(
         0.05, "--unusual_level", "gate: a case whose conformal p-value against the in-distribution calibration cases "
         "(feature distances and predicted risk combined) is at most this goes to review as unusual; 0 = no gate",
-        type=float, metavar="P")
+        type=float, metavar="P", range=UNUSUAL_LEVEL)
     corruptions_per_case: int = option(
         2, "--corruptions_per_case", "corrupted versions of each validation case in the failure table (each costs "
-        "one more prediction of the validation cases)", type=int, metavar="N")
+        "one more prediction of the validation cases)", type=int, metavar="N",
+        range=Range(0, FAMILY_SIZE, integer=True))
     corruptions_per_version: int = option(
         2, "--corruptions_per_version", "corruptions of the family applied one after the other in each version (a "
-        "scanner rarely differs in one way only); per case at most 12 corruptions in all", type=int, metavar="N")
+        "scanner rarely differs in one way only); per case at most 12 corruptions in all", type=int, metavar="N",
+        range=Range(1, FAMILY_SIZE, integer=True))
     seed: int = option(0, None, "seed of the corruptions and the grouped cross-validation (nnUNetv2_fit_ood --seed)")
 
     def __post_init__(self) -> None:
