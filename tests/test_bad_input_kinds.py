@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.io.scores import collect_records, has_case_record, record_path, write_case_record
+from nnunet_ood.quality.risk_control import RiskThreshold
 
 GOOD = {"low": 1.0, "high": 4.0, "threshold": 2.0, "n_train_cases": 3, "n_val_cases": 3, "aggregation": "mean",
         "false_alarm_rate": 0.05}
@@ -185,3 +187,62 @@ def test_ranges_bound_options_made_in_code_but_not_stored_states():
         FitOptions(normalization_cases=10**9)
     assert config_from_json(MCDropoutConfig, {"passes": 500}).passes == 500
 
+
+# ------------------------------------------------------------------ issue 22 leftovers: stored values out of range
+@pytest.mark.parametrize("key, value, score_range, needle", [
+    ("threshold", 1e308, (-math.inf, math.inf), "threshold = 1e+308 is beyond any score"),
+    ("high", 1e308, (-math.inf, math.inf), "high = 1e+308 is beyond any score"),
+    ("low", -1e308, (-math.inf, math.inf), "low = -1e+308 is beyond any score"),
+    ("threshold", -0.5, (0.0, math.inf), "threshold = -0.5 is outside the method's scores [0, inf]"),
+    ("low", -1.0, (0.0, math.inf), "low = -1.0 is outside the method's scores"),
+    ("threshold", 3.0, (0.0, 1.0), "threshold = 3.0 is outside the method's scores [0, 1]"),
+    ("n_val_cases", -3, (-math.inf, math.inf), "n_val_cases = -3 is negative"),
+])
+def test_stored_calibrations_out_of_range_are_refused(key, value, score_range, needle):
+    """high: 1e308 and threshold: 1e308 were accepted (normalised scores ~0, nothing ever flagged); a negative
+    threshold of a distance flagged every case."""
+    entry = json.loads(json.dumps({**GOOD, key: value}))
+    with pytest.raises(OODStateError, match=f"corrupted calibration in here: {re.escape(needle)}.*; fix it"):
+        MethodCalibration.from_json(entry, "here", "fix it", score_range=score_range)
+
+
+def test_methods_say_what_their_scores_can_be():
+    from nnunet_ood.methods import REGISTRY
+
+    assert REGISTRY["mahalanobis"].score_range == (0.0, math.inf)
+    assert REGISTRY["energy"].score_range == (-math.inf, math.inf)  # -logsumexp: any sign
+    quality = {**GOOD, "low": 0.0, "high": 1.0, "threshold": -1.0}  # -1: accept nothing
+    calibration = MethodCalibration.from_json(quality, "q", score_range=REGISTRY["quality"].score_range,
+                                              special_thresholds=REGISTRY["quality"].special_thresholds)
+    assert calibration.threshold == -1.0
+
+
+@pytest.mark.parametrize("threshold", [1e308, 1.5, -0.5])
+def test_a_stored_risk_threshold_must_be_a_risk(threshold):
+    """quality's threshold 1e308 accepted every case; now refused, naming the file and field (-1 is 'accept
+    nothing')."""
+    from nnunet_ood.quality.risk_control import ltt_threshold
+
+    stored = ltt_threshold([0.1 * i for i in range(10)] * 3, [0.9] * 30, 0.6, 0.1).to_json()
+    RiskThreshold.from_json(stored, "ok")
+    shown = re.escape(repr(threshold))
+    with pytest.raises(OODStateError, match=f"risk threshold in the file: threshold = {shown} is neither"):
+        RiskThreshold.from_json({**stored, "threshold": threshold}, "the file")
+
+
+def test_stored_quality_parameters_and_temperature_are_checked():
+    """unusual_level 1e308 (every case sent to review) and a temperature of 1e308 (every probability uniform) were
+    read without a word."""
+    from nnunet_ood.methods import FoldModels
+    from nnunet_ood.methods.logits import Temperature
+
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0.05, 20\].*1e\+308"):
+        Temperature().load_state({"config": {"temperature": 1e308}}, "folder", FoldModels(), "cpu")
+    Temperature().load_state({"config": {"temperature": 1.1}}, "folder", FoldModels(), "cpu")
+    from nnunet_ood.methods.quality import Quality
+
+    config = {"inputs": [], "features": [], "label_setup": {}, "reference_volumes": {}, "risk_threshold": {},
+              "unusual_level": 1e308}
+    with pytest.raises(OODStateError, match=r"quality entry in folder/ood_state.json: unusual_level = 1e\+308 is not "
+                                            r"in \[0, 1\)"):
+        Quality().load_state({"file": "quality_model.json", "config": config}, "folder", FoldModels(), "cpu")

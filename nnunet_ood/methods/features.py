@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.methods.base import FIT_COMMAND, FoldModels, PatchFeatureMethod, Requirements
+from nnunet_ood.methods.base import FIT_COMMAND, NON_NEGATIVE, FoldModels, PatchFeatureMethod, Requirements
 from nnunet_ood.methods.options import Range, option
 from nnunet_ood.methods.sd import SDTrainingConfig
 
@@ -51,6 +51,7 @@ class PooledBottleneckMethod(PatchFeatureMethod):
 
 class Mahalanobis(PooledBottleneckMethod):
     name = "mahalanobis"
+    score_range = NON_NEGATIVE  # a squared distance
     summary = ("distance of pooled bottleneck features to the Gaussian of training patches (Pooled Mahalanobis, "
                "González et al.)")
     detector = "nnunet_ood.detectors.mahalanobis:MahalanobisDetector"
@@ -77,6 +78,7 @@ class KNNConfig:
 
 class KNN(PooledBottleneckMethod):
     name = "knn"
+    score_range = NON_NEGATIVE
     summary = ("Euclidean distance of the pooled bottleneck features to the k-th nearest training patch "
                "(Woodland et al. 2024)")
     config = KNNConfig
@@ -94,6 +96,7 @@ class KNN(PooledBottleneckMethod):
 
 class LatentMahalanobis(PatchFeatureMethod):
     name = "latent_mahalanobis"
+    score_range = NON_NEGATIVE
     summary = "Mahalanobis distance of the SD autoencoder's latent vectors (Lennartz & Schultz)"
     requires = Requirements(autoencoder=True)
     config = SDTrainingConfig

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import PatchMapMethod, PatchTap, TapContext
+from nnunet_ood.methods.base import NON_NEGATIVE, PatchMapMethod, PatchTap, TapContext
 from nnunet_ood.methods.options import Range, config_from_json, config_to_json, option
 from nnunet_ood.methods.tta import ProbabilitySpread
 from nnunet_ood.segmentation import probabilities
@@ -136,6 +136,7 @@ class DropoutTap(PatchTap):
 
 class MCDropout(PatchMapMethod):
     name = "mc_dropout"
+    score_range = NON_NEGATIVE  # a standard deviation
     summary = ("standard deviation of the class probabilities over forward passes with dropout inserted post hoc "
                "on the decoder stages, per voxel")
     fit_by_default = False  # it multiplies the cost of the un-mirrored pass by the number of passes

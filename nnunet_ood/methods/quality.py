@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.methods.base import DerivedMethod, FoldModels
+from nnunet_ood.methods.base import UNIT_INTERVAL, DerivedMethod, FoldModels
 from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
@@ -41,6 +41,9 @@ FAIL_BELOW = Range(0, 1, open_low=True)
 RATE = Range(0, 1, open_low=True, open_high=True)
 #: what --unusual_level takes: the gate's level, 0 = no gate
 UNUSUAL_LEVEL = Range(0, 1, open_high=True)
+#: the rule's parameters stored with a fit, and the values they can take (checked when the state is loaded)
+STORED_RULE = {"fail_below": FAIL_BELOW, "max_silent_failures": RATE, "confidence": RATE,
+               "unusual_level": UNUSUAL_LEVEL}
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
@@ -102,6 +105,8 @@ class QualityConfig:
 
 class Quality(DerivedMethod):
     name = "quality"
+    score_range = UNIT_INTERVAL  # a predicted risk 1 - Dice, clipped to [0, 1]
+    special_thresholds = (-1.0,)  # nnunet_ood.quality.risk_control.NOTHING: accept nothing
     summary = ("predicted risk 1 - Dice of the case from the other methods' scores and the segmentation's volume "
                "and pieces; flag = sent to review (risk above the Learn-then-Test threshold, unusual, or unscored)")
     config = QualityConfig
@@ -225,6 +230,10 @@ class Quality(DerivedMethod):
                 any(k not in config for k in ("inputs", "features", "label_setup", "reference_volumes",
                                               "risk_threshold")):
             raise OODStateError(f"the quality entry in {folder} lacks its model file or parameters")
+        for key, allowed in STORED_RULE.items():  # unusual_level 1e308 sent every case to review, silently
+            if config.get(key) is not None and not allowed.contains(config[key]):
+                raise OODStateError(f"corrupted quality entry in {os.path.join(folder, 'ood_state.json')}: {key} = "
+                                    f"{config[key]!r} is not {allowed}; re-fit with nnUNetv2_fit_ood")
         model = QualityModel.load(os.path.join(folder, MODEL_FILE))
         if list(model.feature_names) != list(config["features"]):
             raise OODStateError(f"the quality model in {folder} reads other features than its manifest names")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import FoldModels, PatchMapMethod, Requirements
+from nnunet_ood.methods.base import NON_NEGATIVE, FoldModels, PatchMapMethod, Requirements
 from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class SDPredictConfig:
 
 class SegmentationDistortion(PatchMapMethod):
     name = "sd"
+    score_range = NON_NEGATIVE  # a squared difference of probabilities
     summary = ("how much the autoencoder's reconstruction of the bottleneck changes the softmax output, per voxel "
                "(Segmentation Distortion, Lennartz & Schultz)")
     requires = Requirements(autoencoder=True)
