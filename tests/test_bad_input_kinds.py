@@ -246,3 +246,32 @@ def test_stored_quality_parameters_and_temperature_are_checked():
     with pytest.raises(OODStateError, match=r"quality entry in folder/ood_state.json: unusual_level = 1e\+308 is not "
                                             r"in \[0, 1\)"):
         Quality().load_state({"file": "quality_model.json", "config": config}, "folder", FoldModels(), "cpu")
+
+
+# ------------------------------------------------------------------ issue 22 leftovers: a table cut at a line end
+def test_a_failure_table_cut_at_a_line_end_is_refused_by_its_row_count():
+    """A quality_calibration.csv cut exactly after a row has a valid form: it was read as a table of fewer validation
+    cases. The fit records how many rows it wrote; a table of a fit from before the count (legacy) is checked for
+    its form only."""
+    from nnunet_ood.quality.table import check_table_complete
+
+    text = _failure_table_csv()
+    cut = text[:text.index("\n", len(text) // 2) + 1]  # whole rows only
+    check_table_complete(cut, "legacy.csv")  # no count: the form is valid
+    check_table_complete(text, "whole.csv", expected_rows=6)
+    with pytest.raises(OODStateError, match=r"table cut.csv is truncated or not this fit's: it has 3 rows, the fit "
+                                            r"wrote 6; .*restore it, re-fit"):
+        check_table_complete(cut, "cut.csv", expected_rows=6)
+
+
+def test_the_row_count_is_recorded_and_read_back(tmp_path):
+    """The quality entry of the manifest records the table's rows (table_rows); a fit from before it reads the count
+    from its risk threshold (n_rows, one per table row); neither: legacy."""
+    from nnunet_ood.methods.quality import TABLE_ROWS, _recorded_rows
+
+    assert _recorded_rows({TABLE_ROWS: 60}, "m") == 60
+    assert _recorded_rows({"risk_threshold": {"n_rows": 60}}, "m") == 60
+    assert _recorded_rows({"risk_threshold": {"n_rows": 0}}, "m") is None  # before the rule recorded its rows
+    assert _recorded_rows({"risk_threshold": "x"}, "m") is None
+    with pytest.raises(OODStateError, match="quality entry in m: table_rows = -3 is not a positive integer"):
+        _recorded_rows({TABLE_ROWS: -3}, "m")

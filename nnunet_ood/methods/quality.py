@@ -44,6 +44,8 @@ UNUSUAL_LEVEL = Range(0, 1, open_high=True)
 #: the rule's parameters stored with a fit, and the values they can take (checked when the state is loaded)
 STORED_RULE = {"fail_below": FAIL_BELOW, "max_silent_failures": RATE, "confidence": RATE,
                "unusual_level": UNUSUAL_LEVEL}
+#: the manifest key of the number of rows the fit wrote into the failure table
+TABLE_ROWS = "table_rows"
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
@@ -218,8 +220,9 @@ class Quality(DerivedMethod):
         atomic_write_text(os.path.join(folder, CSV_NAME), params["table_csv"])
         table = read_failure_table(params["table_csv"], extra=(OOF_RISK,))
         atomic_write_bytes(os.path.join(folder, PLOT_NAME), dice_by_severity_png(table))
+        # the row count makes a table cut at a line end detectable (check_table_complete)
         return {"file": MODEL_FILE, "class": "QualityModel",
-                "config": {k: v for k, v in params.items() if k not in _IN_FILES}}
+                "config": {**{k: v for k, v in params.items() if k not in _IN_FILES}, TABLE_ROWS: len(table)}}
 
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
         from nnunet_ood.quality.model import QualityModel
@@ -245,7 +248,8 @@ class Quality(DerivedMethod):
         except UnicodeDecodeError:
             table_csv = "\0"  # not text: refused as not a failure table
         if table_csv:
-            check_table_complete(table_csv, os.path.join(folder, CSV_NAME))
+            check_table_complete(table_csv, os.path.join(folder, CSV_NAME),
+                                 _recorded_rows(config, os.path.join(folder, "ood_state.json")))
         models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
                                            "_model": model, "_table_file": os.path.join(folder, CSV_NAME)}
 
@@ -300,6 +304,23 @@ def _pooled_threshold(fold_params: Sequence[Mapping[str, Any]]) -> RiskThreshold
     fail_below, alpha, rule, confidence = rules.pop()
     return choose_threshold(rule, np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
                             confidence or CONFIDENCE, groups)
+
+
+def _recorded_rows(config: Mapping[str, Any], where: str) -> int | None:
+    """The rows the fit wrote into the failure table: ``table_rows``; for a fit from before it was recorded, the rows
+    its threshold was chosen on (``risk_threshold.n_rows``, one per table row); None for a fit from before either
+    (a legacy table: only its form is checked)."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if TABLE_ROWS in config:
+        if not count(config[TABLE_ROWS]):
+            raise OODStateError(f"corrupted quality entry in {where}: {TABLE_ROWS} = {config[TABLE_ROWS]!r} is not a "
+                                "positive integer; re-fit with nnUNetv2_fit_ood")
+        return config[TABLE_ROWS]
+    threshold = config.get("risk_threshold")  # its fields are checked where it is read; n_rows 0 before recorded
+    n_rows = threshold.get("n_rows") if isinstance(threshold, dict) else None
+    return n_rows if count(n_rows) else None
 
 
 def _table_csv(params: Mapping[str, Any], k: int, n_folds: int) -> str:
