@@ -25,6 +25,12 @@ CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
 #: default share of in-distribution cases the ``ood`` flag may reject (the false-alarm rate)
 FALSE_ALARM_RATE = 0.05
 REFIT = "re-fit it with nnUNetv2_fit_ood"
+#: the largest magnitude a stored score, bound or threshold may have. Case scores are means of float32 voxel maps
+#: (at most 3.4e38) and the normalisation adds at most twice their range: a larger value (1e308) was never
+#: computed, and one such bound made ``high - low`` overflow to inf (every normalised score NaN)
+SCORE_LIMIT = 1e40
+#: every value a score can take
+ANY_SCORE: tuple[float, float] = (-math.inf, math.inf)
 
 
 def normalize_score(score: float, low: float, high: float) -> float:
@@ -113,9 +119,15 @@ class MethodCalibration:
         return None
 
     @classmethod
-    def from_json(cls, entry: Any, where: str, fix: str = REFIT) -> MethodCalibration:
+    def from_json(cls, entry: Any, where: str, fix: str = REFIT, score_range: tuple[float, float] = ANY_SCORE,
+                  special_thresholds: Sequence[float] = ()) -> MethodCalibration:
         """Read a manifest entry; a one-line error (ending in ``fix``) when a field is missing or of the wrong
-        type, or the bounds are unusable (:meth:`bounds_problem`)."""
+        type, out of range, or the bounds are unusable (:meth:`bounds_problem`).
+
+        ``score_range``: the values the method's case scores can take (``Method.score_range``); the lower bound
+        and the threshold must lie in it (a negative threshold of a distance flagged every case), the upper bound
+        above its start. ``special_thresholds``: thresholds with a meaning of their own outside it (quality's -1,
+        accept nothing). Every value is at most :data:`SCORE_LIMIT` in magnitude and every count non-negative."""
         names = {f.name: f for f in fields(cls)}
         if not isinstance(entry, dict) or any(k not in names for k in entry) or \
                 any(k not in entry for k in ("low", "high", "threshold")):
@@ -140,6 +152,9 @@ class MethodCalibration:
             raise OODStateError(f"corrupted calibration in {where}: threshold = {values['threshold']!r} must be finite "
                                 f"and false_alarm_rate = {values.get('false_alarm_rate', FALSE_ALARM_RATE)!r} in "
                                 f"(0, 1); {fix}")
+        problem = _range_problem(values, score_range, special_thresholds)
+        if problem is not None:
+            raise OODStateError(f"corrupted calibration in {where}: {problem}; {fix}")
         calibration = cls(**values)
         problem = calibration.bounds_problem()
         if problem is not None:
@@ -164,6 +179,27 @@ class MethodCalibration:
         threshold, _ = conformal_threshold(val, false_alarm_rate)
         return cls(low=low, high=high, threshold=threshold, n_train_cases=len(train_scores),
                    n_val_cases=len(val_scores), aggregation=aggregation, false_alarm_rate=false_alarm_rate)
+
+
+def _range_problem(values: dict[str, Any], score_range: tuple[float, float],
+                   special_thresholds: Sequence[float]) -> str | None:
+    """Why the values of a stored calibration lie outside what a fit or calibration computes, or None."""
+    for key in ("n_train_cases", "n_val_cases"):
+        if values.get(key, 0) < 0:
+            return f"{key} = {values[key]!r} is negative"
+    for key in ("low", "high", "threshold"):
+        if abs(values[key]) > SCORE_LIMIT:  # NaN passes here: bounds_problem and the threshold check name it
+            return f"{key} = {values[key]!r} is beyond any score (|value| <= {SCORE_LIMIT:g})"
+    start, end = score_range
+    shown = f"[{start:g}, {end:g}]"
+    if math.isfinite(values["low"]) and not start <= values["low"] <= end:
+        return f"low = {values['low']!r} is outside the method's scores {shown}"
+    if math.isfinite(values["high"]) and values["high"] < start:
+        return f"high = {values['high']!r} is below the method's scores {shown}"
+    threshold = values["threshold"]
+    if not start <= threshold <= end and threshold not in special_thresholds:
+        return f"threshold = {threshold!r} is outside the method's scores {shown}"
+    return None
 
 
 def combine_calibrations(calibrations: Sequence[MethodCalibration]) -> MethodCalibration:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.io.scores import collect_records, has_case_record, record_path, write_case_record
+from nnunet_ood.quality.risk_control import RiskThreshold
 
 GOOD = {"low": 1.0, "high": 4.0, "threshold": 2.0, "n_train_cases": 3, "n_val_cases": 3, "aggregation": "mean",
         "false_alarm_rate": 0.05}
@@ -307,3 +309,179 @@ def test_type_confusion_in_ood_scores_csv_is_refused(score_folders, tmp_path, fa
     fails_with(main, argv, f"{path} is not a valid ood_scores.csv (", needle, "re-run nnUNetv2_predict_ood")
     with pytest.raises(OODInputError, match="is not a valid ood_scores.csv"):
         write_review(None, str(shift))
+# ------------------------------------------------------------------ issue 22 leftovers: numeric flags have ranges
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--mc_dropout_passes", "1e9", "an integer in 2..100"),
+    ("--mc_dropout_passes", "1000000000", "an integer in 2..100"),
+    ("--sd_latent", "1000000000", "an integer in 1..4096"),
+    ("--sd_batch_size", "1000000000", "an integer in 1..1024"),
+    ("--calibration_parts", "1000000000", "an integer in 1..20"),
+    ("--normalization_cases", "1000000000", "an integer in 0..100000"),
+    ("--max_patches", "1000000000000", "an integer in 1..100000000"),
+    ("--knn_k", "1000000000", "an integer in 1..1000"),
+    ("--knn_bank", "1000000000000", "an integer in 1..1000000"),
+    ("--sd_channels", "1000000", "an integer in 1..1024"),
+    ("--sd_iterations", "1000000000", "an integer in 1..100000"),
+    ("--sd_max_epochs", "1000000000", "an integer in 1..10000"),
+    ("--sd_patience", "1000000000", "an integer in 1..10000"),
+    ("--sd_val_batches", "1000000000", "an integer in 1..1000"),
+    ("--sd_lr_patience", "1000000000", "an integer in 1..10000"),
+    ("--sd_lr", "1e308", "in (0, 1]"),
+    ("--sd_min_agreement", "nan", "in [0, 1]"),
+    ("--mc_dropout_rate", "inf", "in (0, 1)"),
+    ("--corruptions_per_case", "1000000000", "an integer in 0..12"),
+    ("--corruptions_per_version", "-1", "an integer in 1..12"),
+    ("--unusual_level", "1e308", "in [0, 1)"),
+    ("--seed", "1.5", "an integer in 0..4294967295"),
+])
+def test_fit_flags_have_ranges_checked_when_parsing(fails_with, flag, value, allowed):
+    """nnUNetv2_fit_ood took --mc_dropout_passes, --sd_latent, --sd_batch_size, --calibration_parts and
+    --normalization_cases at 1e9 (a fit of unbounded time or memory); every numeric flag now names its range and the
+    value at once (no model is looked up: -d 1 does not exist)."""
+    from nnunet_ood.cli import fit
+
+    fails_with(fit.main, ["-d", "1", "-c", "2d", flag, value], f"{flag} must be {allowed}, got", value)
+
+
+@pytest.mark.parametrize("main, argv, needle", [
+    ("calibrate", ["--false_alarm_rate", "1e308"], "--false_alarm_rate must be in (0, 1), got 1e308"),
+    ("calibrate", ["--confidence", "nan"], "--confidence must be in (0, 1), got nan"),
+    ("evaluate", ["--report_cases", "1e9"], "--report_cases must be an integer in 1..10000, got 1e9"),
+    ("evaluate", ["--threshold_percentile", "1e308"], "--threshold_percentile must be in (0, 100], got 1e308"),
+    ("demo", ["--n_train", "1000000000"], "--n_train must be an integer in 5..1000, got 1000000000"),
+])
+def test_the_other_commands_check_their_ranges_when_parsing(fails_with, tmp_path, main, argv, needle):
+    import importlib
+
+    module = importlib.import_module({"calibrate": "nnunet_ood.cli.calibrate", "evaluate": "nnunet_ood.cli.evaluate",
+                                      "demo": "nnunet_ood.demo.run_demo"}[main])
+    required = {"calibrate": ["-i", "x", "-d", "1", "-c", "2d"],
+                "evaluate": ["--id_test", "p", "l", "--domain", "d", "p", "l", "-o", str(tmp_path / "o")],
+                "demo": ["--output", str(tmp_path / "demo")]}[main]
+    fails_with(module.main, [*required, *argv], needle)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+#: flags checked after parsing, with the others of the prediction (nnunet_ood.cli.predict.check_arguments)
+PREDICTION_FLAGS = {"-step_size", "-npp", "-nps", "-num_parts", "-part_id"}
+
+
+def test_every_numeric_flag_has_a_range():
+    """A plain int or float argparse type accepts 1e9, NaN and inf alike: every numeric flag of every command parses
+    with a Range (or is one of the prediction's flags, checked with the others before anything is loaded)."""
+    from nnunet_ood.cli import calibrate, evaluate, fit, predict
+    from nnunet_ood.demo import run_demo
+
+    for module in (fit, calibrate, evaluate, predict, run_demo):
+        for action in module.build_parser()._actions:
+            flag = max(action.option_strings, key=len, default=action.dest)
+            assert action.type not in (int, float) or set(action.option_strings) & PREDICTION_FLAGS, \
+                f"{module.__name__} {flag} has no range"
+
+
+def test_ranges_bound_options_made_in_code_but_not_stored_states():
+    """A trainer's FitOptions get the flags' ranges; a stored mc_dropout configuration is read as it was fitted (a
+    range tightened later must not lock anyone out of a fitted model)."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.fitting.options import FitOptions
+    from nnunet_ood.methods.mc_dropout import MCDropoutConfig
+    from nnunet_ood.methods.options import config_from_json
+    from nnunet_ood.methods.sd import SDTrainingConfig
+
+    FitOptions()  # the defaults lie in the ranges
+    with pytest.raises(OODInputError, match="--mc_dropout_passes must be an integer in 2..100, got 1000000000"):
+        FitOptions(method_configs={"mc_dropout": MCDropoutConfig(passes=10**9)})
+    with pytest.raises(OODInputError, match="--sd_latent must be an integer in 1..4096"):
+        FitOptions(method_configs={"sd": SDTrainingConfig(latent_dim=10**9)})
+    with pytest.raises(OODInputError, match="--normalization_cases must be an integer in 0..100000, got 1000000000"):
+        FitOptions(normalization_cases=10**9)
+    assert config_from_json(MCDropoutConfig, {"passes": 500}).passes == 500
+
+
+# ------------------------------------------------------------------ issue 22 leftovers: stored values out of range
+@pytest.mark.parametrize("key, value, score_range, needle", [
+    ("threshold", 1e308, (-math.inf, math.inf), "threshold = 1e+308 is beyond any score"),
+    ("high", 1e308, (-math.inf, math.inf), "high = 1e+308 is beyond any score"),
+    ("low", -1e308, (-math.inf, math.inf), "low = -1e+308 is beyond any score"),
+    ("threshold", -0.5, (0.0, math.inf), "threshold = -0.5 is outside the method's scores [0, inf]"),
+    ("low", -1.0, (0.0, math.inf), "low = -1.0 is outside the method's scores"),
+    ("threshold", 3.0, (0.0, 1.0), "threshold = 3.0 is outside the method's scores [0, 1]"),
+    ("n_val_cases", -3, (-math.inf, math.inf), "n_val_cases = -3 is negative"),
+])
+def test_stored_calibrations_out_of_range_are_refused(key, value, score_range, needle):
+    """high: 1e308 and threshold: 1e308 were accepted (normalised scores ~0, nothing ever flagged); a negative
+    threshold of a distance flagged every case."""
+    entry = json.loads(json.dumps({**GOOD, key: value}))
+    with pytest.raises(OODStateError, match=f"corrupted calibration in here: {re.escape(needle)}.*; fix it"):
+        MethodCalibration.from_json(entry, "here", "fix it", score_range=score_range)
+
+
+def test_methods_say_what_their_scores_can_be():
+    from nnunet_ood.methods import REGISTRY
+
+    assert REGISTRY["mahalanobis"].score_range == (0.0, math.inf)
+    assert REGISTRY["energy"].score_range == (-math.inf, math.inf)  # -logsumexp: any sign
+    quality = {**GOOD, "low": 0.0, "high": 1.0, "threshold": -1.0}  # -1: accept nothing
+    calibration = MethodCalibration.from_json(quality, "q", score_range=REGISTRY["quality"].score_range,
+                                              special_thresholds=REGISTRY["quality"].special_thresholds)
+    assert calibration.threshold == -1.0
+
+
+@pytest.mark.parametrize("threshold", [1e308, 1.5, -0.5])
+def test_a_stored_risk_threshold_must_be_a_risk(threshold):
+    """quality's threshold 1e308 accepted every case; now refused, naming the file and field (-1 is 'accept
+    nothing')."""
+    from nnunet_ood.quality.risk_control import ltt_threshold
+
+    stored = ltt_threshold([0.1 * i for i in range(10)] * 3, [0.9] * 30, 0.6, 0.1).to_json()
+    RiskThreshold.from_json(stored, "ok")
+    shown = re.escape(repr(threshold))
+    with pytest.raises(OODStateError, match=f"risk threshold in the file: threshold = {shown} is neither"):
+        RiskThreshold.from_json({**stored, "threshold": threshold}, "the file")
+
+
+def test_stored_quality_parameters_and_temperature_are_checked():
+    """unusual_level 1e308 (every case sent to review) and a temperature of 1e308 (every probability uniform) were
+    read without a word."""
+    from nnunet_ood.methods import FoldModels
+    from nnunet_ood.methods.logits import Temperature
+
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0.05, 20\].*1e\+308"):
+        Temperature().load_state({"config": {"temperature": 1e308}}, "folder", FoldModels(), "cpu")
+    Temperature().load_state({"config": {"temperature": 1.1}}, "folder", FoldModels(), "cpu")
+    from nnunet_ood.methods.quality import Quality
+
+    config = {"inputs": [], "features": [], "label_setup": {}, "reference_volumes": {}, "risk_threshold": {},
+              "unusual_level": 1e308}
+    with pytest.raises(OODStateError, match=r"quality entry in folder/ood_state.json: unusual_level = 1e\+308 is not "
+                                            r"in \[0, 1\)"):
+        Quality().load_state({"file": "quality_model.json", "config": config}, "folder", FoldModels(), "cpu")
+
+
+# ------------------------------------------------------------------ issue 22 leftovers: a table cut at a line end
+def test_a_failure_table_cut_at_a_line_end_is_refused_by_its_row_count():
+    """A quality_calibration.csv cut exactly after a row has a valid form: it was read as a table of fewer validation
+    cases. The fit records how many rows it wrote; a table of a fit from before the count (legacy) is checked for
+    its form only."""
+    from nnunet_ood.quality.table import check_table_complete
+
+    text = _failure_table_csv()
+    cut = text[:text.index("\n", len(text) // 2) + 1]  # whole rows only
+    check_table_complete(cut, "legacy.csv")  # no count: the form is valid
+    check_table_complete(text, "whole.csv", expected_rows=6)
+    with pytest.raises(OODStateError, match=r"table cut.csv is truncated or not this fit's: it has 3 rows, the fit "
+                                            r"wrote 6; .*restore it, re-fit"):
+        check_table_complete(cut, "cut.csv", expected_rows=6)
+
+
+def test_the_row_count_is_recorded_and_read_back(tmp_path):
+    """The quality entry of the manifest records the table's rows (table_rows); a fit from before it reads the count
+    from its risk threshold (n_rows, one per table row); neither: legacy."""
+    from nnunet_ood.methods.quality import TABLE_ROWS, _recorded_rows
+
+    assert _recorded_rows({TABLE_ROWS: 60}, "m") == 60
+    assert _recorded_rows({"risk_threshold": {"n_rows": 60}}, "m") == 60
+    assert _recorded_rows({"risk_threshold": {"n_rows": 0}}, "m") is None  # before the rule recorded its rows
+    assert _recorded_rows({"risk_threshold": "x"}, "m") is None
+    with pytest.raises(OODStateError, match="quality entry in m: table_rows = -3 is not a positive integer"):
+        _recorded_rows({TABLE_ROWS: -3}, "m")

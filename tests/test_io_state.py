@@ -40,6 +40,7 @@ def state() -> FoldOODState:
     calibration = {m: MethodCalibration(0.1 * i, 1.0 + i, 0.5 + i, 40, 10) for i, m in enumerate(
         ["mahalanobis", "knn", "sd", "latent_mahalanobis", "entropy", "temperature", "mc_dropout"])}
     calibration["entropy"].aggregation = "foreground_mean"
+    calibration["temperature"] = MethodCalibration(0.01, 0.2, 0.1, 40, 10)  # 1 - a probability: in [0, 1]
     return FoldOODState(
         detectors={"mahalanobis": MahalanobisDetector().fit(features), "knn": KNNDetector(k=2).fit(features),
                    "latent_mahalanobis": LatentMahalanobisDetector().fit(latents)},

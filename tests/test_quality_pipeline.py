@@ -65,6 +65,7 @@ def test_failure_table_rows_match_validation(tiny_project):
     assert sorted(r["case"] for r in clean) == val_cases
     config = m["methods"]["quality"]["config"]
     assert len(rows) == len(val_cases) * (1 + config["corruptions_per_case"])
+    assert config["table_rows"] == len(rows)  # what makes a table cut at a line end detectable
     for r in clean:  # the clean rows carry the validation pass's scores
         for method in config["inputs"]:
             assert float(r[method]) == pytest.approx(val_scores[method][r["case"]], rel=1e-6)

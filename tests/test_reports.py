@@ -629,7 +629,7 @@ def test_evaluation_report_escapes_names(evaluation_project, tmp_path) -> None:
 @pytest.mark.parametrize("extra, message", [
     (["--images", "elsewhere", "."], "not evaluated"),
     (["--images", "id_test", "/nonexistent/folder"], "does not exist"),
-    (["--report_cases", "0"], "at least 1"),
+    (["--report_cases", "0"], "--report_cases must be an integer in 1..10000, got 0"),
 ])
 def test_evaluate_report_flags_fail_in_one_line(evaluation_project, tmp_path, capsys, extra, message) -> None:
     from nnunet_ood.cli.evaluate import main

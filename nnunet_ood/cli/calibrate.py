@@ -19,8 +19,14 @@ from nnunet_ood.cli.common import one_line_errors
 from nnunet_ood.cli.predict import add_prediction_arguments, check_arguments, check_model_and_folders
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.methods import REGISTRY
+from nnunet_ood.methods.options import Range
+from nnunet_ood.methods.quality import FAIL_BELOW, RATE
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
+
+
+#: what --false_alarm_rate takes: a share of the in-distribution cases, neither none nor all
+FALSE_ALARM_RATE = Range(0, 1, open_low=True, open_high=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,22 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
                              output_help="folder for the calibration cases' segmentations and score tables (default: "
                                          "a temporary folder, removed at the end)")
     p.add_argument("--name", default="site", help="name of the calibration (default: site)")
-    p.add_argument("--false_alarm_rate", type=float, default=0.05,
-                   help="share of in-distribution cases the ood flag may reject (default: 0.05); the threshold is the "
-                        "ceil((n + 1)(1 - rate))-th smallest of the n calibration case scores")
+    p.add_argument("--false_alarm_rate", type=FALSE_ALARM_RATE.parser("--false_alarm_rate"), default=0.05,
+                   help="share of in-distribution cases the ood flag may reject (default: 0.05; "
+                        f"{FALSE_ALARM_RATE}); the threshold is the ceil((n + 1)(1 - rate))-th smallest of the n "
+                        "calibration case scores")
     p.add_argument("-l", dest="labels", default=None, metavar="LABELS_FOLDER",
                    help="reference segmentations of the calibration cases (nnU-Net naming: CASE + file ending). With "
                         "them, methods that predict Dice (quality) get their accept/review threshold re-selected by "
                         "conformal risk control on these cases, so that the guarantee covers this site's data; "
                         "without them they keep the fit's threshold")
-    p.add_argument("--fail_below", type=float, default=None, metavar="DICE",
-                   help="with -l: a segmentation with Dice below this is a failure (default: the fit's)")
-    p.add_argument("--max_silent_failures", type=float, default=None, metavar="RATE",
+    # the same ranges as nnUNetv2_fit_ood's flags of the same names (QualityConfig)
+    p.add_argument("--fail_below", type=FAIL_BELOW.parser("--fail_below"), default=None, metavar="DICE",
+                   help=f"with -l: a segmentation with Dice below this is a failure (default: the fit's; {FAIL_BELOW})")
+    p.add_argument("--max_silent_failures", type=RATE.parser("--max_silent_failures"), default=None, metavar="RATE",
                    help="with -l: tolerated share of the accepted cases that fail, with --confidence (--risk_control "
-                        "crc: tolerated expected share of all cases accepted and failed) (default: the fit's)")
-    p.add_argument("--confidence", type=float, default=None, metavar="1-DELTA",
+                        f"crc: tolerated expected share of all cases accepted and failed) (default: the fit's; {RATE})")
+    p.add_argument("--confidence", type=RATE.parser("--confidence"), default=None, metavar="1-DELTA",
                    help="with -l: the probability over the labelled cases with which the rate among accepted cases "
-                        "holds (default: the fit's, 0.9)")
+                        f"holds (default: the fit's, 0.9; {RATE})")
     p.add_argument("--risk_control", default=None, choices=("ltt", "crc"),
                    help="with -l: ltt (Learn then Test: failures among accepted cases, with --confidence) or crc "
                         "(conformal risk control: expected share of all cases accepted and failed) (default: the "
@@ -67,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     check_name(args.name)
-    if not 0 < args.false_alarm_rate < 1:
-        raise OODInputError(f"--false_alarm_rate must be in (0, 1), got {args.false_alarm_rate}")
     if args.num_parts > 1:
         raise OODInputError("the calibration cases are predicted in one run; drop -num_parts (or predict them in "
                             "parts with nnUNetv2_predict_ood and calibrate from a copy of the images on one machine)")
@@ -77,12 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.labels is None and rule_flags:
         raise OODInputError(f"{', '.join(rule_flags)} re-select the accept/review threshold on labelled cases; give "
                             "the labels with -l LABELS_FOLDER")
-    if args.confidence is not None and not 0 < args.confidence < 1:
-        raise OODInputError(f"--confidence must be in (0, 1), got {args.confidence}; pass e.g. 0.9")
-    if args.fail_below is not None and not 0 < args.fail_below <= 1:
-        raise OODInputError(f"--fail_below must be a Dice in (0, 1], got {args.fail_below}")
-    if args.max_silent_failures is not None and not 0 < args.max_silent_failures < 1:
-        raise OODInputError(f"--max_silent_failures must be a rate in (0, 1), got {args.max_silent_failures}")
     folds = parse_folds(args.f)
     model_folder = check_model_and_folders(args, folds, [(args.i, args.o)], save_ood_maps=False)
     if args.labels is not None:

@@ -7,6 +7,12 @@ import sys
 
 from nnunet_ood.cli.common import one_line_errors
 from nnunet_ood.evaluation.groups import FAILURE_DICE  # light: numpy, no torch or nnU-Net
+from nnunet_ood.methods.options import Range
+
+#: the values of the numeric flags (checked when parsing): a percentile, a Dice, a number of cases shown (a cap)
+PERCENTILE = Range(0, 100, open_low=True)
+FAIL_BELOW = Range(0, 1, open_low=True)
+REPORT_CASES = Range(1, 10_000, integer=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="methods to evaluate; each must be in every folder (default: the methods present in "
                              "every folder)")
-    parser.add_argument("--threshold_percentile", type=float, default=95.0,
-                        help="percentile of the ID validation scores used as threshold (default: 95)")
-    parser.add_argument("--fail_below", type=float, default=FAILURE_DICE, metavar="DICE",
+    parser.add_argument("--threshold_percentile", type=PERCENTILE.parser("--threshold_percentile"), default=95.0,
+                        help=f"percentile of the ID validation scores used as threshold (default: 95; {PERCENTILE})")
+    parser.add_argument("--fail_below", type=FAIL_BELOW.parser("--fail_below"), default=FAILURE_DICE, metavar="DICE",
                         help="a segmentation with a Dice below this is a failure: the silent-failure rates, the "
                              "failure counts of the summary and the report's silent failures (default: "
-                             f"{FAILURE_DICE:g})")
+                             f"{FAILURE_DICE:g}; {FAIL_BELOW})")
     parser.add_argument("--images", nargs=2, action="append", default=None, metavar=("GROUP", "IMAGE_FOLDER"),
                         help="input images (CASE_0000<ending>) of a group (id_test, id_val or a domain's name) for "
                              "report.html's thumbnails; repeat per group (default: the images* folder next to the "
@@ -49,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_report", action="store_true",
                         help="do not write report.html and report_files/ (the page with the headline, the tables, "
                              "the plots and thumbnails of the silent failures and most uncertain cases)")
-    parser.add_argument("--report_cases", type=int, default=12, metavar="N",
+    parser.add_argument("--report_cases", type=REPORT_CASES.parser("--report_cases"), default=12, metavar="N",
                         help="report.html shows at most N silent failures and the N most uncertain cases "
-                             "(default: 12)")
+                             f"(default: 12; {REPORT_CASES})")
     return parser
 
 

@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_ood.cli.common import one_line_errors
 from nnunet_ood.demo.progress import ProgressRelay, run_logged
+from nnunet_ood.methods.options import Range
+
+#: the demo's sizes: nnU-Net's 5-fold split needs 5 training cases; beyond 1000 the demo is no longer a demo
+N_TRAIN = Range(5, 1000, integer=True)
+N_TEST = Range(1, 1000, integer=True)
+N_SITE = Range(0, 1000, integer=True)
+SEED = Range(0, 2**32 - 1, integer=True)
 
 DATASET_ID = 501
 TRAINER = "nnUNetTrainerOOD_demo"
@@ -63,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes "
                    "(default: demo_output)")
     p.add_argument("-device", "--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
-    p.add_argument("--n_train", type=int, default=60, help="training cases (default: 60)")
-    p.add_argument("--n_test", type=int, default=16, help="test cases per domain (default: 16)")
-    p.add_argument("--n_site", type=int, default=40, help="a site's own in-distribution scans (new subjects) for "
-                   "nnUNetv2_calibrate_ood (default: 40; 0 skips the calibration and predicts with the fit's "
-                   "thresholds); their labels are written too, for trying -l by hand")
+    p.add_argument("--seed", type=SEED.parser("--seed"), default=0, help=f"seed of the synthetic data (default: 0; "
+                   f"{SEED})")
+    p.add_argument("--n_train", type=N_TRAIN.parser("--n_train"), default=60,
+                   help=f"training cases (default: 60; {N_TRAIN})")
+    p.add_argument("--n_test", type=N_TEST.parser("--n_test"), default=16,
+                   help=f"test cases per domain (default: 16; {N_TEST})")
+    p.add_argument("--n_site", type=N_SITE.parser("--n_site"), default=40, help="a site's own in-distribution scans "
+                   "(new subjects) for nnUNetv2_calibrate_ood (default: 40; 0 skips the calibration and predicts with "
+                   f"the fit's thresholds; {N_SITE}); their labels are written too, for trying -l by hand")
     p.add_argument("--full", action="store_true", help=f"the longer schedule ({FULL_TRAINER}: 30 epochs and a "
                    "longer autoencoder training, about 2 minutes more on 2 CPU cores)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars, only each step's name and time")
@@ -113,6 +124,7 @@ def format_summary_table(markdown: str) -> str:
     return "\n".join(text)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnunet_ood_demo``."""
     args = build_parser().parse_args(argv)

@@ -15,6 +15,7 @@ from typing import Any
 from nnunet_ood.calibration import CASE_AGGREGATIONS
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
+from nnunet_ood.methods.options import Range, check_ranges
 
 #: parts of the training cases for cross-fitted (out-of-sample) training scores
 CALIBRATION_PARTS = 5
@@ -25,6 +26,14 @@ MAX_PATCHES = 100_000
 #: training cases (a seeded sample) scored, cross-fitted, for the feature methods' normalisation bounds;
 #: 0: the bounds come from the validation cases, like every threshold
 NORMALIZATION_CASES = 0
+
+# What a fit may ask for (checked when nnUNetv2_fit_ood parses its flags, and for FitOptions made in code). Every
+# part keeps a detector's D x D statistics in memory (D = 8192 features: 0.5 GB each); the caps (patches and
+# cases, "at most") are bounded by the data as well, their upper ends only catch typing errors.
+CALIBRATION_PARTS_RANGE = Range(1, 20, integer=True)
+MAX_PATCHES_RANGE = Range(1, 100_000_000, integer=True)
+NORMALIZATION_CASES_RANGE = Range(0, 100_000, integer=True)
+SEED_RANGE = Range(0, MAX_SEED, integer=True)
 
 
 @dataclass(frozen=True)
@@ -70,13 +79,11 @@ class FitOptions:
         if bad:
             raise OODInputError(f"cannot aggregate {bad}: methods must be among those fitted ({', '.join(methods)}) "
                                 f"and aggregations one of {', '.join(CASE_AGGREGATIONS)}")
-        if self.calibration_parts < 1:
-            raise OODInputError(f"--calibration_parts must be at least 1, got {self.calibration_parts}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise OODInputError(f"--seed must be an integer in 0..{MAX_SEED} (NumPy's seeds), got {self.seed!r}")
-        if self.max_patches < 1 or self.normalization_cases < 0:
-            raise OODInputError(f"--max_patches must be at least 1 and --normalization_cases at least 0, got "
-                                f"{self.max_patches} and {self.normalization_cases}")
+        CALIBRATION_PARTS_RANGE.check(self.calibration_parts, "--calibration_parts")
+        MAX_PATCHES_RANGE.check(self.max_patches, "--max_patches")
+        NORMALIZATION_CASES_RANGE.check(self.normalization_cases, "--normalization_cases")
         if self.batch_size < 1:
             raise OODInputError(f"the fit's batch size must be at least 1, got {self.batch_size}")
         classes = {c.key: c for c in REGISTRY.config_classes("fit")}
@@ -84,6 +91,8 @@ class FitOptions:
             if key not in classes or not isinstance(config, classes[key]):
                 expected = classes[key].__name__ if key in classes else "known key"
                 raise OODInputError(f"method_configs[{key!r}] must be a {expected}; known keys: {', '.join(classes)}")
+        for config_class in classes.values():  # the ranges of the flags, for options made in code too
+            check_ranges(self.config(config_class))
 
     def config(self, config_class: type) -> Any:
         """The options instance of ``config_class`` (its defaults unless given)."""
@@ -93,21 +102,25 @@ class FitOptions:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """The fit's flags: ``--ood``, ``--seed``, aggregation, cross-fitting and every method's options."""
         parser.add_argument("--ood", nargs="+", default=None, metavar="METHOD", help=REGISTRY.fit_help())
-        parser.add_argument("--normalization_cases", type=int, default=NORMALIZATION_CASES,
+        parser.add_argument("--normalization_cases", type=NORMALIZATION_CASES_RANGE.parser("--normalization_cases"),
+                            default=NORMALIZATION_CASES,
                             help="0 (default): normalisation bounds from the validation cases; N > 0: the feature "
-                                 "methods' bounds from N training cases (a seeded sample), cross-fitted")
-        parser.add_argument("--calibration_parts", type=int, default=CALIBRATION_PARTS,
+                                 "methods' bounds from N training cases (a seeded sample; at most the fold's), "
+                                 f"cross-fitted; {NORMALIZATION_CASES_RANGE}")
+        parser.add_argument("--calibration_parts", type=CALIBRATION_PARTS_RANGE.parser("--calibration_parts"),
+                            default=CALIBRATION_PARTS,
                             help="with --normalization_cases: the training cases are scored by detectors fitted "
                                  f"without their part, of this many (default: {CALIBRATION_PARTS}; 1 = in-sample, as "
-                                 "in the paper; memory and time grow with it)")
-        parser.add_argument("--max_patches", type=int, default=MAX_PATCHES,
+                                 f"in the paper; memory and time grow with it; {CALIBRATION_PARTS_RANGE})")
+        parser.add_argument("--max_patches", type=MAX_PATCHES_RANGE.parser("--max_patches"), default=MAX_PATCHES,
                             help="at most this many training patches, a seeded uniform sample, are read for the "
-                                 f"feature statistics (default: {MAX_PATCHES})")
+                                 f"feature statistics (default: {MAX_PATCHES}; {MAX_PATCHES_RANGE})")
         parser.add_argument("--ood_aggregation", nargs="+", default=[], metavar="METHOD=HOW",
                             help="how a method's voxel map becomes its case score: mean (default, METHODS.md), "
                                  "foreground_mean (over nnU-Net's predicted foreground) or max_patch (largest patch "
                                  "mean), e.g. entropy=foreground_mean mahalanobis=max_patch; fixed at fit time")
-        parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        parser.add_argument("--seed", type=SEED_RANGE.parser("--seed"), default=0,
+                            help=f"random seed (default: 0; {SEED_RANGE}, NumPy's seeds)")
         REGISTRY.add_config_arguments(parser, "fit")
 
     @classmethod

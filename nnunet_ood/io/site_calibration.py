@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nnunet_ood import __version__
-from nnunet_ood.calibration import MethodCalibration, conformal_threshold, normalization_bounds
+from nnunet_ood.calibration import SCORE_LIMIT, MethodCalibration, conformal_threshold, normalization_bounds
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.io.atomic import atomic_write_text
 from nnunet_ood.io.json_files import read_json
@@ -143,9 +143,11 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
                       ("false_alarm_rate", float)):
         if not isinstance(document.get(key), kind):
             raise _bad(path, f"'{key}' is missing or not a {kind.__name__}")
+    if not 0 < document["false_alarm_rate"] < 1:  # NaN and 1e308 too
+        raise _bad(path, f"false_alarm_rate = {document['false_alarm_rate']!r} is not in (0, 1)")
     fix = f"re-run {CALIBRATE_COMMAND} --name {name}"
-    calibration = {m: MethodCalibration.from_json(c, f"{m} in {path}", fix) for m, c in document["calibration"].items()}
-    case_scores = {m: {k: math.nan if v is None else float(v) for k, v in s.items()}
+    calibration = {m: _method_calibration(m, c, f"{m} in {path}", fix) for m, c in document["calibration"].items()}
+    case_scores = {m: {k: _case_score(v, f"case_scores of {m}", path) for k, v in s.items()}
                    for m, s in document["case_scores"].items() if isinstance(s, dict)}
     labelled = document.get("labelled", {})
     if not isinstance(labelled, dict):
@@ -153,6 +155,27 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
     return SiteCalibration(name, document["model"], document["settings"], document["false_alarm_rate"], calibration,
                            case_scores, str(document.get("created", "")), str(document.get("plugin_version", "")),
                            labelled)
+
+
+def _method_calibration(method: str, entry: Any, where: str, fix: str) -> MethodCalibration:
+    """A method's entry, checked against what its scores can be (an unknown method: any value)."""
+    from nnunet_ood.methods import REGISTRY
+
+    known = REGISTRY[method] if method in REGISTRY else None
+    if known is None:
+        return MethodCalibration.from_json(entry, where, fix)
+    return MethodCalibration.from_json(entry, where, fix, score_range=known.score_range,
+                                       special_thresholds=known.special_thresholds)
+
+
+def _case_score(value: Any, what: str, path: str) -> float:
+    """A stored case score: a number within :data:`SCORE_LIMIT`, or null (a case that could not be scored). They
+    calibrate the gate of quality's decision: a string stopped it with a traceback, 1e308 skewed it silently."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= SCORE_LIMIT:
+        raise _bad(path, f"{what}: {value!r} is not a score (a number within {SCORE_LIMIT:g}, or null)")
+    return float(value)
 
 
 def score_settings(tile_step_size: float, use_mirroring: bool, use_gaussian: bool) -> dict[str, Any]:

@@ -221,5 +221,7 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
             raise OODStateError(f"corrupted state of {method.name} in {fold_dir} ({type(e).__name__}: {e}); re-fit "
                                 f"it with {FIT_COMMAND}") from None
         where = f"{method.name} in {os.path.join(folder, MANIFEST_NAME)}"
-        state.calibration[method.name] = MethodCalibration.from_json(available[method.name]["calibration"], where)
+        state.calibration[method.name] = MethodCalibration.from_json(available[method.name]["calibration"], where,
+                                                                     score_range=method.score_range,
+                                                                     special_thresholds=method.special_thresholds)
     return state

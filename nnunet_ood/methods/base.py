@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 
 #: the command that fits a fold's state (named in error messages)
 FIT_COMMAND = "nnUNetv2_fit_ood -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER"
+#: ``Method.score_range`` of scores that can take any value, of distances, spreads and entropies, and of 1 - a
+#: probability
+ANY_SCORE: tuple[float, float] = (-math.inf, math.inf)
+NON_NEGATIVE: tuple[float, float] = (0.0, math.inf)
+UNIT_INTERVAL: tuple[float, float] = (0.0, 1.0)
 
 
 class MethodKind(enum.Enum):
@@ -87,6 +93,11 @@ class Method:
             (``predict_config``, inference time); methods may share one.
         tap: ``"module:Class"`` of the :class:`PatchTap` that listens to the network's forward passes
             of each patch for this method; methods naming the same tap share one instance.
+        score_range: the values its case scores take by construction (a Gaussian-weighted mean of a
+            non-negative map is never negative); a stored lower bound or threshold outside it is refused as
+            corrupt when the state is loaded. Leave it ``ANY_SCORE`` unless it holds up to the last bit of
+            floating point (``kl_uniform``, entropy - log C, may round to slightly above 0).
+        special_thresholds: stored thresholds with a meaning of their own outside ``score_range``.
     """
 
     name: ClassVar[str]
@@ -97,6 +108,8 @@ class Method:
     config: ClassVar[type | None] = None
     predict_config: ClassVar[type | None] = None
     tap: ClassVar[str | None] = None
+    score_range: ClassVar[tuple[float, float]] = ANY_SCORE
+    special_thresholds: ClassVar[tuple[float, ...]] = ()
     #: its parameters are fitted on the validation cases' final logits (after the fit's validation pass)
     needs_validation_logits: ClassVar[bool] = False
     #: its case score is a predicted risk 1 - Dice (so 1 - score is a predicted Dice); the evaluation reports

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from nnunet_ood.methods.base import FoldEnsembleMethod
+from nnunet_ood.methods.base import NON_NEGATIVE, UNIT_INTERVAL, FoldEnsembleMethod
 from nnunet_ood.segmentation import dice, entropy, foreground_masks, probabilities
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class FoldEnsemble:
 
 class EnsembleEntropy(FoldEnsembleMethod):
     name = "ensemble_entropy"
+    score_range = NON_NEGATIVE
     summary = "entropy of the mean of the folds' probabilities, per voxel"
 
     def voxel_map(self, ensemble: FoldEnsemble) -> Tensor:
@@ -96,6 +97,7 @@ class EnsembleMI(FoldEnsembleMethod):
 
 class PairwiseDice(FoldEnsembleMethod):
     name = "pairwise_dice"
+    score_range = UNIT_INTERVAL  # 1 - a Dice
     summary = ("1 - mean Dice between the folds' segmentations over all pairs (case score); its map is the share "
                "of disagreeing pairs per voxel (Zenk et al. 2024)")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.methods.base import FIT_COMMAND, FoldModels, PatchFeatureMethod, Requirements
-from nnunet_ood.methods.options import option
+from nnunet_ood.methods.base import FIT_COMMAND, NON_NEGATIVE, FoldModels, PatchFeatureMethod, Requirements
+from nnunet_ood.methods.options import Range, option
 from nnunet_ood.methods.sd import SDTrainingConfig
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class PooledBottleneckMethod(PatchFeatureMethod):
 
 class Mahalanobis(PooledBottleneckMethod):
     name = "mahalanobis"
+    score_range = NON_NEGATIVE  # a squared distance
     summary = ("distance of pooled bottleneck features to the Gaussian of training patches (Pooled Mahalanobis, "
                "González et al.)")
     detector = "nnunet_ood.detectors.mahalanobis:MahalanobisDetector"
@@ -63,9 +64,11 @@ class KNNConfig:
     key: ClassVar[str] = "knn"
     title: ClassVar[str] = "k-nearest neighbours"
 
-    k: int = option(1, "--knn_k", "knn: distance to the k-th nearest training patch feature", type=int)
+    k: int = option(1, "--knn_k", "knn: distance to the k-th nearest training patch feature", type=int,
+                    range=Range(1, 1000, integer=True))
+    # a cap (the training patches bound it too); 10^6 rows of D = 8192 features are 33 GB already
     bank: int = option(50_000, "--knn_bank", "knn: at most this many training patch features are kept, a uniform "
-                       "random sample (memory 4 bytes x D per row)", type=int)
+                       "random sample (memory 4 bytes x D per row)", type=int, range=Range(1, 1_000_000, integer=True))
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.bank < self.k:
@@ -75,6 +78,7 @@ class KNNConfig:
 
 class KNN(PooledBottleneckMethod):
     name = "knn"
+    score_range = NON_NEGATIVE
     summary = ("Euclidean distance of the pooled bottleneck features to the k-th nearest training patch "
                "(Woodland et al. 2024)")
     config = KNNConfig
@@ -92,6 +96,7 @@ class KNN(PooledBottleneckMethod):
 
 class LatentMahalanobis(PatchFeatureMethod):
     name = "latent_mahalanobis"
+    score_range = NON_NEGATIVE
     summary = "Mahalanobis distance of the SD autoencoder's latent vectors (Lennartz & Schultz)"
     requires = Requirements(autoencoder=True)
     config = SDTrainingConfig

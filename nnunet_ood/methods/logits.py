@@ -19,12 +19,11 @@ mirror-averaged) logits of the case.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import FoldModels, LogitMethod
+from nnunet_ood.methods.base import NON_NEGATIVE, UNIT_INTERVAL, FoldModels, LogitMethod
 from nnunet_ood.segmentation import binary_entropy, entropy, max_entropy
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ def max_probability_uncertainty(logits: Tensor, region_based: bool, temperature:
 
 class MaxSoftmax(LogitMethod):
     name = "max_softmax"
+    score_range = UNIT_INTERVAL  # 1 - a probability
     summary = "1 - the largest class probability, per voxel (Hendrycks & Gimpel)"
 
     def voxel_map(self, logits: Tensor, region_based: bool, fold_params: Sequence[Mapping[str, Any]]) -> Tensor:
@@ -58,6 +58,7 @@ class MaxSoftmax(LogitMethod):
 
 class Entropy(LogitMethod):
     name = "entropy"
+    score_range = NON_NEGATIVE
     summary = "predictive entropy of the softmax, per voxel"
 
     def voxel_map(self, logits: Tensor, region_based: bool, fold_params: Sequence[Mapping[str, Any]]) -> Tensor:
@@ -91,10 +92,13 @@ class KLUniform(LogitMethod):
 
 #: at most this many validation voxels (a seeded random subset) enter the temperature fit
 TEMPERATURE_VOXELS = 1_000_000
+#: the temperatures the fit searches (and a stored one must lie in, up to rounding)
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 class Temperature(LogitMethod):
     name = "temperature"
+    score_range = UNIT_INTERVAL
     summary = ("max_softmax after dividing the logits by a temperature fitted on the fold's validation voxels by "
                "negative log-likelihood")
     needs_validation_logits = True
@@ -148,8 +152,11 @@ class Temperature(LogitMethod):
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
         super().load_state(entry, folder, models, device)
         t = models.method_params.get(self.name, {}).get("temperature")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
-            raise ValueError(f"the fitted temperature must be a positive number, got {t!r}")
+        low, high = TEMPERATURE_BOUNDS
+        # 1e308 made every probability uniform (the score a constant), silently
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not low * (1 - 1e-6) <= t <= high * (1 + 1e-6):
+            raise ValueError(f"the fitted temperature must be a number in [{low:g}, {high:g}] (the fit's search "
+                             f"range), got {t!r}")
 
 
 def negative_log_likelihood(logits: Tensor, targets: Tensor, region_based: bool, temperature: float) -> float:
@@ -163,7 +170,7 @@ def negative_log_likelihood(logits: Tensor, targets: Tensor, region_based: bool,
 
 
 def fit_temperature(logits: Tensor, targets: Tensor, region_based: bool,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> tuple[float, float, float]:
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> tuple[float, float, float]:
     """Temperature minimising the validation NLL (bounded 1-D search over log T).
 
     Returns ``(T, nll at T = 1, nll at T)``. ``logits`` are voxel rows ``(N, C)``.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import PatchMapMethod, PatchTap, TapContext
-from nnunet_ood.methods.options import config_from_json, config_to_json, option
+from nnunet_ood.methods.base import NON_NEGATIVE, PatchMapMethod, PatchTap, TapContext
+from nnunet_ood.methods.options import Range, config_from_json, config_to_json, option
 from nnunet_ood.methods.tta import ProbabilitySpread
 from nnunet_ood.segmentation import probabilities
 
@@ -33,10 +33,15 @@ class MCDropoutConfig:
     key: ClassVar[str] = "mc_dropout"
     title: ClassVar[str] = "MC dropout"
 
-    rate: float = option(0.1, "--mc_dropout_rate", "dropout rate", type=float)
-    passes: int = option(10, "--mc_dropout_passes", "forward passes with dropout per patch", type=int)
+    rate: float = option(0.1, "--mc_dropout_rate", "dropout rate", type=float,
+                         range=Range(0, 1, open_low=True, open_high=True))
+    # each pass is one more forward pass of every patch: 100 is ten times the literature's usual 10
+    passes: int = option(10, "--mc_dropout_passes", "forward passes with dropout per patch", type=int,
+                         range=Range(2, 100, integer=True))
+    # the upper end is the network's: checked against its decoder stages when it is built (check_network)
     stages: tuple[int, ...] | None = option(None, "--mc_dropout_stages", "decoder stages (0 = lowest resolution) "
-                                            "whose input gets dropout", type=int, nargs="+", default_text="all")
+                                            "whose input gets dropout", type=int, nargs="+", default_text="all",
+                                            range=Range(0, None, integer=True))
     seed: int = option(0, None, "seed of the dropout masks (nnUNetv2_fit_ood --seed)")
 
     def __post_init__(self) -> None:
@@ -131,6 +136,7 @@ class DropoutTap(PatchTap):
 
 class MCDropout(PatchMapMethod):
     name = "mc_dropout"
+    score_range = NON_NEGATIVE  # a standard deviation
     summary = ("standard deviation of the class probabilities over forward passes with dropout inserted post hoc "
                "on the decoder stages, per voxel")
     fit_by_default = False  # it multiplies the cost of the un-mirrored pass by the number of passes

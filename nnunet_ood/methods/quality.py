@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.methods.base import DerivedMethod, FoldModels
-from nnunet_ood.methods.options import option
+from nnunet_ood.methods.base import UNIT_INTERVAL, DerivedMethod, FoldModels
+from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 MODEL_FILE = "quality_model.json"
 #: members of the corruption family (nnunet_ood.quality.corruptions.CORRUPTIONS; not imported: it needs torch)
 FAMILY_SIZE = 12
+#: what --fail_below takes (a Dice) and what --max_silent_failures and --confidence take (a rate, a probability);
+#: nnUNetv2_calibrate_ood's flags of the same names take the same
+FAIL_BELOW = Range(0, 1, open_low=True)
+RATE = Range(0, 1, open_low=True, open_high=True)
+#: what --unusual_level takes: the gate's level, 0 = no gate
+UNUSUAL_LEVEL = Range(0, 1, open_high=True)
+#: the rule's parameters stored with a fit, and the values they can take (checked when the state is loaded)
+STORED_RULE = {"fail_below": FAIL_BELOW, "max_silent_failures": RATE, "confidence": RATE,
+               "unusual_level": UNUSUAL_LEVEL}
+#: the manifest key of the number of rows the fit wrote into the failure table
+TABLE_ROWS = "table_rows"
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
@@ -47,15 +58,15 @@ class QualityConfig:
     title: ClassVar[str] = "quality model and accept/review decision"
 
     fail_below: float = option(0.6, "--fail_below", "a segmentation with Dice below this is a failure", type=float,
-                               metavar="DICE")
+                               metavar="DICE", range=FAIL_BELOW)
     max_silent_failures: float = option(
         0.05, "--max_silent_failures", "tolerated share of the accepted cases that fail (ltt, at --confidence; "
         "with no failure it takes ln(1 - confidence) / ln(1 - rate) accepted calibration cases, 22 at 0.1 and 0.9); "
         "with --risk_control crc: the tolerated expected share of all cases accepted and failed", type=float,
-        metavar="RATE")
+        metavar="RATE", range=RATE)
     confidence: float = option(
         0.9, "--confidence", "ltt: the probability over the calibration cases with which the rate among accepted "
-        "cases holds", type=float, metavar="1-DELTA")
+        "cases holds", type=float, metavar="1-DELTA", range=RATE)
     risk_control: str = option(
         "ltt", "--risk_control", "ltt: Learn then Test, a bound on the failures among accepted cases with stated "
         "confidence; crc: conformal risk control, a bound on the expected share of all cases accepted and failed",
@@ -63,13 +74,15 @@ class QualityConfig:
     unusual_level: float = option(
         0.05, "--unusual_level", "gate: a case whose conformal p-value against the in-distribution calibration cases "
         "(feature distances and predicted risk combined) is at most this goes to review as unusual; 0 = no gate",
-        type=float, metavar="P")
+        type=float, metavar="P", range=UNUSUAL_LEVEL)
     corruptions_per_case: int = option(
         2, "--corruptions_per_case", "corrupted versions of each validation case in the failure table (each costs "
-        "one more prediction of the validation cases)", type=int, metavar="N")
+        "one more prediction of the validation cases)", type=int, metavar="N",
+        range=Range(0, FAMILY_SIZE, integer=True))
     corruptions_per_version: int = option(
         2, "--corruptions_per_version", "corruptions of the family applied one after the other in each version (a "
-        "scanner rarely differs in one way only); per case at most 12 corruptions in all", type=int, metavar="N")
+        "scanner rarely differs in one way only); per case at most 12 corruptions in all", type=int, metavar="N",
+        range=Range(1, FAMILY_SIZE, integer=True))
     seed: int = option(0, None, "seed of the corruptions and the grouped cross-validation (nnUNetv2_fit_ood --seed)")
 
     def __post_init__(self) -> None:
@@ -94,6 +107,8 @@ class QualityConfig:
 
 class Quality(DerivedMethod):
     name = "quality"
+    score_range = UNIT_INTERVAL  # a predicted risk 1 - Dice, clipped to [0, 1]
+    special_thresholds = (-1.0,)  # nnunet_ood.quality.risk_control.NOTHING: accept nothing
     summary = ("predicted risk 1 - Dice of the case from the other methods' scores and the segmentation's volume "
                "and pieces; flag = sent to review (risk above the Learn-then-Test threshold, unusual, or unscored)")
     config = QualityConfig
@@ -205,8 +220,9 @@ class Quality(DerivedMethod):
         atomic_write_text(os.path.join(folder, CSV_NAME), params["table_csv"])
         table = read_failure_table(params["table_csv"], extra=(OOF_RISK,))
         atomic_write_bytes(os.path.join(folder, PLOT_NAME), dice_by_severity_png(table))
+        # the row count makes a table cut at a line end detectable (check_table_complete)
         return {"file": MODEL_FILE, "class": "QualityModel",
-                "config": {k: v for k, v in params.items() if k not in _IN_FILES}}
+                "config": {**{k: v for k, v in params.items() if k not in _IN_FILES}, TABLE_ROWS: len(table)}}
 
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
         from nnunet_ood.quality.model import QualityModel
@@ -217,6 +233,10 @@ class Quality(DerivedMethod):
                 any(k not in config for k in ("inputs", "features", "label_setup", "reference_volumes",
                                               "risk_threshold")):
             raise OODStateError(f"the quality entry in {folder} lacks its model file or parameters")
+        for key, allowed in STORED_RULE.items():  # unusual_level 1e308 sent every case to review, silently
+            if config.get(key) is not None and not allowed.contains(config[key]):
+                raise OODStateError(f"corrupted quality entry in {os.path.join(folder, 'ood_state.json')}: {key} = "
+                                    f"{config[key]!r} is not {allowed}; re-fit with nnUNetv2_fit_ood")
         model = QualityModel.load(os.path.join(folder, MODEL_FILE))
         if list(model.feature_names) != list(config["features"]):
             raise OODStateError(f"the quality model in {folder} reads other features than its manifest names")
@@ -228,7 +248,8 @@ class Quality(DerivedMethod):
         except UnicodeDecodeError:
             table_csv = "\0"  # not text: refused as not a failure table
         if table_csv:
-            check_table_complete(table_csv, os.path.join(folder, CSV_NAME))
+            check_table_complete(table_csv, os.path.join(folder, CSV_NAME),
+                                 _recorded_rows(config, os.path.join(folder, "ood_state.json")))
         models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
                                            "_model": model, "_table_file": os.path.join(folder, CSV_NAME)}
 
@@ -283,6 +304,23 @@ def _pooled_threshold(fold_params: Sequence[Mapping[str, Any]]) -> RiskThreshold
     fail_below, alpha, rule, confidence = rules.pop()
     return choose_threshold(rule, np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
                             confidence or CONFIDENCE, groups)
+
+
+def _recorded_rows(config: Mapping[str, Any], where: str) -> int | None:
+    """The rows the fit wrote into the failure table: ``table_rows``; for a fit from before it was recorded, the rows
+    its threshold was chosen on (``risk_threshold.n_rows``, one per table row); None for a fit from before either
+    (a legacy table: only its form is checked)."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if TABLE_ROWS in config:
+        if not count(config[TABLE_ROWS]):
+            raise OODStateError(f"corrupted quality entry in {where}: {TABLE_ROWS} = {config[TABLE_ROWS]!r} is not a "
+                                "positive integer; re-fit with nnUNetv2_fit_ood")
+        return config[TABLE_ROWS]
+    threshold = config.get("risk_threshold")  # its fields are checked where it is read; n_rows 0 before recorded
+    n_rows = threshold.get("n_rows") if isinstance(threshold, dict) else None
+    return n_rows if count(n_rows) else None
 
 
 def _table_csv(params: Mapping[str, Any], k: int, n_folds: int) -> str:

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from nnunet_ood.methods.base import PatchMapMethod, PatchTap, Requirements, TapContext
+from nnunet_ood.methods.base import NON_NEGATIVE, PatchMapMethod, PatchTap, Requirements, TapContext
 from nnunet_ood.segmentation import probabilities
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class MirroredPassTap(PatchTap):
 
 class TTA(PatchMapMethod):
     name = "tta"
+    score_range = NON_NEGATIVE  # a standard deviation
     summary = ("standard deviation of the class probabilities over nnU-Net's mirrored passes, averaged over "
                "classes, per voxel")
     requires = Requirements(mirroring=True)

@@ -119,6 +119,10 @@ class RiskThreshold:
                                     f"{'non-negative int' if f.type == 'int' else f.type}; {REFIT}")
             values[f.name] = value
         t = cls(**values)
+        # a predicted risk is in [0, 1]: 1e308 accepted every case, -5 none, both silently
+        if not (0 <= t.threshold <= 1 or t.threshold == NOTHING):
+            raise OODStateError(f"corrupted risk threshold in {where}: threshold = {t.threshold!r} is neither a "
+                                f"predicted risk in [0, 1] nor {NOTHING:g} (accept nothing); {REFIT}")
         if legacy:
             t = replace(t, n_needed=min_groups_for(t.alpha) if 0 < t.alpha < 1 else 0)
         if not (0 < t.alpha < 1 and 0 < t.fail_below <= 1 and 0 <= t.empirical_rate <= 1 and 0 <= t.coverage <= 1

@@ -91,15 +91,20 @@ def read_failure_table(text: str, extra: Sequence[str] = ()) -> FailureTable:
     return table
 
 
-def check_table_complete(text: str, path: str) -> None:
+def check_table_complete(text: str, path: str, expected_rows: int | None = None) -> None:
     """A stored failure table must be whole: a header, at least one row, every row as long as the header and a
-    final newline (what :meth:`FailureTable.to_csv` writes). A table cut short (a truncated copy) gave fewer
-    validation cases, a different pooled threshold and gate calibration, without a word."""
+    final newline (what :meth:`FailureTable.to_csv` writes), and ``expected_rows`` rows when the fit recorded how
+    many it wrote (None: a table of a fit from before, checked for its form only). A table cut short (a truncated
+    copy) gave fewer validation cases, a different pooled threshold and gate calibration, without a word; cut
+    exactly at a line end it has a valid form, and only the count tells."""
     rows = list(csv.reader(io.StringIO(text)))
+    fix = ("the decision reads the folds' validation cases from it; restore it, re-fit with nnUNetv2_fit_ood, or leave "
+           "quality out (--ood METHOD ...)")
     if len(rows) < 2 or not text.endswith("\n") or any(len(r) != len(rows[0]) for r in rows[1:]):
-        raise OODStateError(f"the quality method's failure table {path} is truncated or not a failure table: the "
-                            "decision reads the folds' validation cases from it; restore it, re-fit with "
-                            "nnUNetv2_fit_ood, or leave quality out (--ood METHOD ...)")
+        raise OODStateError(f"the quality method's failure table {path} is truncated or not a failure table: {fix}")
+    if expected_rows is not None and len(rows) - 1 != expected_rows:
+        raise OODStateError(f"the quality method's failure table {path} is truncated or not this fit's: it has "
+                            f"{len(rows) - 1} rows, the fit wrote {expected_rows}; {fix}")
 
 
 def read_out_of_fold_risks(text: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import FoldModels, PatchMapMethod, Requirements
-from nnunet_ood.methods.options import option
+from nnunet_ood.methods.base import NON_NEGATIVE, FoldModels, PatchMapMethod, Requirements
+from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -33,19 +33,27 @@ class SDTrainingConfig:
     key: ClassVar[str] = "sd"
     title: ClassVar[str] = "Segmentation Distortion autoencoder"
 
+    # ranges: what a fit may ask for (nnUNetv2_fit_ood checks them when parsing, FitOptions for trainers); the
+    # upper ends are far above the paper's values and nnU-Net's (bottlenecks of at most 320-512 channels, batch
+    # sizes of 2-50), below what would run for days or exhaust any GPU's memory
     latent_dim: int = option(DEFAULT_LATENT_DIM, "--sd_latent", "size of the dense latent", type=int,
-                             default_text="128, the paper's value for the heart task; 64 for brain")
+                             default_text="128, the paper's value for the heart task; 64 for brain",
+                             range=Range(1, 4096, integer=True))
     hidden_channels: int | None = option(None, "--sd_channels", "channels of the AE's convolutions", type=int,
-                                         default_text="min(bottleneck channels, 128)")
-    learning_rate: float = option(1e-3, "--sd_lr", "Adam learning rate", type=float)
+                                         default_text="min(bottleneck channels, 128)",
+                                         range=Range(1, 1024, integer=True))
+    learning_rate: float = option(1e-3, "--sd_lr", "Adam learning rate", type=float,
+                                  range=Range(0, 1, open_low=True))
     batch_size: int | None = option(None, "--sd_batch_size", "patches per step", type=int,
-                                    default_text="the configuration's batch size")
-    iterations_per_epoch: int = option(250, "--sd_iterations", "training steps per epoch", type=int)
-    max_epochs: int = option(100, "--sd_max_epochs", "at most this many epochs", type=int)
+                                    default_text="the configuration's batch size", range=Range(1, 1024, integer=True))
+    iterations_per_epoch: int = option(250, "--sd_iterations", "training steps per epoch", type=int,
+                                       range=Range(1, 100_000, integer=True))
+    max_epochs: int = option(100, "--sd_max_epochs", "at most this many epochs", type=int,
+                             range=Range(1, 10_000, integer=True))
     patience: int = option(10, "--sd_patience", "stop after this many epochs without a lower validation loss",
-                           type=int)
+                           type=int, range=Range(1, 10_000, integer=True))
     val_batches: int = option(10, "--sd_val_batches", "fixed validation batches evaluated after each epoch",
-                              type=int)
+                              type=int, range=Range(1, 1000, integer=True))
     loss: str = option("sum", "--sd_loss", "sum: the paper's loss, the sums of squared errors of the logits and of "
                        "the bottleneck with equal weights (per patch); mean: each term averaged over its elements, "
                        "which weights the reconstruction by (logit elements / bottleneck elements)", type=str,
@@ -55,9 +63,9 @@ class SDTrainingConfig:
                                type=str, choices=("mirror", "nnunet"))
     min_agreement: float = option(0.99, "--sd_min_agreement", "the AE must keep the validation segmentations: epochs "
                                   "whose Dice with and without it is lower are not kept (unless none reaches it)",
-                                  type=float)
+                                  type=float, range=Range(0, 1))
     lr_patience: int = option(5, "--sd_lr_patience", "halve the learning rate after this many epochs without a lower "
-                              "validation loss", type=int)
+                              "validation loss", type=int, range=Range(1, 10_000, integer=True))
     foreground_oversampling: float = option(0.33, None, "nnU-Net's default share of foreground-centred patches")
 
     def __post_init__(self) -> None:
@@ -93,6 +101,7 @@ class SDPredictConfig:
 
 class SegmentationDistortion(PatchMapMethod):
     name = "sd"
+    score_range = NON_NEGATIVE  # a squared difference of probabilities
     summary = ("how much the autoencoder's reconstruction of the bottleneck changes the softmax output, per voxel "
                "(Segmentation Distortion, Lennartz & Schultz)")
     requires = Requirements(autoencoder=True)
