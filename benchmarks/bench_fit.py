@@ -127,8 +127,8 @@ def time_validation(model: Path) -> tuple[float, int, int]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_ood.fitting.passes import as_tensor
     from nnunet_ood.fitting.split import fold_split, preprocessed_folders
+    from nnunet_ood.methods.context import as_tensor
 
     start = time.perf_counter()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False)

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.detectors.base import FeatureDetector
-    from nnunet_ood.fitting.passes import FitContext
     from nnunet_ood.io.site_calibration import SiteCalibration
+    from nnunet_ood.methods.context import FitContext
     from nnunet_ood.quality.decision import DecisionRule
 
 

@@ -20,7 +20,7 @@ from nnunet_ood.methods.options import option
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.methods.context import FitContext
 
 #: dense bottleneck size: the paper uses 64 (brain, CC-359) and 128 (heart, M&Ms)
 DEFAULT_LATENT_DIM = 128
