@@ -179,7 +179,7 @@ class PatchFeatureMethod(Method):
     """
 
     kind = MethodKind.PATCH_FEATURES
-    tap = "nnunet_ood.features:BottleneckTap"
+    tap = "nnunet_ood.methods.base:BottleneckTap"
     feature_source: ClassVar[str]
     detector: ClassVar[str]  # "module:Class" of its FeatureDetector
 
@@ -291,3 +291,23 @@ class TapContext:
     def bottleneck_shape(self) -> tuple[int, ...]:
         """``(C, *spatial)`` of the bottleneck of one patch (a dry run of the encoder, once)."""
         return tuple(self.shape_of_bottleneck())
+
+
+class BottleneckTap(PatchTap):
+    """Keeps the bottleneck activations of the un-mirrored pass of each patch (feature methods)."""
+
+    def __init__(self, context: TapContext) -> None:
+        from nnunet_ood.features import BottleneckCapture
+
+        super().__init__(context)
+        self._capture = BottleneckCapture(context.network)
+        self.bottleneck: Tensor | None = None
+
+    def before_patch(self, fold_index: int) -> None:
+        self._capture.arm()  # the first network call of a patch is nnU-Net's un-mirrored one
+
+    def after_patch(self, x: Tensor, patch_index: int) -> None:
+        self.bottleneck = self._capture.take()
+
+    def remove(self) -> None:
+        self._capture.remove()
