@@ -3,7 +3,7 @@
 A method has a name, a kind (where its numbers come from, :class:`MethodKind`), its requirements, an
 optional options dataclass (see :mod:`nnunet_ood.methods.options`) and the computations of its kind.
 The case scorer (:mod:`nnunet_ood.inference.case_scorer`), the fit (:mod:`nnunet_ood.fitting`) and
-the state files (:mod:`nnunet_ood.io.state`) only ever call these; none of them knows a method by name.
+the state files (:mod:`nnunet_ood.fold_state`) only ever call these; none of them knows a method by name.
 
 Method modules are imported to build the command lines before anything heavy is loaded, so they must
 not import torch or nnU-Net at module level: computations import what they need inside the function
@@ -64,13 +64,27 @@ def load_object(path: str) -> Any:
 class FoldModels:
     """What the methods of one fold have fitted: feature detectors, the SD autoencoder, parameters.
 
-    The fit builds it step by step; :class:`nnunet_ood.io.state.FoldOODState` adds calibration,
+    The fit builds it step by step; :class:`nnunet_ood.fold_state.FoldOODState` adds calibration,
     fingerprint and provenance. The case scorer reads it, one per fold in use.
     """
 
     detectors: dict[str, FeatureDetector] = field(default_factory=dict)
     autoencoder: Any = None  # nnunet_ood.methods.sd.autoencoder.BottleneckAutoencoder
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save_shared(self, folder: str, provenance: Mapping[str, Any]) -> None:
+        """Write the models fitted once for several methods into ``folder``: the SD autoencoder, if any, with its
+        training history (``provenance["sd_training"]``). Each method writes its own in ``Method.state_entry``."""
+        if self.autoencoder is not None:
+            self.autoencoder.save(folder, provenance.get("sd_training"))
+
+    def load_shared(self, folder: str, methods: Sequence[Method], device: Any) -> None:
+        """Read from ``folder`` the shared models that ``methods`` need (before each method's ``load_state``):
+        the SD autoencoder when one of them requires it."""
+        if any(m.requires.autoencoder for m in methods):
+            from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
+
+            self.autoencoder = BottleneckAutoencoder.load(folder, device)
 
 
 class Method:
