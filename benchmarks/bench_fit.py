@@ -78,7 +78,7 @@ def _write_3d_dataset(raw: Path, dataset_id: int, n_train: int) -> str:
 
 def use_work_folder(work: Path) -> dict[str, str]:
     """nnU-Net's folders under ``work``, in this process's environment too; returns the environment."""
-    from nnunet_ood.cli.trainer_dir import trainer_dir
+    from nnunet_ood.ext_trainer import trainer_dir
 
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
