@@ -72,20 +72,6 @@ class FoldModels:
     autoencoder: Any = None  # nnunet_ood.methods.sd.autoencoder.BottleneckAutoencoder
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def save_shared(self, folder: str, provenance: Mapping[str, Any]) -> None:
-        """Write the models fitted once for several methods into ``folder``: the SD autoencoder, if any, with its
-        training history (``provenance["sd_training"]``). Each method writes its own in ``Method.state_entry``."""
-        if self.autoencoder is not None:
-            self.autoencoder.save(folder, provenance.get("sd_training"))
-
-    def load_shared(self, folder: str, methods: Sequence[Method], device: Any) -> None:
-        """Read from ``folder`` the shared models that ``methods`` need (before each method's ``load_state``):
-        the SD autoencoder when one of them requires it."""
-        if any(m.requires.autoencoder for m in methods):
-            from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
-
-            self.autoencoder = BottleneckAutoencoder.load(folder, device)
-
 
 class Method:
     """Base class of every method. Subclass one of the kind classes below, set the class attributes.
