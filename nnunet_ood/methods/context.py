@@ -1,9 +1,9 @@
 """What a method's fit hooks are given: :class:`FitContext`, one fold's fit (its predictor, cases and options).
 
 The fit (:mod:`nnunet_ood.fitting`) builds it and runs its passes with it; methods read it in
-``fit_parameters``, ``fit_report`` and ``fit_on_failure_table``. It lives with the methods, below the fit
-and the predictor that use them: the predictor and the options are typed by what the context and the methods
-use of them (nnU-Net's predictor, :class:`FitSettings`), not by the classes of the layers above.
+``fit_parameters``, ``fit_report`` and ``fit_on_failure_table``. It lives with the methods that read it, below
+the fit and the predictor (docs/architecture.md#layers), so the predictor and the options it holds are typed by
+what is used of them (nnU-Net's predictor, :class:`FitSettings`), not by classes of those higher layers.
 
 Only the fit imports this module at run time (it imports torch); method modules name it for type checkers.
 """
