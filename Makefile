@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   installs into .venv (if missing) and runs the end-to-end demo
-#   make test   installs into .venv (if missing) and runs the test suite
+#   make test   installs into .venv (if missing), checks the layers and import cycles (lint-imports) and runs the
+#               test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,10 +20,12 @@ demo: install
 	$(BIN)/nnunet_ood_demo --output $(DEMO_OUT)
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python benchmarks/bench_mahalanobis.py

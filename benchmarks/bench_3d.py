@@ -107,7 +107,7 @@ def write_test_case(folder: Path, size: str) -> Path:
 # ---------------------------------------------------------------------------------------------- model
 def environment(work: Path) -> dict[str, str]:
     """nnU-Net's folders under ``work`` (also set in this process); returns the environment for children."""
-    from nnunet_ood.cli.trainer_dir import trainer_dir
+    from nnunet_ood.ext_trainer import trainer_dir
 
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),

@@ -78,7 +78,7 @@ def _write_3d_dataset(raw: Path, dataset_id: int, n_train: int) -> str:
 
 def use_work_folder(work: Path) -> dict[str, str]:
     """nnU-Net's folders under ``work``, in this process's environment too; returns the environment."""
-    from nnunet_ood.cli.trainer_dir import trainer_dir
+    from nnunet_ood.ext_trainer import trainer_dir
 
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
@@ -127,8 +127,8 @@ def time_validation(model: Path) -> tuple[float, int, int]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    from nnunet_ood.fitting.passes import as_tensor
     from nnunet_ood.fitting.split import fold_split, preprocessed_folders
+    from nnunet_ood.methods.context import as_tensor
 
     start = time.perf_counter()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import PatchTap, TapContext
 
 #: González et al. pool until the flattened feature vector of a patch has fewer entries than this.
 MAX_POOLED_FEATURES = 10_000
@@ -138,21 +137,3 @@ def bottleneck_shape(network: nn.Module, num_input_channels: int, patch_size: Se
             return tuple(capture.take().shape[1:])
     finally:
         capture.remove()
-
-
-class BottleneckTap(PatchTap):
-    """Keeps the bottleneck activations of the un-mirrored pass of each patch (feature methods)."""
-
-    def __init__(self, context: TapContext) -> None:
-        super().__init__(context)
-        self._capture = BottleneckCapture(context.network)
-        self.bottleneck: torch.Tensor | None = None
-
-    def before_patch(self, fold_index: int) -> None:
-        self._capture.arm()  # the first network call of a patch is nnU-Net's un-mirrored one
-
-    def after_patch(self, x: torch.Tensor, patch_index: int) -> None:
-        self.bottleneck = self._capture.take()
-
-    def remove(self) -> None:
-        self._capture.remove()

@@ -70,7 +70,7 @@ def _shrink_plans(preprocessed: Path, dataset_name: str, configuration: str, pat
 
 
 def _nnunet_env(root: Path) -> dict[str, str]:
-    from nnunet_ood.cli.trainer_dir import trainer_dir
+    from nnunet_ood.ext_trainer import trainer_dir
 
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),

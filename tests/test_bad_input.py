@@ -203,7 +203,7 @@ def test_every_fitted_method_alone_and_in_every_pair_gives_the_same_scores(prepr
     """Each method's score is the same whatever else is computed (``--ood latent_mahalanobis`` alone crashed)."""
     import itertools
 
-    from nnunet_ood.io.state import read_manifest
+    from nnunet_ood.fold_state import read_manifest
     from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY, MethodKind
 
     predictor, data = preprocessed_case(None, "shift_mild")

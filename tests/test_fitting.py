@@ -12,7 +12,7 @@ from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.detectors import MahalanobisDetector
 from nnunet_ood.detectors.cross_fitting import assign_parts
 from nnunet_ood.fitting.split import fold_split
-from nnunet_ood.io.state import FoldOODState
+from nnunet_ood.fold_state import FoldOODState
 from nnunet_ood.methods import REGISTRY, FoldModels
 
 

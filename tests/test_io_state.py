@@ -1,7 +1,7 @@
 """A fold's OOD state on disk: round trip of every kind of method, and refusal of anything malformed.
 
 No nnU-Net pipeline: the state is built from detectors fitted on random features, a small autoencoder and
-hand-set parameters, then written and read back by nnunet_ood.io.state.
+hand-set parameters, then written and read back by nnunet_ood.fold_state.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.detectors import KNNDetector, LatentMahalanobisDetector, MahalanobisDetector
 from nnunet_ood.errors import OODStateError
-from nnunet_ood.io.state import (
+from nnunet_ood.fold_state import (
     MANIFEST_NAME,
     FoldOODState,
     check_fingerprint,

@@ -47,7 +47,7 @@ def resolve_device(name: str | None) -> Any:
 
 def add_trainer_path() -> None:
     """Let nnU-Net find nnUNetTrainerOOD and its variants without an exported ``nnUNet_extTrainer``."""
-    from nnunet_ood.cli.trainer_dir import trainer_dir
+    from nnunet_ood.ext_trainer import trainer_dir
 
     folders = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if trainer_dir() not in folders:

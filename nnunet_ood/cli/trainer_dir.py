@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-import nnunet_ood
-
-
-def trainer_dir() -> str:
-    """The ``ext`` folder next to :mod:`nnunet_ood.trainers`, found without importing that package."""
-    return os.path.join(os.path.dirname(os.path.abspath(nnunet_ood.__file__)), "trainers", "ext")
+from nnunet_ood.ext_trainer import trainer_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

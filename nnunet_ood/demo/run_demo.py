@@ -128,8 +128,8 @@ def format_summary_table(markdown: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``nnunet_ood_demo``."""
     args = build_parser().parse_args(argv)
-    from nnunet_ood.cli.trainer_dir import trainer_dir
     from nnunet_ood.demo.synthetic import generate_demo_dataset
+    from nnunet_ood.ext_trainer import trainer_dir
     from nnunet_ood.trainers import nnUNetTrainerOOD_demo, nnUNetTrainerOOD_demo_full
 
     started = time.time()

@@ -1,6 +1,7 @@
 """Evaluation metrics with one definition each (METHODS.md section 4).
 
-Convention throughout: a score is an uncertainty, higher = more likely OOD / less trustworthy.
+Convention throughout: a score is an uncertainty, higher = more likely OOD / less trustworthy. Ranks and
+Spearman's correlation are defined in :mod:`nnunet_ood.ranks` (the quality model uses them too) and re-exported.
 """
 
 from __future__ import annotations
@@ -8,27 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-
-def average_ranks(x: ArrayLike) -> np.ndarray:
-    """1-based ranks of a 1D array, ties sharing the mean of their ranks. ``inf`` is allowed;
-    NaN is not (its order is undefined)."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    if np.isnan(x).any():
-        raise ValueError("average_ranks is undefined for NaN")
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    # Tied group g occupies ranks start_g .. start_g + count_g - 1; all get the mean.
-    start = np.cumsum(counts) - counts + 1
-    return (start + (counts - 1) / 2.0)[inverse.ravel()]
-
-
-def _pairs(x: ArrayLike, y: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Two flat float64 arrays of equal length without the pairs where either value is NaN."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"{name} needs equal lengths, got {x.size} and {y.size}")
-    keep = ~(np.isnan(x) | np.isnan(y))
-    return x[keep], y[keep]
+from nnunet_ood.ranks import average_ranks, nan_free_pairs, spearman  # noqa: F401 (spearman is re-exported)
 
 
 def auroc(negative_scores: ArrayLike, positive_scores: ArrayLike) -> float:
@@ -49,24 +30,6 @@ def auroc(negative_scores: ArrayLike, positive_scores: ArrayLike) -> float:
     n_neg, n_pos = neg.size, pos.size
     u = ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_neg * n_pos))
-
-
-def spearman(x: ArrayLike, y: ArrayLike) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks).
-
-    Pairs where either value is NaN are dropped (like ``scipy.stats.spearmanr`` with
-    ``nan_policy="omit"``). Returns NaN when fewer than two pairs remain or either side is
-    constant.
-    """
-    x, y = _pairs(x, y, "spearman")
-    if x.size < 2:
-        return float("nan")
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    if denom == 0:
-        return float("nan")
-    return float((rx * ry).sum() / denom)
 
 
 def _finite_1d(x: ArrayLike, name: str) -> np.ndarray:
@@ -191,7 +154,7 @@ def selective_outcomes(accepted: ArrayLike, dice: ArrayLike, fail_below: float) 
 
 def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation; pairs with a NaN dropped; NaN for fewer than two pairs or a constant side."""
-    x, y = _pairs(x, y, "pearson")
+    x, y = nan_free_pairs(x, y, "pearson")
     if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):  # exactly constant: rounding in the mean must not
         return float("nan")                                     # leave a spurious tiny variance
     x, y = x - x.mean(), y - y.mean()

@@ -6,14 +6,14 @@ plot rendered.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from nnunet_ood.figures import figure_png
 
 if TYPE_CHECKING:
     from nnunet_ood.evaluation.risk_coverage import RiskCoverage
@@ -30,13 +30,6 @@ def group_color(index: int) -> str:
 
 def _color(name: str, index: int, colors: Mapping[str, str] | None) -> str:
     return (colors or {}).get(name) or group_color(index)
-
-
-def _png_bytes(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 def dice_vs_uncertainty_png(method: str, groups: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
@@ -74,7 +67,7 @@ def dice_vs_uncertainty_png(method: str, groups: Sequence[tuple[str, np.ndarray,
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # outside: keeps the points visible
     fig.tight_layout()
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 def score_distributions_png(distributions: Mapping[str, Sequence[tuple[str, np.ndarray]]],
@@ -108,7 +101,7 @@ def score_distributions_png(distributions: Mapping[str, Sequence[tuple[str, np.n
         ax.set_title(method)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 def correlation_png(methods: Sequence[str], domains: Sequence[str],
@@ -136,7 +129,7 @@ def correlation_png(methods: Sequence[str], domains: Sequence[str],
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 def risk_coverage_png(curves: Sequence[RiskCoverage], oracle: tuple[np.ndarray, np.ndarray] | None,
@@ -178,4 +171,4 @@ def risk_coverage_png(curves: Sequence[RiskCoverage], oracle: tuple[np.ndarray, 
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return figure_png(fig)

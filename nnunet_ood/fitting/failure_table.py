@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnunet_ood.fitting.passes import FitContext, scored_predictions
+from nnunet_ood.fitting.passes import scored_predictions
 from nnunet_ood.methods import FoldModels, Method
+from nnunet_ood.methods.context import FitContext
 from nnunet_ood.quality.properties import (
     property_names,
     reference_volumes,

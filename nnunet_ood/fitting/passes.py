@@ -17,11 +17,8 @@ encoder-only pass over (a sample of patches of) the training cases:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,98 +27,9 @@ from tqdm import tqdm
 
 from nnunet_ood.detectors.cross_fitting import merge_parts
 from nnunet_ood.features import BottleneckCapture, unwrap_network
-from nnunet_ood.fitting.options import FitOptions
-from nnunet_ood.folds import Fold
-from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod
+from nnunet_ood.methods.context import FitContext, mirroring
 from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout, patch_count
-
-
-def as_tensor(data: Any) -> torch.Tensor:
-    """A preprocessed case's image array (possibly memory-mapped) as a float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(data[:], dtype=np.float32)))
-
-
-@contextmanager
-def mirroring(predictor: nnUNetOODPredictor, on: bool = True) -> Iterator[nnUNetOODPredictor]:
-    """Predict with nnU-Net's test-time mirroring on (as default inference) or off, inside the block."""
-    previous, predictor.use_mirroring = predictor.use_mirroring, on
-    try:
-        yield predictor
-    finally:
-        predictor.use_mirroring = previous
-
-
-@dataclass
-class FitContext:
-    """One fold's fit: the predictor of the fold, its cases and the options. Passed to methods' fit hooks."""
-
-    predictor: nnUNetOODPredictor
-    options: FitOptions
-    fold: Fold
-    dataset_class: Any  # nnU-Net's dataset class of the preprocessed data
-    data_folder: str
-    train_keys: list[str]
-    val_keys: list[str]
-    dataset: Any = field(init=False)
-    _logits: Any = field(init=False, default=None)  # TemporaryDirectory with the validation cases' logits
-    _logit_files: dict[str, str] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.dataset = self.dataset_class(self.data_folder, sorted(set(self.train_keys) | set(self.val_keys)))
-
-    @property
-    def device(self) -> torch.device:
-        return self.predictor.device
-
-    @property
-    def seed(self) -> int:
-        return self.options.seed
-
-    @property
-    def progress(self) -> bool:
-        return self.options.progress
-
-    @property
-    def label_manager(self) -> Any:
-        return self.predictor.label_manager
-
-    def log(self, message: str) -> None:
-        print(f"fold {self.fold} {message}", flush=True)
-
-    def load_case(self, key: str) -> torch.Tensor:
-        """The preprocessed image of a case ``(C, *spatial)``."""
-        return self.load_case_with_labels(key)[0]
-
-    def load_case_with_labels(self, key: str) -> tuple[torch.Tensor, np.ndarray]:
-        """The preprocessed image and nnU-Net's preprocessed segmentation of a case."""
-        data, seg, _, _ = self.dataset.load_case(key)
-        return as_tensor(data), seg
-
-    def predict_logits(self, data: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's own prediction of a preprocessed case (sliding window, mirroring as at default inference)."""
-        with mirroring(self.predictor):
-            return self.predictor.predict_logits_from_preprocessed_data(data)
-
-    def keep_validation_logits(self, key: str, logits: torch.Tensor) -> None:
-        """Keep a validation case's final logits (nnU-Net's float16) for :meth:`validation_logits`."""
-        if self._logits is None:
-            self._logits = tempfile.TemporaryDirectory(prefix="nnunet_ood_fit_")
-        path = os.path.join(self._logits.name, f"{len(self._logit_files)}.npy")
-        np.save(path, logits.cpu().half().numpy())
-        self._logit_files[key] = path
-
-    def validation_logits(self, key: str) -> torch.Tensor:
-        """The final logits of a validation case: those kept by the validation pass, or a new prediction."""
-        if key not in self._logit_files:
-            return self.predict_logits(self.load_case(key))
-        return torch.from_numpy(np.load(self._logit_files[key]))
-
-    def close(self) -> None:
-        """Remove the kept logits."""
-        if self._logits is not None:
-            self._logits.cleanup()
-            self._logits, self._logit_files = None, {}
 
 
 def autoencoder_pass(context: FitContext) -> tuple[Any, dict]:

@@ -42,7 +42,6 @@ from nnunet_ood.fitting.failure_table import FailureTableBuilder
 from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.fitting.passes import (
     EncoderPass,
-    FitContext,
     autoencoder_pass,
     feature_statistics_pass,
     parameter_pass,
@@ -51,10 +50,11 @@ from nnunet_ood.fitting.passes import (
     validation_pass,
 )
 from nnunet_ood.fitting.split import fold_split, preprocessed_folders
+from nnunet_ood.fold_state import FoldOODState, check_fingerprint, load_fold_state, read_manifest, save_fold_state
 from nnunet_ood.folds import Fold, parse_fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
-from nnunet_ood.io.state import FoldOODState, check_fingerprint, load_fold_state, read_manifest, save_fold_state
 from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels, Method, MethodKind
+from nnunet_ood.methods.context import FitContext
 from nnunet_ood.quality.properties import stored_label_manager
 
 #: provenance entries that hold one value per method (merged method by method on a partial refit)

@@ -9,8 +9,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import bottleneck_shape
+from nnunet_ood.fold_state import model_fingerprint
 from nnunet_ood.io.site_calibration import model_identity, score_settings
-from nnunet_ood.io.state import model_fingerprint
 
 
 class ModelIdentity:

@@ -26,6 +26,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODInputError, OODStateError
+from nnunet_ood.fold_state import FoldOODState, load_fold_state, read_manifest
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.inference.case_scorer import CaseScorer
 from nnunet_ood.inference.identity import ModelIdentity
@@ -33,7 +34,6 @@ from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, Recor
 from nnunet_ood.inference.thresholds import decision_rules, fit_setting_notes, fold_calibration, named_calibration
 from nnunet_ood.io.map_dtypes import check_dtype_name, check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import map_file_ending
-from nnunet_ood.io.state import FoldOODState, load_fold_state, read_manifest
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
 from nnunet_ood.quality.decision import DecisionRule
 from nnunet_ood.sliding_window import revert_padding_slicer

@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_FIT_METHODS", "FITTABLE_METHODS", "FIT_COMMAND", "REGISTRY",
 _METHODS: tuple[str, ...] = (
     "nnunet_ood.methods.features:Mahalanobis",
     "nnunet_ood.methods.features:KNN",
-    "nnunet_ood.methods.sd:SegmentationDistortion",
+    "nnunet_ood.methods.sd.method:SegmentationDistortion",
     "nnunet_ood.methods.features:LatentMahalanobis",
     "nnunet_ood.methods.logits:MaxSoftmax",
     "nnunet_ood.methods.logits:Entropy",

@@ -3,7 +3,7 @@
 A method has a name, a kind (where its numbers come from, :class:`MethodKind`), its requirements, an
 optional options dataclass (see :mod:`nnunet_ood.methods.options`) and the computations of its kind.
 The case scorer (:mod:`nnunet_ood.inference.case_scorer`), the fit (:mod:`nnunet_ood.fitting`) and
-the state files (:mod:`nnunet_ood.io.state`) only ever call these; none of them knows a method by name.
+the state files (:mod:`nnunet_ood.fold_state`) only ever call these; none of them knows a method by name.
 
 Method modules are imported to build the command lines before anything heavy is loaded, so they must
 not import torch or nnU-Net at module level: computations import what they need inside the function
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from nnunet_ood.calibration import MethodCalibration
     from nnunet_ood.detectors.base import FeatureDetector
-    from nnunet_ood.fitting.passes import FitContext
     from nnunet_ood.io.site_calibration import SiteCalibration
+    from nnunet_ood.methods.context import FitContext
     from nnunet_ood.quality.decision import DecisionRule
 
 
@@ -70,7 +70,7 @@ def load_object(path: str) -> Any:
 class FoldModels:
     """What the methods of one fold have fitted: feature detectors, the SD autoencoder, parameters.
 
-    The fit builds it step by step; :class:`nnunet_ood.io.state.FoldOODState` adds calibration,
+    The fit builds it step by step; :class:`nnunet_ood.fold_state.FoldOODState` adds calibration,
     fingerprint and provenance. The case scorer reads it, one per fold in use.
     """
 
@@ -192,7 +192,7 @@ class PatchFeatureMethod(Method):
     """
 
     kind = MethodKind.PATCH_FEATURES
-    tap = "nnunet_ood.features:BottleneckTap"
+    tap = "nnunet_ood.methods.base:BottleneckTap"
     feature_source: ClassVar[str]
     detector: ClassVar[str]  # "module:Class" of its FeatureDetector
 
@@ -304,3 +304,23 @@ class TapContext:
     def bottleneck_shape(self) -> tuple[int, ...]:
         """``(C, *spatial)`` of the bottleneck of one patch (a dry run of the encoder, once)."""
         return tuple(self.shape_of_bottleneck())
+
+
+class BottleneckTap(PatchTap):
+    """Keeps the bottleneck activations of the un-mirrored pass of each patch (feature methods)."""
+
+    def __init__(self, context: TapContext) -> None:
+        from nnunet_ood.features import BottleneckCapture
+
+        super().__init__(context)
+        self._capture = BottleneckCapture(context.network)
+        self.bottleneck: Tensor | None = None
+
+    def before_patch(self, fold_index: int) -> None:
+        self._capture.arm()  # the first network call of a patch is nnU-Net's un-mirrored one
+
+    def after_patch(self, x: Tensor, patch_index: int) -> None:
+        self.bottleneck = self._capture.take()
+
+    def remove(self) -> None:
+        self._capture.remove()

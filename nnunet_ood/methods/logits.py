@@ -29,7 +29,7 @@ from nnunet_ood.segmentation import binary_entropy, entropy, max_entropy
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.methods.context import FitContext
 
 
 def _log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:

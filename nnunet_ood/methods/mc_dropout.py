@@ -23,7 +23,7 @@ from nnunet_ood.segmentation import probabilities
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.methods.context import FitContext
 
 
 @dataclass

@@ -26,8 +26,8 @@ from nnunet_ood.methods.options import Range, option
 
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
-    from nnunet_ood.fitting.passes import FitContext
     from nnunet_ood.io.site_calibration import SiteCalibration
+    from nnunet_ood.methods.context import FitContext
     from nnunet_ood.quality.decision import DecisionRule
     from nnunet_ood.quality.risk_control import RiskThreshold
     from nnunet_ood.quality.table import FailureTable

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.evaluation.metrics import average_ranks, spearman  # noqa: F401 (re-exported for the tests)
 from nnunet_ood.quality.grouped_cv import group_kfold
+from nnunet_ood.ranks import average_ranks, spearman  # noqa: F401 (re-exported for the tests)
 
 #: ridge penalties tried, each its own candidate (on standardised features; the penalty adds to X'X)
 RIDGE_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)

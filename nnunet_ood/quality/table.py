@@ -126,7 +126,7 @@ def dice_by_severity_png(table: FailureTable) -> bytes:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from nnunet_ood.evaluation.plots import _png_bytes
+    from nnunet_ood.figures import figure_png
 
     clean = [r["dice"] for r in table.rows if r["corruption"] == CLEAN]
     clean_mean = float(np.mean(clean)) if clean else math.nan
@@ -146,4 +146,4 @@ def dice_by_severity_png(table: FailureTable) -> bytes:
                  "corrupted versions)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
-    return _png_bytes(fig)
+    return figure_png(fig)

@@ -5,7 +5,7 @@ nnU-Net finds trainers outside its own package through ``nnUNet_extTrainer``; po
 so that they stay importable and picklable under their real module name).
 """
 
-from nnunet_ood.cli.trainer_dir import trainer_dir
+from nnunet_ood.ext_trainer import trainer_dir
 from nnunet_ood.trainers.nnUNetTrainerOOD import *  # noqa: F401,F403
 
 EXT_TRAINER_DIR = trainer_dir()

@@ -1,26 +1,21 @@
 """Segmentation Distortion (Lennartz & Schultz 2023, METHODS.md §2): an autoencoder on the bottleneck.
 
-The family: the autoencoder built from the bottleneck's shape (:mod:`.autoencoder`), the hooks that put
-its reconstruction into the U-Net's forward pass (:mod:`.insertion`) and its training through the
-frozen network (:mod:`.training`). ``sd`` is the distortion the reconstruction causes in the softmax
-output; ``latent_mahalanobis`` (:mod:`nnunet_ood.methods.features`) scores the AE's latent vectors.
-Both share one autoencoder per fold, trained once with :class:`SDTrainingConfig`.
+The family: the options of its training and inference (here), the method (:mod:`.method`), the autoencoder
+built from the bottleneck's shape (:mod:`.autoencoder`), the hooks that put its reconstruction into the U-Net's
+forward pass (:mod:`.insertion`) and its training through the frozen network (:mod:`.training`); the modules
+import the options from here, this package imports none of them. ``sd`` is the distortion the reconstruction
+causes in the softmax output; ``latent_mahalanobis`` (:mod:`nnunet_ood.methods.features`) scores the AE's latent
+vectors. Both share one autoencoder per fold, trained once with :class:`SDTrainingConfig`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 from nnunet_ood.errors import OODInputError
-from nnunet_ood.methods.base import NON_NEGATIVE, FoldModels, PatchMapMethod, Requirements
 from nnunet_ood.methods.options import Range, option
-
-if TYPE_CHECKING:
-    from torch import Tensor
-
-    from nnunet_ood.fitting.passes import FitContext
 
 #: dense bottleneck size: the paper uses 64 (brain, CC-359) and 128 (heart, M&Ms)
 DEFAULT_LATENT_DIM = 128
@@ -97,38 +92,3 @@ class SDPredictConfig:
     batched_decoder: bool = option(False, "--sd_batched_decoder", "sd: run the decoder once on [x; r(x)] instead "
                                    "of twice (faster on a GPU; the logits then equal stock nnU-Net's only up to "
                                    "float rounding, so a voxel at an exact tie may differ)", type=bool)
-
-
-class SegmentationDistortion(PatchMapMethod):
-    name = "sd"
-    score_range = NON_NEGATIVE  # a squared difference of probabilities
-    summary = ("how much the autoencoder's reconstruction of the bottleneck changes the softmax output, per voxel "
-               "(Segmentation Distortion, Lennartz & Schultz)")
-    requires = Requirements(autoencoder=True)
-    config = SDTrainingConfig
-    predict_config = SDPredictConfig
-    tap = "nnunet_ood.methods.sd.insertion:AutoencoderTap"
-
-    def patch_map(self, tap: Any) -> Tensor:
-        return tap.distortion
-
-    def state_entry(self, models: FoldModels, folder: str) -> dict[str, Any]:
-        from nnunet_ood.methods.sd.autoencoder import AE_STATE_NAME
-
-        return {"file": f"{AE_STATE_NAME}.safetensors", "class": type(models.autoencoder).__name__,
-                "config": models.autoencoder.config}
-
-    def load_state(self, entry: Any, folder: str, models: FoldModels, device: Any) -> None:
-        """Nothing of its own: the autoencoder is loaded once for every method that requires it."""
-
-    def fit_report(self, context: FitContext, models: FoldModels) -> dict[str, Any]:
-        """Dice between the validation cases' segmentations with and without the AE (should be close to 1)."""
-        from nnunet_ood.methods.sd.training import autoencoder_agreement
-
-        agreement = {key: autoencoder_agreement(context.predictor, context.load_case(key), models.autoencoder,
-                                                context.options.batch_size) for key in context.val_keys}
-        values = list(agreement.values())
-        context.log(f"sd: Dice between the segmentations of the {len(values)} validation cases with and without the "
-                    f"autoencoder: mean {sum(values) / len(values):.4f}, min {min(values):.4f} (the method assumes "
-                    "this is close to 1)")
-        return {"sd_val_dice_with_without_ae": agreement}

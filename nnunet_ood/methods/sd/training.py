@@ -38,7 +38,7 @@ from nnunet_ood.segmentation import dice
 from nnunet_ood.sliding_window import autocast, pad_and_layout, window_batches
 
 if TYPE_CHECKING:
-    from nnunet_ood.fitting.passes import FitContext
+    from nnunet_ood.methods.context import FitContext
 
 __all__ = ["agreement_warning", "autoencoder_agreement", "distortion_loss", "patch_batches", "segmentation_agreement",
            "train_autoencoder", "train_fold_autoencoder", "trainer_augmented_batches", "trainer_training_transforms"]

@@ -12,8 +12,10 @@ Manifest (``ood_state.json``)::
      "methods": {name: {"file": str | null, "class": str, "config": {...}, "calibration": {...}}, ...},
      "provenance": {...}}
 
-Each method writes and reads its own entry (:meth:`nnunet_ood.methods.base.Method.state_entry`); the
-SD autoencoder, shared by the methods that require it, is ``sd_autoencoder.safetensors``.
+Each method writes and reads its own entry (:meth:`nnunet_ood.methods.base.Method.state_entry`); what several
+methods share (the SD autoencoder, ``sd_autoencoder.safetensors``) is written and read by
+:mod:`nnunet_ood.methods.shared`.
+This module needs the registry, so it sits above the methods (and below the fit and the predictor that use it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODError, OODStateError
 from nnunet_ood.io.json_files import read_json
 from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels
+from nnunet_ood.methods.shared import load_shared_models, save_shared_models
 
 OOD_DIRNAME = "ood"
 MANIFEST_NAME = "ood_state.json"
@@ -131,8 +134,7 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
             "methods": {},
             "provenance": state.provenance,
         }
-        if state.autoencoder is not None:
-            state.autoencoder.save(tmp, state.provenance.get("sd_training"))
+        save_shared_models(state, tmp, state.provenance)
         for name, calibration in state.calibration.items():
             entry = REGISTRY.get(name).state_entry(state, tmp)
             manifest["methods"][name] = {**entry, "calibration": calibration.to_json()}
@@ -208,10 +210,7 @@ def load_fold_state(fold_dir: str, expected_fingerprint: Mapping[str, Any] | Non
     folder = fold_ood_dir(fold_dir)
     state = FoldOODState(fingerprint=manifest["fingerprint"], provenance=manifest["provenance"])
     used = [REGISTRY.get(name) for name in wanted]
-    if any(m.requires.autoencoder for m in used):
-        from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
-
-        state.autoencoder = BottleneckAutoencoder.load(folder, device)
+    load_shared_models(state, folder, used, device)
     for method in used:
         try:
             method.load_state(available[method.name], folder, state, device)
