@@ -6,13 +6,11 @@ arguments first, so a wrong flag is reported at once.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from nnunet_ood.errors import OODError, OODInputError
+from nnunet_ood.errors import OODError, OODInputError, one_line_errors  # noqa: F401 (the commands import it here)
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -68,15 +66,3 @@ def locate_model_folder(dataset: str, trainer: str, plans: str, configuration: s
     return model_folder
 
 
-def one_line_errors(main: F) -> F:
-    """Run a CLI main so that bad input ends with ``error: <one line>`` on stderr and exit status 2."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except OODError as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_ood.cli.common import one_line_errors
 from nnunet_ood.demo.progress import ProgressRelay, run_logged
+from nnunet_ood.errors import one_line_errors
 from nnunet_ood.methods.options import Range
 
 #: the demo's sizes: nnU-Net's 5-fold split needs 5 training cases; beyond 1000 the demo is no longer a demo

@@ -15,7 +15,7 @@ from typing import Any
 
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.io.site_calibration import CALIBRATE_COMMAND, SiteCalibration, load_site_calibration, score_settings
-from nnunet_ood.methods import Method, MethodKind
+from nnunet_ood.methods import REGISTRY, Method, MethodKind
 from nnunet_ood.quality.decision import DecisionRule
 
 #: the settings of the fit's calibration passes
@@ -52,11 +52,20 @@ def fit_setting_notes(methods: Sequence[Method], settings: Mapping[str, Any], n_
     return notes
 
 
+def calibration_limits(method: str) -> dict[str, Any]:
+    """What a stored calibration of ``method`` may hold: its scores' range and special thresholds (an unknown
+    method, e.g. from a newer plugin: anything)."""
+    if method not in REGISTRY:
+        return {}
+    known = REGISTRY.get(method)
+    return {"score_range": known.score_range, "special_thresholds": known.special_thresholds}
+
+
 def named_calibration(model_folder: str, name: str, methods: Sequence[Method], model: Mapping[str, Any],
                       settings: Mapping[str, Any]) -> tuple[dict[str, MethodCalibration], list[str], SiteCalibration]:
     """The calibration ``name`` for the methods it covers, checked against the model; notes for the user; the
     calibration itself."""
-    site = load_site_calibration(model_folder, name)
+    site = load_site_calibration(model_folder, name, calibration_limits)
     site.check_model(model)
     notes = []
     differences = site.setting_differences(settings)

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +127,10 @@ def _bad(path: str, what: str) -> OODStateError:
     return OODStateError(f"corrupted calibration {path} ({what}); re-run {CALIBRATE_COMMAND}")
 
 
-def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
-    """Read and check a named calibration; one-line errors for a missing name or a malformed file."""
+def load_site_calibration(model_folder: str, name: str,
+                          limits: Callable[[str], Mapping[str, Any]] | None = None) -> SiteCalibration:
+    """Read and check a named calibration; one-line errors for a missing name or a malformed file. ``limits``: per
+    method, what its stored values may be (see :func:`_method_calibration`)."""
     path = calibration_path(model_folder, name)
     if os.path.islink(path) and not os.path.exists(path):  # said "no calibration named NAME (known: none)"
         raise _bad(path, f"a dangling symbolic link to {os.readlink(path)}")
@@ -146,7 +148,8 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
     if not 0 < document["false_alarm_rate"] < 1:  # NaN and 1e308 too
         raise _bad(path, f"false_alarm_rate = {document['false_alarm_rate']!r} is not in (0, 1)")
     fix = f"re-run {CALIBRATE_COMMAND} --name {name}"
-    calibration = {m: _method_calibration(m, c, f"{m} in {path}", fix) for m, c in document["calibration"].items()}
+    calibration = {m: _method_calibration(m, c, f"{m} in {path}", fix, limits)
+                   for m, c in document["calibration"].items()}
     case_scores = {m: {k: _case_score(v, f"case_scores of {m}", path) for k, v in s.items()}
                    for m, s in document["case_scores"].items() if isinstance(s, dict)}
     labelled = document.get("labelled", {})
@@ -157,15 +160,11 @@ def load_site_calibration(model_folder: str, name: str) -> SiteCalibration:
                            labelled)
 
 
-def _method_calibration(method: str, entry: Any, where: str, fix: str) -> MethodCalibration:
-    """A method's entry, checked against what its scores can be (an unknown method: any value)."""
-    from nnunet_ood.methods import REGISTRY
-
-    known = REGISTRY[method] if method in REGISTRY else None
-    if known is None:
-        return MethodCalibration.from_json(entry, where, fix)
-    return MethodCalibration.from_json(entry, where, fix, score_range=known.score_range,
-                                       special_thresholds=known.special_thresholds)
+def _method_calibration(method: str, entry: Any, where: str, fix: str,
+                        limits: Callable[[str], Mapping[str, Any]] | None) -> MethodCalibration:
+    """A method's entry, checked against what its scores can be (``limits(method)``: the keyword arguments of
+    :meth:`MethodCalibration.from_json` for it, from the method registry above this layer; None: any value)."""
+    return MethodCalibration.from_json(entry, where, fix, **(limits(method) if limits is not None else {}))
 
 
 def _case_score(value: Any, what: str, path: str) -> float:
