@@ -107,13 +107,10 @@ def write_test_case(folder: Path, size: str) -> Path:
 # ---------------------------------------------------------------------------------------------- model
 def environment(work: Path) -> dict[str, str]:
     """nnU-Net's folders under ``work`` (also set in this process); returns the environment for children."""
-    from nnunet_ood.ext_trainer import trainer_dir
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_fit import use_work_folder
 
-    env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
-               nnUNet_def_n_proc="1")
-    os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
-    return env
+    return use_work_folder(work)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
