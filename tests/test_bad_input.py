@@ -311,6 +311,43 @@ def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name, damage, needle", [
+    ("plans.json", lambda p: p["configurations"].update(other=p["configurations"].pop("2d")), "no configuration '2d'"),
+    ("plans.json", lambda p: p["configurations"]["2d"].update(patch_size="16x16"), "patch_size = '16x16'"),
+    ("plans.json", lambda p: p["configurations"]["2d"].pop("spacing"), "has no 'spacing'"),
+    ("plans.json", None, "cannot read"),
+    ("dataset.json", lambda d: d.pop("labels"), "'labels' is missing"),
+    ("dataset.json", lambda d: d.pop("file_ending"), "'file_ending' is missing"),
+    ("dataset.json", lambda d: d.pop("channel_names"), "'channel_names' is missing"),
+])
+def test_damaged_model_files_stop_every_command_in_one_line(tiny_project, test_images, tmp_path, fails_with,
+                                                            predict_argv, scratch_model, name, damage, needle):
+    """A damaged plans.json or dataset.json of the model gave nnU-Net's tracebacks (KeyError, TypeError,
+    JSONDecodeError, "configuration not found"); a missing 'spacing' left a half-written output folder, a missing
+    channel_names said "the model expects 0 input channel(s)". Now one line naming the file and the fix, before
+    anything is written, in nnUNetv2_predict_ood, nnUNetv2_fit_ood and the Python API."""
+    import torch
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    path = scratch_model / name
+    if damage is None:
+        path.write_text(path.read_text()[:100])
+    else:
+        content = json.loads(path.read_text())
+        damage(content)
+        path.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    fails_with(predict_entry.main, predict_argv(test_images, out, "nnUNetTrainerOOD_5epochs"), name, needle,
+               "restore it")
+    assert not out.exists()
+    fails_with(fit.main, ["-d", str(tiny_project.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerOOD_5epochs",
+                          "-device", "cpu"], name, needle)
+    with pytest.raises(OODInputError, match=f"{name} is damaged|cannot read .*{name}"):  # the API: the configuration
+        nnUNetOODPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(scratch_model), [0])
+
+
 def copy_test_labels(tiny_project, folder: Path) -> Path:
     """A writable copy of every test domain's reference segmentations in one folder."""
     folder.mkdir()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -485,3 +486,94 @@ def test_the_row_count_is_recorded_and_read_back(tmp_path):
     assert _recorded_rows({"risk_threshold": "x"}, "m") is None
     with pytest.raises(OODStateError, match="quality entry in m: table_rows = -3 is not a positive integer"):
         _recorded_rows({TABLE_ROWS: -3}, "m")
+
+
+# ------------------------------------------------------------------ issue 22 leftovers: plans.json and dataset.json
+def _plans() -> dict:
+    """A 2d configuration's plans as nnU-Net writes them (the entries nnU-Net and the plugin read)."""
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    return {"dataset_name": "Dataset501_OODDemo", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "foreground_intensity_properties_per_channel": {"0": {"mean": 0.0}},
+            "configurations": {"2d": {
+                "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 3,
+                "patch_size": [64, 64], "spacing": [0.7, 0.8], "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": resampling, "resampling_fn_seg_kwargs": resampling,
+                "resampling_fn_probabilities_kwargs": resampling,
+                "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
+                    "n_stages": 5, "strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]}}},
+                "2d_bs8": {"inherits_from": "2d", "batch_size": 8}}}
+
+
+DATASET = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
+           "file_ending": ".nii.gz"}
+
+
+def _without(key: str) -> Callable[[dict], None]:
+    return lambda d: d.pop(key)
+
+
+def _in_2d(change: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda plans: change(plans["configurations"]["2d"])
+
+
+@pytest.mark.parametrize("name, damage, needle", [
+    ("plans.json", "{\"configurations\": {\"2d\"", "cannot read .*plans.json \\(Expecting"),
+    ("plans.json", lambda p: p["configurations"].pop("2d"), "no configuration '2d'"),
+    ("plans.json", _without("configurations"), "'configurations' is missing"),
+    ("plans.json", _in_2d(lambda c: c.update(patch_size="64x64")), "patch_size = '64x64' is not a list"),
+    ("plans.json", _in_2d(lambda c: c.update(patch_size=[64.5, 64])), "patch_size = \\[64.5, 64\\] is not"),
+    ("plans.json", _in_2d(_without("spacing")), "configuration '2d' has no 'spacing'"),
+    ("plans.json", _in_2d(lambda c: c.update(spacing=[0.7])), "spacing = \\[0.7\\] is not a list of 2 positive"),
+    ("plans.json", _in_2d(_without("architecture")), "has no 'architecture'"),
+    ("plans.json", _without("image_reader_writer"), "'image_reader_writer' is missing"),
+    ("plans.json", _without("transpose_forward"), "'transpose_forward' is missing or not a permutation"),
+    ("plans.json", _in_2d(lambda c: c.update(inherits_from="3d")), "'2d' inherits from '3d', which is missing"),
+    ("dataset.json", "[1, 2", "cannot read .*dataset.json"),
+    ("dataset.json", _without("labels"), "'labels' is missing"),
+    ("dataset.json", lambda d: d["labels"].update(organ="one"), "label 'organ' = 'one' is not a label value"),
+    ("dataset.json", _without("channel_names"), "'channel_names' is missing"),
+    ("dataset.json", _without("file_ending"), "'file_ending' is missing"),
+    ("dataset.json", lambda d: d.update(file_ending=3), "'file_ending' is missing or not a file ending"),
+])
+def test_damaged_plans_and_dataset_json_are_named_in_one_line(tmp_path, name, damage, needle):
+    """nnU-Net read them key by key: a JSONDecodeError, KeyError, TypeError or RuntimeError traceback in the input
+    checks or the model loading (a missing 'spacing' after the output folder was written). Now one line naming the
+    file, the entry and the fix, before anything is loaded or written."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.io.model_files import read_model_files
+
+    files = {"plans.json": _plans(), "dataset.json": json.loads(json.dumps(DATASET))}
+    read_model_files(str(_write_model(tmp_path, files)), "2d")
+    if isinstance(damage, str):
+        (tmp_path / name).write_text(damage)
+    else:
+        damage(files[name])
+        _write_model(tmp_path, files)
+    with pytest.raises(OODInputError, match=f"{needle}.*restore it") as info:
+        read_model_files(str(tmp_path), "2d")
+    assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def _write_model(folder, files: dict) -> object:
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+def test_every_configuration_is_checked_when_the_configuration_is_not_known(tmp_path):
+    """The Python API learns the configuration from the checkpoint, after nnU-Net has read the plans: every
+    configuration is checked then (one inheriting from another included)."""
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.io.model_files import read_model_files
+
+    plans = _plans()
+    plans["configurations"]["3d_fullres"] = {**plans["configurations"]["2d"], "patch_size": None}
+    _write_model(tmp_path, {"plans.json": plans, "dataset.json": DATASET})
+    read_model_files(str(tmp_path), "2d")  # the CLI names its configuration
+    with pytest.raises(OODInputError, match="configuration '3d_fullres': patch_size = None"):
+        read_model_files(str(tmp_path))
+

@@ -7,6 +7,7 @@ import os
 
 from nnunet_ood.cli.common import DEVICE_HELP, check_device_name, locate_model_folder, one_line_errors
 from nnunet_ood.io.inputs import check_checkpoint
+from nnunet_ood.io.model_files import read_model_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     add_trainer_path()
     options = dataclasses.replace(options, device=resolve_device(args.device))
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
+    read_model_files(model_folder, args.c)  # damaged plans.json/dataset.json: one line before anything loads
     for fold in folds:  # every checkpoint before the first fold's fit
         check_checkpoint(os.path.join(model_folder, f"fold_{fold}", args.chk))
     for fold in folds:

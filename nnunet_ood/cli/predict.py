@@ -27,6 +27,7 @@ from nnunet_ood.io.inputs import (
     input_cases,
 )
 from nnunet_ood.io.map_dtypes import MAP_DTYPES
+from nnunet_ood.io.model_files import read_model_files
 from nnunet_ood.io.site_calibration import check_name
 from nnunet_ood.methods import REGISTRY
 from nnunet_ood.reports.ranking import check_report_arguments, check_report_method
@@ -163,14 +164,14 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[t
                             save_ood_maps: bool | list[str]) -> str:
     """The model's folds, the input images and output folder of each (input, output) pair; returns the model
     folder."""
-    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join
 
     model_folder = locate_model_folder(args.d, args.tr, args.p, args.c)
     for fold in folds:
         if not isfile(join(model_folder, f"fold_{fold}", args.chk)):
             raise OODInputError(f"fold {fold} has no {args.chk} in {model_folder}; choose folds with -f")
         check_checkpoint(join(model_folder, f"fold_{fold}", args.chk))
-    dataset_json, plans = load_json(join(model_folder, "dataset.json")), load_json(join(model_folder, "plans.json"))
+    dataset_json, plans = read_model_files(model_folder, args.c)  # checked: one-line errors for damaged files
     check_step_size(args.step_size, plans, args.c)
     num_channels = count_channels(dataset_json)
     for input_folder, output in pairs:

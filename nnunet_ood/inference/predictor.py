@@ -34,6 +34,7 @@ from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, Recor
 from nnunet_ood.inference.thresholds import decision_rules, fit_setting_notes, fold_calibration, named_calibration
 from nnunet_ood.io.map_dtypes import check_dtype_name, check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import map_file_ending
+from nnunet_ood.io.model_files import RESTORE, read_model_files
 from nnunet_ood.methods import REGISTRY, FoldModels, Method, TapContext
 from nnunet_ood.quality.decision import DecisionRule
 from nnunet_ood.sliding_window import revert_padding_slicer
@@ -95,9 +96,13 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         if use_folds is None:
             use_folds = nnUNetPredictor.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         self.use_folds = parse_folds(use_folds)
+        read_model_files(model_training_output_dir)  # a damaged plans.json or dataset.json: one line, no traceback
         try:
             super().initialize_from_trained_model_folder(model_training_output_dir, self.use_folds, checkpoint_name)
         except RuntimeError as e:
+            if "not found in plans" in str(e):  # the checkpoint's configuration is missing (the others were checked)
+                raise OODInputError(f"{join(model_training_output_dir, 'plans.json')} is damaged: "
+                                    f"{' '.join(str(e).split())}; {RESTORE['plans.json']}") from None
             if "Could not find requested nnunet trainer" not in str(e):
                 raise
             raise OODInputError(f"nnU-Net cannot find the trainer class of {model_training_output_dir}; put the "
