@@ -226,6 +226,7 @@ class Quality(DerivedMethod):
 
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
         from nnunet_ood.quality.model import QualityModel
+        from nnunet_ood.quality.risk_control import RiskThreshold
         from nnunet_ood.quality.table import CSV_NAME, check_table_complete
 
         config = entry.get("config")
@@ -233,10 +234,12 @@ class Quality(DerivedMethod):
                 any(k not in config for k in ("inputs", "features", "label_setup", "reference_volumes",
                                               "risk_threshold")):
             raise OODStateError(f"the quality entry in {folder} lacks its model file or parameters")
+        manifest = os.path.join(folder, "ood_state.json")
         for key, allowed in STORED_RULE.items():  # unusual_level 1e308 sent every case to review, silently
             if config.get(key) is not None and not allowed.contains(config[key]):
-                raise OODStateError(f"corrupted quality entry in {os.path.join(folder, 'ood_state.json')}: {key} = "
-                                    f"{config[key]!r} is not {allowed}; re-fit with nnUNetv2_fit_ood")
+                raise OODStateError(f"corrupted quality entry in {manifest}: {key} = {config[key]!r} is not "
+                                    f"{allowed}; re-fit with nnUNetv2_fit_ood")
+        RiskThreshold.from_json(config["risk_threshold"], manifest)  # checked here too: where it is used, no file
         model = QualityModel.load(os.path.join(folder, MODEL_FILE))
         if list(model.feature_names) != list(config["features"]):
             raise OODStateError(f"the quality model in {folder} reads other features than its manifest names")
