@@ -287,6 +287,7 @@ def _write_image(path: Path, array: np.ndarray, spacing=None, sform=None) -> Non
     ("shear", ("case bad_000", "orthonormal")),
     ("channels4d", ("bad_000_0000.nii.gz", "4D image of size (32, 32, 1, 2)", "one image per channel")),
     ("rgb", ("bad_000_0000.nii.gz", "3 values per voxel", "grey-value")),
+    ("one_voxel", ("bad_000_0000.nii.gz", "is 1 x 1 voxels", "less than one bottleneck voxel", "4 x 4")),
 ])
 def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, fails_with, predict_argv, kind,
                                                         needles):
@@ -298,16 +299,50 @@ def test_inputs_nnunet_cannot_read_are_refused_up_front(tiny_project, tmp_path, 
         bad.write_bytes(b"")
     elif kind == "spacing":
         _write_image(bad, np.ones((32, 32)), spacing=(100.0, 0.001))
-    elif kind == "channels4d":  # IndexError inside nnU-Net ("Background workers died"), a lock and empty tables
-        nib.save(nib.Nifti1Image(np.ones((32, 32, 1, 2), np.float32), np.eye(4)), str(bad))
-    elif kind == "rgb":
-        rgb = np.zeros((32, 32, 1), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
-        nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(bad))
+    elif kind in ("channels4d", "rgb"):  # IndexError inside nnU-Net ("Background workers died"), a lock, empty tables
+        _write_unreadable(bad, kind)
+    elif kind == "one_voxel":  # predicted as padding: flagged by the feature methods, accepted by quality
+        _write_image(bad, np.ones((1, 1)), spacing=(1.0, 1.0))
     else:
         _write_image(bad, np.ones((32, 32)), sform=np.array([[1, 0.6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
                                                              [0, 0, 0, 1.0]]))
     out = tmp_path / "out"
     fails_with(predict_entry.main, predict_argv(inp, out), *needles)
+    assert not out.exists()
+
+
+def _write_unreadable(path: Path, kind: str) -> None:
+    """An image nnU-Net's readers cannot take as one channel: a 4D file with two channels, or an RGB image."""
+    if kind == "channels4d":
+        nib.save(nib.Nifti1Image(np.ones((32, 32, 1, 2), np.float32), np.eye(4)), str(path))
+    else:
+        rgb = np.zeros((32, 32, 1), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+
+
+@pytest.mark.parametrize("kind, needle", [("channels4d", "4D image of size \\(32, 32, 1, 2\\)"),
+                                          ("rgb", "3 values per voxel")])
+def test_the_python_api_checks_its_input_images_too(tiny_project, tmp_path, kind, needle):
+    """predict_from_files(_sequential) of nnUNetOODPredictor skipped the command line's input checks: a 4D or RGB
+    file failed inside nnU-Net (an IndexError, or "Background workers died" with workers), after the output
+    folder was made. Now the same one-line error, for a folder and for nnU-Net's list of lists, before anything is
+    written."""
+    import torch
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.inference.predictor import nnUNetOODPredictor
+
+    inp = _one_case_folder(tiny_project, tmp_path / "input", ["good_000"])
+    bad = inp / "bad_000_0000.nii.gz"
+    _write_unreadable(bad, kind)
+    predictor = nnUNetOODPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(tiny_project.model(OOD_TRAINER)), [0])
+    out = tmp_path / "out"
+    with pytest.raises(OODInputError, match=f"bad_000_0000.nii.gz of case bad_000 .*{needle}"):
+        predictor.predict_from_files_sequential(str(inp), str(out))
+    with pytest.raises(OODInputError, match=needle):
+        predictor.predict_from_files([[str(inp / "good_000_0000.nii.gz")], [str(bad)]], str(out),
+                                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
     assert not out.exists()
 
 

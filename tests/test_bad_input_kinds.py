@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from nnunet_ood.calibration import MethodCalibration
@@ -577,3 +578,29 @@ def test_every_configuration_is_checked_when_the_configuration_is_not_known(tmp_
     with pytest.raises(OODInputError, match="configuration '3d_fullres': patch_size = None"):
         read_model_files(str(tmp_path))
 
+
+# ------------------------------------------------------------------ issue 22 leftovers: a 1 x 1 image
+@pytest.mark.parametrize("size, refused", [((1, 1), True), ((15, 15), True), ((15, 64), False), ((16, 16), False),
+                                           ((64, 64), False)])
+def test_an_image_inside_one_bottleneck_voxel_is_refused(tmp_path, size, refused):
+    """A 1 x 1 image was predicted (padded to the patch), flagged by the feature methods and accepted by quality;
+    an image that at the model's spacing fits inside one bottleneck voxel (here 16 x 16) is refused now. Larger
+    images, also smaller than the 64 x 64 patch, are padded and predicted as nnU-Net always did."""
+    import SimpleITK as sitk
+
+    from nnunet_ood.errors import OODInputError
+    from nnunet_ood.io.inputs import bottleneck_voxels, check_images_for_model
+
+    plans = _plans()
+    assert bottleneck_voxels(plans, "2d") == [16, 16] == bottleneck_voxels(plans, "2d_bs8")
+    image = sitk.GetImageFromArray(np.ones(size, np.float32))
+    image.SetSpacing((0.8, 0.7))  # x, y: the model's spacing
+    sitk.WriteImage(image, str(tmp_path / "tiny_0000.nii.gz"))
+    cases = {"tiny": [str(tmp_path / "tiny_0000.nii.gz")]}
+    if not refused:
+        check_images_for_model(cases, plans, "2d", 1)
+        return
+    shown = f"{size[1]} x {size[0]} voxels"  # SimpleITK's x, y
+    with pytest.raises(OODInputError, match=f"tiny_0000.nii.gz of case tiny is {shown}, .* less than one bottleneck "
+                                            r"voxel of the network \(16 x 16\)"):
+        check_images_for_model(cases, plans, "2d", 1)

@@ -18,11 +18,10 @@ from nnunet_ood.errors import OODError, OODInputError
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.io.inputs import (
     check_checkpoint,
-    check_image_headers,
+    check_images_for_model,
     check_map_collisions,
     check_output_folder,
     check_step_size,
-    configuration_spacing,
     count_channels,
     input_cases,
 )
@@ -180,8 +179,7 @@ def check_model_and_folders(args: argparse.Namespace, folds: list, pairs: list[t
             check_output_folder(output, input_folder)
         if save_ood_maps:
             check_map_collisions(cases, REGISTRY.names if save_ood_maps is True else save_ood_maps)
-        check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, args.c),
-                            plans.get("transpose_forward", [0, 1, 2]), num_channels)
+        check_images_for_model(cases, plans, args.c, num_channels)
     return model_folder
 
 

@@ -235,6 +235,19 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         return logits
 
     # ------------------------------------------------------------------ running over files
+    def check_input_files(self, list_of_lists_or_source_folder: str | Sequence[Sequence[str]]) -> None:
+        """The checks ``nnUNetv2_predict_ood`` runs on its input before loading the model (:mod:`nnunet_ood.io.inputs`),
+        for callers of the Python API: a folder's naming and channels (or one file per channel in each list), and
+        every header (one scalar value per voxel: no 4D, RGB or vector image; a spacing nnU-Net can resample; at
+        least one bottleneck voxel). Without them a 4D or RGB file failed inside nnU-Net's workers."""
+        from nnunet_ood.io.inputs import check_images_for_model, count_channels, input_cases, input_lists
+
+        ending, channels = self.dataset_json["file_ending"], count_channels(self.dataset_json)
+        cases = input_cases(list_of_lists_or_source_folder, ending, channels) \
+            if isinstance(list_of_lists_or_source_folder, str) else \
+            input_lists(list_of_lists_or_source_folder, ending, channels)
+        check_images_for_model(cases, self.plans_manager.plans, self.configuration_name, channels)
+
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder,
                                        output_folder_or_list_of_truncated_output_files,
                                        folder_with_segs_from_prev_stage: str = None, overwrite: bool = True,
@@ -252,6 +265,7 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
                            num_processes_preprocessing: int = default_num_processes,
                            num_processes_segmentation_export: int = default_num_processes,
                            folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
+        self.check_input_files(list_of_lists_or_source_folder)  # before anything is written
         if self.ood_enabled:
             self.outputs.begin_run(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
         try:
@@ -286,6 +300,7 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
                                       output_folder_or_list_of_truncated_output_files,
                                       save_probabilities: bool = False, overwrite: bool = True,
                                       folder_with_segs_from_prev_stage: str = None):
+        self.check_input_files(list_of_lists_or_source_folder)  # before anything is written
         if not self.ood_enabled:
             return super().predict_from_files_sequential(list_of_lists_or_source_folder,
                                                          output_folder_or_list_of_truncated_output_files,

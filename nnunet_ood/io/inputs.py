@@ -7,10 +7,15 @@ fix, raised before anything is written:
   channels, every entry a file (no dangling symbolic link, no link loop);
 * every image header: readable as an image, one scalar value per voxel (no RGB/vector pixel type), a
   dimension the reader reads as one channel (no 4D file with extra channels), a direction nnU-Net's readers
-  accept, a spacing that nnU-Net's resampling to the model's spacing does not shrink to zero voxels;
+  accept, a spacing that nnU-Net's resampling to the model's spacing does not shrink to zero voxels, and, at the
+  model's spacing, at least one bottleneck voxel of the network (a 1 x 1 image is refused; a larger image
+  smaller than the patch is padded by nnU-Net, as always);
 * every checkpoint: a complete PyTorch file (not truncated, not some other file);
 * the output folder: not a file, not the input folder, writable;
 * map files that would overwrite another case's outputs (``foo`` and ``foo_ood_mahalanobis``).
+
+The command lines run them before loading the model; ``nnUNetOODPredictor.check_input_files`` runs the input
+checks for callers of the Python API (a folder or nnU-Net's list of lists, :func:`input_lists`).
 """
 
 from __future__ import annotations
@@ -78,6 +83,24 @@ def input_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, l
     return {case: [os.path.join(folder, f) for f in sorted(channel_files)] for case, channel_files in files.items()}
 
 
+def input_lists(lists: Sequence[Sequence[str]], file_ending: str, num_channels: int) -> dict[str, list[str]]:
+    """``{case: [channel files]}`` of nnU-Net's list-of-lists input (one list of channel files per case, what the
+    Python API takes instead of a folder): every entry a readable file, one file per channel of the model."""
+    cases: dict[str, list[str]] = {}
+    for files in lists:
+        files = [files] if isinstance(files, str) else list(files)
+        for path in files:
+            check_input_entry(path)
+        name = os.path.basename(files[0]) if files else "(an empty list)"
+        case = name[:-len(file_ending) - 5] if name.endswith(file_ending) and len(name) > len(file_ending) + 5 \
+            else name
+        if len(files) != num_channels:
+            raise OODInputError(f"case {case} is given {len(files)} file(s) but the model expects {num_channels} input "
+                                "channel(s); give one file per channel")
+        cases[case if case not in cases else files[0]] = files
+    return cases
+
+
 def _configuration_value(plans: Mapping[str, Any], configuration: str, key: str) -> Any:
     """``key`` of a configuration in the plans (following ``inherits_from``), or None."""
     configurations = plans.get("configurations", {})
@@ -95,6 +118,24 @@ def configuration_spacing(plans: Mapping[str, Any], configuration: str) -> list[
     """The target spacing of a configuration in the plans (following ``inherits_from``), or None."""
     spacing = _configuration_value(plans, configuration, "spacing")
     return None if spacing is None else [float(s) for s in spacing]
+
+
+def bottleneck_voxels(plans: Mapping[str, Any], configuration: str) -> list[int] | None:
+    """Voxels of the resampled image that one bottleneck voxel covers, per axis of the network: the product of the
+    encoder's strides (``architecture.arch_kwargs.strides``; ``pool_op_kernel_sizes`` in plans of nnU-Net before
+    2.4); None when the plans do not say."""
+    architecture = _configuration_value(plans, configuration, "architecture")
+    kwargs = architecture.get("arch_kwargs") if isinstance(architecture, dict) else None
+    strides = kwargs.get("strides") if isinstance(kwargs, dict) else None
+    strides = strides or _configuration_value(plans, configuration, "pool_op_kernel_sizes")
+    patch = _configuration_value(plans, configuration, "patch_size")
+    if not isinstance(strides, list) or not isinstance(patch, list):
+        return None
+    total = [1] * len(patch)
+    for stage in strides:
+        stage = stage if isinstance(stage, list) else [stage] * len(patch)  # an int strides every axis alike
+        total = [t * int(s) for t, s in zip(total, stage)]
+    return total
 
 
 def check_step_size(step_size: float, plans: Mapping[str, Any], configuration: str) -> None:
@@ -183,10 +224,12 @@ def check_image_layout(path: str, case: str, header: ImageHeader, dimensions: Se
 
 def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
                         target_spacing: Sequence[float] | None, transpose_forward: Sequence[int],
-                        num_channels: int = 1) -> None:
+                        num_channels: int = 1, bottleneck: Sequence[int] | None = None) -> None:
     """Read every image's header with (the header part of) the model's reader: it must be an image that
     nnU-Net can read and resample, with one scalar channel per file. ``reader``: the plans'
-    ``image_reader_writer`` (None: SimpleITK)."""
+    ``image_reader_writer`` (None: SimpleITK). ``bottleneck``: the voxels one bottleneck voxel covers per axis of
+    the network (:func:`bottleneck_voxels`); an image that fits inside one of them at the model's spacing is
+    refused (:func:`check_image_size`)."""
     read_header = HEADER_READERS.get(reader or "SimpleITKIO")
     for case, files in cases.items():
         for path in files:
@@ -210,6 +253,33 @@ def check_image_headers(cases: Mapping[str, Sequence[str]], reader: str | None,
                     raise OODInputError(f"case {case}: spacing {tuple(round(s, 6) for s in spacing)} and size "
                                         f"{tuple(size)} resample to {shape} voxels at the model's spacing "
                                         f"{tuple(target_spacing)}; fix the image header's spacing")
+                check_image_size(path, case, tuple(size), shape, bottleneck)
+
+
+def check_image_size(path: str, case: str, size: Sequence[int], shape: Sequence[int],
+                     bottleneck: Sequence[int] | None) -> None:
+    """An image that, resampled to the model's spacing (``shape``, nnU-Net's axis order), lies inside one bottleneck
+    voxel along every axis the network downsamples is refused: nnU-Net pads it to a patch, the segmentation is
+    of the padding and every OOD score describes the padding (a 1 x 1 image was predicted as background, flagged
+    by the feature methods and *accepted* by quality). Such an image is a mistake (a thumbnail, a one-voxel mask,
+    a header's size or spacing wrong). Larger images smaller than the patch are padded and predicted as usual."""
+    if not bottleneck:
+        return
+    pairs = [(s, b) for s, b in zip(list(shape)[-len(bottleneck):], bottleneck) if b > 1]
+    if pairs and all(s < b for s, b in pairs):
+        raise OODInputError(f"input file {path} of case {case} is {' x '.join(map(str, size))} voxels, "
+                            f"{' x '.join(map(str, list(shape)[-len(bottleneck):]))} at the model's spacing: less "
+                            f"than one bottleneck voxel of the network ({' x '.join(map(str, bottleneck))}), so "
+                            "nnU-Net would segment and score padding; check that it is the right image and its "
+                            "header's size and spacing")
+
+
+def check_images_for_model(cases: Mapping[str, Sequence[str]], plans: Mapping[str, Any], configuration: str,
+                           num_channels: int) -> None:
+    """:func:`check_image_headers` with what the model's plans say of its reader, spacing, axes and network."""
+    check_image_headers(cases, plans.get("image_reader_writer"), configuration_spacing(plans, configuration),
+                        plans.get("transpose_forward", [0, 1, 2]), num_channels,
+                        bottleneck_voxels(plans, configuration))
 
 
 def check_reference_sizes(pairs: Mapping[str, tuple[str, str]], reader: str | None) -> None:
