@@ -99,3 +99,26 @@ def test_a_dangling_link_is_named_as_such(tmp_path, site):
     os.remove(path)
     os.symlink(tmp_path / "moved.json", path)  # a link to a valid file works
     assert load_site_calibration(str(tmp_path), "scanner_b").name == "scanner_b"
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda d: d.update(false_alarm_rate=1e308), "false_alarm_rate = 1e+308 is not in (0, 1)"),
+    (lambda d: d["calibration"]["mahalanobis"].update(threshold=1e308), "threshold = 1e+308 is beyond any score"),
+    (lambda d: d["calibration"]["mahalanobis"].update(threshold=-2.0), "threshold = -2.0 is outside the method's"),
+    (lambda d: d["calibration"]["pairwise_dice"].update(low=3.0), "low = 3.0 is outside the method's scores [0, 1]"),
+    (lambda d: d["case_scores"]["mahalanobis"].update(c0="x"), "case_scores of mahalanobis: 'x' is not a score"),
+    (lambda d: d["case_scores"]["mahalanobis"].update(c0=1e308), "case_scores of mahalanobis: 1e+308 is not a score"),
+])
+def test_values_out_of_range_are_refused(tmp_path, site, change, needle):
+    """Issue 22: a named calibration's thresholds, bounds, rate and case scores beyond what a calibration computes
+    (1e308: nothing flagged; a string case score: a ValueError traceback) name the file, the field and the fix."""
+    path = save_site_calibration(str(tmp_path), site)
+    document = json.loads(open(path).read())
+    change(document)
+    open(path, "w").write(json.dumps(document))
+    from nnunet_ood.inference.thresholds import calibration_limits  # what the predictor passes: the methods' ranges
+
+    with pytest.raises(OODStateError) as info:
+        load_site_calibration(str(tmp_path), "scanner_b", calibration_limits)
+    message = str(info.value)
+    assert needle in message and path in message and "nnUNetv2_calibrate_ood" in message, message
