@@ -13,7 +13,7 @@ own child process (``predict_from_files_sequential``: reading, preprocessing, sl
 that process), alternating stock and OOD runs. Reported per setting: wall time of the prediction, peak
 resident memory of the process (``ru_maxrss``), bytes written for the case, each as a ratio to the stock
 runs (the median of the stock runs around them). It also times the fit of the default methods (without the
-autoencoder's training and the quality model's corruption pass, which have schedules of their own) against
+shared models' training and the quality model's corruption pass, which have schedules of their own) against
 nnU-Net's validation of the fold, as ``bench_fit.py`` does in 2D.
 
 Usage::

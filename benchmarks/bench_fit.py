@@ -8,8 +8,8 @@ alternating, two things are timed on the same machine:
 * ``validation``: what nnU-Net does to validate the fold: a predictor loads the fold and predicts every
   validation case from its preprocessed data, sliding window and test-time mirroring as at default
   inference (export of the segmentations left out);
-* ``fit``: ``fit_fold`` with the default methods without the SD autoencoder (its training is a schedule
-  chosen by the user, reported separately in docs/benchmarks.md) and without the methods that learn from the
+* ``fit``: ``fit_fold`` with the default methods without those requiring a shared model (``sd``: its training is
+  a schedule chosen by the user, reported separately in docs/benchmarks.md) and without the methods that learn from the
   failure table (``quality``: its corruption pass has a budget of its own, measured by bench_quality.py).
 
 The ratio fit / validation is the target (at most 1.5). Two 2D training sets of different size show how
@@ -148,7 +148,7 @@ def time_fit(model: Path) -> float:
     from nnunet_ood.methods import DEFAULT_FIT_METHODS, REGISTRY
 
     methods = tuple(m for m in DEFAULT_FIT_METHODS
-                    if not REGISTRY[m].requires.autoencoder and not REGISTRY[m].needs_failure_table)
+                    if not REGISTRY[m].requires.shared and not REGISTRY[m].needs_failure_table)
     start = time.perf_counter()
     fit_fold(str(model), 0, FitOptions(methods=methods, progress=False))
     return time.perf_counter() - start

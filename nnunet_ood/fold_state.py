@@ -12,9 +12,9 @@ Manifest (``ood_state.json``)::
      "methods": {name: {"file": str | null, "class": str, "config": {...}, "calibration": {...}}, ...},
      "provenance": {...}}
 
-Each method writes and reads its own entry (:meth:`nnunet_ood.methods.base.Method.state_entry`); what several
-methods share (the SD autoencoder, ``sd_autoencoder.safetensors``) is written and read by
-:mod:`nnunet_ood.methods.shared`.
+Each method writes and reads its own entry (:meth:`nnunet_ood.methods.base.Method.state_entry`); the shared models
+several methods require (``Requirements.shared``) are written and read by :mod:`nnunet_ood.methods.shared`, each by
+its own ``SharedModel``.
 This module needs the registry, so it sits above the methods (and below the fit and the predictor that use it).
 """
 
@@ -134,7 +134,7 @@ def save_fold_state(fold_dir: str, state: FoldOODState) -> str:
             "methods": {},
             "provenance": state.provenance,
         }
-        save_shared_models(state, tmp, state.provenance)
+        save_shared_models(state, tmp, [REGISTRY.get(name) for name in state.calibration], state.provenance)
         for name, calibration in state.calibration.items():
             entry = REGISTRY.get(name).state_entry(state, tmp)
             manifest["methods"][name] = {**entry, "calibration": calibration.to_json()}

@@ -1,7 +1,7 @@
 """What a segmentation network's logits mean: probabilities, entropy, masks and Dice.
 
-One definition of each, shared by the output-based scores, the fold-ensemble scores, the SD
-autoencoder's agreement report and the evaluation. Multi-class outputs are a softmax over classes;
+One definition of each, shared by the output-based scores, the fold-ensemble scores, the fit's
+agreement reports (``sd``) and the evaluation. Multi-class outputs are a softmax over classes;
 region-based outputs (nnU-Net's sigmoid heads, one channel per region) are one binary problem per
 region. Written with tensor methods only, so importing this module does not import torch.
 

@@ -2,7 +2,7 @@
 
 The layout (padding and patch slicers) comes from nnU-Net's own functions, so patches are exactly the
 ones ``nnUNetPredictor`` would run. :func:`window_batches` walks them in batches (the fit runs only
-the encoder, or the network with the autoencoder, on several patches at once).
+the encoder, or the network with a method's hooks, on several patches at once).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def state() -> FoldOODState:
     return FoldOODState(
         detectors={"mahalanobis": MahalanobisDetector().fit(features), "knn": KNNDetector(k=2).fit(features),
                    "latent_mahalanobis": LatentMahalanobisDetector().fit(latents)},
-        autoencoder=BottleneckAutoencoder(8, (4, 4), latent_dim=4),
+        shared={"sd_autoencoder": BottleneckAutoencoder(8, (4, 4), latent_dim=4)},
         method_params={"temperature": {"temperature": 1.7, "val_nll": 0.2},
                        "mc_dropout": {"rate": 0.2, "passes": 3, "stages": [0], "seed": 1}},
         fingerprint=dict(FINGERPRINT), calibration=calibration, provenance={"seed": 0, "sd_training": {"epochs": 2}})
@@ -59,14 +59,14 @@ def test_round_trip_of_every_kind(tmp_path, state):
     for name in ("mahalanobis", "knn"):
         torch.testing.assert_close(loaded.detectors[name].score(x), state.detectors[name].score(x))
     z = torch.randn(3, 8, 4, 4)
-    torch.testing.assert_close(loaded.autoencoder(z)[0], state.autoencoder(z)[0])
+    torch.testing.assert_close(loaded.shared["sd_autoencoder"](z)[0], state.shared["sd_autoencoder"](z)[0])
     manifest = json.loads((tmp_path / "ood" / MANIFEST_NAME).read_text())
     assert manifest["methods"]["sd"]["file"] == "sd_autoencoder.safetensors"
     assert manifest["methods"]["entropy"] == {"file": None, "class": "OutputScore", "config": {},
                                               "calibration": state.calibration["entropy"].to_json()}
-    # a subset loads only what it needs: no autoencoder without the methods that require it
+    # a subset loads only what it needs: no shared model without the methods that require it
     subset = load_fold_state(str(tmp_path), FINGERPRINT, ["knn", "temperature"])
-    assert subset.methods == ["knn", "temperature"] and subset.autoencoder is None and list(subset.detectors) == ["knn"]
+    assert subset.methods == ["knn", "temperature"] and subset.shared == {} and list(subset.detectors) == ["knn"]
 
 
 def test_save_replaces_atomically_and_cleans_stale_temporaries(tmp_path, state):

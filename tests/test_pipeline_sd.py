@@ -33,7 +33,7 @@ def scored_case(preprocessed_case):
 def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[str, np.ndarray]:
     """SD and latent-Mahalanobis maps from complete forward passes, patch by patch, accumulated in numpy."""
     net, state = predictor.network, predictor.ood_states[0]
-    ae = state.autoencoder
+    ae = state.shared["sd_autoencoder"]
     patch = tuple(predictor.configuration_manager.patch_size)
     padded, revert = pad_nd_image(data.numpy(), patch, "constant", {"value": 0}, True, None)
     slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])

@@ -6,7 +6,7 @@ recognises into tqdm bars here:
 
 * nnU-Net's training epochs (``Epoch N``, ``Pseudo dice [...]``, ``Epoch time``): one bar over the epochs,
   with the last pseudo Dice per label and tqdm's ETA;
-* any tqdm bar of the child (the autoencoder's epochs, the fit's passes, ...), re-drawn with its own
+* any tqdm bar of the child (a shared model's training epochs, the fit's passes, ...), re-drawn with its own
   description, count and postfix (the child's bar is written with carriage returns into a pipe);
 * ``nnUNetv2_predict_ood``'s line per scored case (``OOD CASE: ...``): one bar over the cases of a run.
 

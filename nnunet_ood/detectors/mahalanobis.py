@@ -274,11 +274,11 @@ class MahalanobisDetector(FeatureDetector):
 
 
 class LatentMahalanobisDetector(MahalanobisDetector):
-    """Latent Mahalanobis (Lennartz & Schultz): the same Gaussian fit, on the SD autoencoder's latent vectors.
+    """Latent Mahalanobis (Lennartz & Schultz): the same Gaussian fit, on latent vectors of the SD family.
 
-    Identical statistics and scoring to :class:`MahalanobisDetector`; only the features differ (the
-    dense bottleneck z of the autoencoder instead of pooled U-Net activations), hence its own name
-    and state file.
+    Identical statistics and scoring to :class:`MahalanobisDetector`; only the features differ (the dense latent
+    of the SD family's shared model, :mod:`nnunet_ood.methods.sd`, instead of pooled U-Net activations), hence its
+    own name and state file.
     """
 
     name: ClassVar[str] = "latent_mahalanobis"

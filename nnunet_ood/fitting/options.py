@@ -41,7 +41,7 @@ class FitOptions:
     """What and how to fit (see ``nnUNetv2_fit_ood --help`` for each option).
 
     Args:
-        methods: methods to fit; partners are added (methods sharing the autoencoder), the order is the
+        methods: methods to fit; partners are added (methods sharing a shared model), the order is the
             registry's. Methods fitted earlier and not named are kept.
         checkpoint: the checkpoint to fit on (predict later with the same ``-chk``).
         device: ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``).

@@ -1,7 +1,8 @@
 """The named passes of a fold's fit. Their cost is bounded by nnU-Net's own validation of the fold plus an
 encoder-only pass over (a sample of patches of) the training cases:
 
-* :func:`autoencoder_pass`: the SD autoencoder, trained once for every method that requires it;
+* :func:`shared_model_pass`: the shared models (``Requirements.shared``), each trained once for every method that
+  requires it;
 * :func:`parameter_pass`: each method's own parameters that need no prediction (e.g. the dropout setup);
 * :func:`feature_statistics_pass`: the feature detectors, one per part of the training cases, from an
   encoder-only sliding window over the training cases (at most ``max_patches`` patches, a seeded
@@ -27,16 +28,17 @@ from tqdm import tqdm
 
 from nnunet_ood.detectors.cross_fitting import merge_parts
 from nnunet_ood.features import BottleneckCapture, unwrap_network
-from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod
+from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod, SharedModel
 from nnunet_ood.methods.context import FitContext, mirroring
 from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout, patch_count
 
 
-def autoencoder_pass(context: FitContext) -> tuple[Any, dict]:
-    """Train the SD autoencoder of the fold (``(autoencoder, training history)``)."""
-    from nnunet_ood.methods.sd.training import train_fold_autoencoder
-
-    return train_fold_autoencoder(context)
+def shared_model_pass(context: FitContext, shared: Sequence[SharedModel]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the fold's shared models: ``(models by name, training histories by provenance key)``."""
+    models, histories = {}, {}
+    for model in shared:
+        models[model.name], histories[model.provenance_key] = model.train(context)
+    return models, histories
 
 
 def parameter_pass(context: FitContext, methods: Sequence[Method]) -> dict[str, dict[str, Any]]:
@@ -168,7 +170,7 @@ def training_case_scores(context: FitContext, methods: Sequence[PatchFeatureMeth
     scores = {}
     for part in range(n_parts):
         held_out = _held_out(methods, stats.part_detectors, part, context) if n_parts > 1 else None
-        scorer.folds = [FoldModels(held_out or models.detectors, models.autoencoder, models.method_params)]
+        scorer.folds = [FoldModels(held_out or models.detectors, models.shared, models.method_params)]
         for key in (k for k in stats.kept_features if parts[k] == part):
             data, layout = context.load_case(key), stats.layouts[key]
             scorer.begin_case(data)

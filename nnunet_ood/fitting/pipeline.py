@@ -2,7 +2,7 @@
 
 The passes (:mod:`nnunet_ood.fitting.passes`), in order:
 
-0. ``autoencoder``: with methods that require it, the SD autoencoder is trained through the frozen U-Net.
+0. ``shared models``: the models several methods share (``Requirements.shared``), each trained once.
 1. ``parameters``: each method's own parameters that need no prediction (the dropout configuration).
 2. ``feature statistics``: the fold's training cases go through the same sliding window as at inference,
    encoder only (at most ``max_patches`` patches, a seeded sample); feature vectors stream into the
@@ -14,10 +14,10 @@ The passes (:mod:`nnunet_ood.fitting.passes`), in order:
    temperature) are fitted and scored afterwards. Validation scores give every threshold and, by
    default, every normalisation: they are out of sample, where training cases are in-sample for the
    network (output-based scores) and for the detectors.
-4. ``reports``: checks recorded in the provenance (e.g. the SD autoencoder's agreement).
+4. ``reports``: checks recorded in the provenance (``Method.fit_report``).
 
 The cost is nnU-Net's validation of the fold plus an encoder-only pass over (a sample of) the training
-patches, plus the autoencoder's training. The state is written atomically to ``fold_X/ood``; fitted
+patches, plus the shared models' training. The state is written atomically to ``fold_X/ood``; fitted
 methods not asked for this time are kept as they were.
 """
 
@@ -42,9 +42,9 @@ from nnunet_ood.fitting.failure_table import FailureTableBuilder
 from nnunet_ood.fitting.options import FitOptions
 from nnunet_ood.fitting.passes import (
     EncoderPass,
-    autoencoder_pass,
     feature_statistics_pass,
     parameter_pass,
+    shared_model_pass,
     training_case_scores,
     validation_logit_pass,
     validation_pass,
@@ -55,6 +55,7 @@ from nnunet_ood.folds import Fold, parse_fold
 from nnunet_ood.inference.predictor import nnUNetOODPredictor
 from nnunet_ood.methods import FIT_COMMAND, REGISTRY, FoldModels, Method, MethodKind
 from nnunet_ood.methods.context import FitContext
+from nnunet_ood.methods.shared import required_shared_models, shares_with
 from nnunet_ood.quality.properties import stored_label_manager
 
 #: provenance entries that hold one value per method (merged method by method on a partial refit)
@@ -83,11 +84,10 @@ def _kept_state(fold_dir: str, predictor: nnUNetOODPredictor, refit: list[Method
         check_fingerprint(manifest["fingerprint"], predictor.fingerprint_for(0), fold_dir)
     except OODError:
         return None
-    refits_autoencoder = any(m.requires.autoencoder for m in refit)
     refit_names = {r.name for r in refit}
     candidates = []
     for m, entry in manifest["methods"].items():
-        if m in refit_names or (REGISTRY.get(m).requires.autoencoder and refits_autoencoder):
+        if m in refit_names or shares_with(REGISTRY.get(m), refit):  # a shared model trained again is new to all
             continue
         if refit_names & set(REGISTRY.get(m).inputs_of(entry.get("config") or {})):
             print(f"{fold_dir}: the fitted {m} is dropped: it reads the scores of methods fitted again now; fit it "
@@ -117,7 +117,7 @@ def _merge_kept(state: FoldOODState, kept: FoldOODState | None) -> FoldOODState:
         old = {m: v for m, v in old.items() if m in kept.calibration} if isinstance(old, dict) else {}
         provenance[key] = {**old, **state.provenance.get(key, {})}
     return FoldOODState(detectors={**kept.detectors, **state.detectors},
-                        autoencoder=state.autoencoder or kept.autoencoder,
+                        shared={**kept.shared, **state.shared},
                         method_params={**kept.method_params, **state.method_params},
                         fingerprint=state.fingerprint,
                         calibration={m.name: calibration[m.name] for m in REGISTRY if m.name in calibration},
@@ -164,10 +164,9 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
 
     Training case scores exist for the feature methods only (cross-fitted, a sample of cases).
     """
-    options, models, provenance = context.options, FoldModels(), {}
+    options, models = context.options, FoldModels()
     aggregations = dict(options.aggregations)
-    if any(m.requires.autoencoder for m in methods):
-        models.autoencoder, provenance["sd_training"] = autoencoder_pass(context)
+    models.shared, provenance = shared_model_pass(context, required_shared_models(methods))
     late = [m for m in methods if m.needs_validation_logits]
     models.method_params = parameter_pass(context, [m for m in methods if m not in late])
     features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
@@ -237,8 +236,8 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
     Training case scores for the normalisation of the feature methods are cross-fitted over
     ``options.calibration_parts`` parts of the training cases (see :mod:`nnunet_ood.detectors.cross_fitting`);
     1 gives the paper's in-sample scores. Memory: one detector per part during the fit (for Mahalanobis,
-    K + 4 matrices of D x D float64). The autoencoder's training scores are in-sample (one AE per part
-    would multiply the training time). Methods already fitted for this model and not re-fitted are kept.
+    K + 4 matrices of D x D float64). Shared models are trained once, on every training case (one per part would
+    multiply the training time). Methods already fitted for this model and not re-fitted are kept.
     """
     options = options or FitOptions()
     fold = parse_fold(fold)
@@ -266,7 +265,7 @@ def fit_fold(model_folder: str, fold: Fold, options: FitOptions | None = None) -
                     f"{min_cases_for(FALSE_ALARM_RATE)}): thresholds are the largest validation score, bounding the "
                     f"rate by 1/{len(val) + 1} only; calibrate on more cases with nnUNetv2_calibrate_ood")
     state = FoldOODState(
-        detectors=models.detectors, autoencoder=models.autoencoder, method_params=models.method_params,
+        detectors=models.detectors, shared=models.shared, method_params=models.method_params,
         fingerprint=context.predictor.fingerprint_for(0), calibration=calibration,
         provenance={"plugin_version": __version__, "torch_version": torch.__version__, "device": str(options.device),
                     "host": platform.node(), "seed": options.seed, "n_train_cases": len(context.train_keys),

@@ -28,22 +28,24 @@ from nnunet_ood.methods.base import (
     PatchMapMethod,
     PatchTap,
     Requirements,
+    SharedModel,
     TapContext,
     load_object,
 )
 from nnunet_ood.methods.options import add_config_arguments, config_from_args, distinct
+from nnunet_ood.methods.shared import required_shared_models, shares_with
 
 __all__ = ["DEFAULT_FIT_METHODS", "FITTABLE_METHODS", "FIT_COMMAND", "REGISTRY", "DerivedMethod",
            "FoldEnsembleMethod", "FoldModels", "LogitMethod", "Method", "MethodKind", "MethodRegistry",
-           "PatchFeatureMethod", "PatchMapMethod", "PatchTap", "Requirements", "TapContext", "get_method",
-           "resolve_fit_methods"]
+           "PatchFeatureMethod", "PatchMapMethod", "PatchTap", "Requirements", "SharedModel", "TapContext",
+           "get_method", "resolve_fit_methods"]
 
 #: every method, in the order of the score tables: "module:Class", one line each
 _METHODS: tuple[str, ...] = (
     "nnunet_ood.methods.features:Mahalanobis",
     "nnunet_ood.methods.features:KNN",
     "nnunet_ood.methods.sd.method:SegmentationDistortion",
-    "nnunet_ood.methods.features:LatentMahalanobis",
+    "nnunet_ood.methods.sd.method:LatentMahalanobis",
     "nnunet_ood.methods.logits:MaxSoftmax",
     "nnunet_ood.methods.logits:Entropy",
     "nnunet_ood.methods.logits:Energy",
@@ -110,8 +112,8 @@ class MethodRegistry:
 
     # ------------------------------------------------------------------ fitting
     def resolve_fit(self, names: Iterable[str]) -> list[Method]:
-        """Check method names for fitting and add partners: methods needing the autoencoder share it,
-        so asking for one fits all of them."""
+        """Check method names for fitting and add partners: methods requiring the same shared model are fitted
+        together (it is trained once for all of them), so asking for one fits all of them."""
         names = list(dict.fromkeys(names))
         unknown = [n for n in names if n not in self._methods or not self._methods[n].fittable]
         if unknown:
@@ -120,8 +122,10 @@ class MethodRegistry:
         methods = [self._methods[n] for n in names]
         if all(m.kind is MethodKind.DERIVED for m in methods):  # a derived method alone: from the default scores
             methods += [m for m in self.default_fit if m not in methods]
-        if any(m.requires.autoencoder for m in methods):
-            methods += [m for m in self.fittable if m.requires.autoencoder]
+        partners = [m for m in self.fittable if m not in methods and shares_with(m, methods)]
+        while partners:
+            methods += partners
+            partners = [m for m in self.fittable if m not in methods and shares_with(m, methods)]
         missing = {d for m in methods for d in m.requires.methods} - {m.name for m in methods}
         methods += [self.get(d) for d in missing]
         return self.in_order(m.name for m in methods)
@@ -216,12 +220,14 @@ class MethodRegistry:
     def fit_help(self) -> str:
         """Help of ``nnUNetv2_fit_ood --ood``."""
         optional = [m for m in self.fittable if not m.fit_by_default]
-        shared = [m for m in self.fittable if m.requires.autoencoder]
+        sharing = ""
+        for shared in required_shared_models(self.fittable):
+            users = [m.name for m in self.fittable if shared.name in {s.name for s in m.requires.shared}]
+            if len(users) > 1:
+                sharing += f"; {' and '.join(users)} share one {shared.description} and are always fitted together"
         return (f"methods to fit (default: {' '.join(m.name for m in self.default_fit)}"
                 + (f"; {' '.join(m.name for m in optional)} only when named" if optional else "") + ")"
-                + (f"; {' and '.join(m.name for m in shared)} share one autoencoder and are always fitted together"
-                   if len(shared) > 1 else "")
-                + ". Methods fitted earlier and not named here are kept")
+                + sharing + ". Methods fitted earlier and not named here are kept")
 
 
 REGISTRY = MethodRegistry.from_paths(_METHODS)

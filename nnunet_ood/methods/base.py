@@ -50,13 +50,47 @@ class MethodKind(enum.Enum):
     DERIVED = "derived from other methods' case scores"  # a case score computed from other case scores
 
 
+class SharedModel:
+    """A model fitted once per fold for every method that names it in ``Requirements.shared``.
+
+    The family that owns it subclasses this (one instance, named by its methods' requirements): the fit trains it
+    before any other pass, the fold's state writes it into the fold's folder and reads it back before the methods
+    read their own entries; the methods find it in ``FoldModels.shared[name]``. Methods sharing one are always
+    fitted together. Like methods, a subclass must not import torch or nnU-Net at module level.
+
+    Class attributes:
+        name: its key in ``FoldModels.shared``.
+        provenance_key: the provenance entry holding its training history.
+        description: what it is, in help texts ("... share one <description> and are always fitted together").
+    """
+
+    name: ClassVar[str]
+    provenance_key: ClassVar[str]
+    description: ClassVar[str]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def train(self, context: FitContext) -> tuple[Any, dict[str, Any]]:
+        """The fold's model, trained (``(model, training history)``, the history JSON-able for the provenance)."""
+        raise NotImplementedError
+
+    def save(self, model: Any, folder: str, history: Mapping[str, Any] | None) -> None:
+        """Write ``model`` (with its training ``history``, if known) into the fold's state ``folder``."""
+        raise NotImplementedError
+
+    def load(self, folder: str, device: Any) -> Any:
+        """The model written by :meth:`save` into ``folder``, on ``device``."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Requirements:
     """What a method needs beyond a trained model."""
 
     mirroring: bool = False  # nnU-Net's mirrored passes (test-time mirroring on, a model with mirror axes)
     several_folds: bool = False  # predictions of several folds (-f 0 1 2 3 4)
-    autoencoder: bool = False  # the Segmentation Distortion autoencoder (trained once per fold, shared)
+    shared: tuple[SharedModel, ...] = ()  # models fitted once per fold for every method naming them
     methods: tuple[str, ...] = ()  # other methods whose case scores it uses (derived methods)
 
 
@@ -68,14 +102,14 @@ def load_object(path: str) -> Any:
 
 @dataclass
 class FoldModels:
-    """What the methods of one fold have fitted: feature detectors, the SD autoencoder, parameters.
+    """What the methods of one fold have fitted: feature detectors, shared models, parameters.
 
     The fit builds it step by step; :class:`nnunet_ood.fold_state.FoldOODState` adds calibration,
     fingerprint and provenance. The case scorer reads it, one per fold in use.
     """
 
     detectors: dict[str, FeatureDetector] = field(default_factory=dict)
-    autoencoder: Any = None  # nnunet_ood.methods.sd.autoencoder.BottleneckAutoencoder
+    shared: dict[str, Any] = field(default_factory=dict)  # by SharedModel.name
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

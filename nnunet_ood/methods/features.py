@@ -4,7 +4,9 @@
   features, squared Mahalanobis distance to a Gaussian of the training patches.
 * ``knn``: Euclidean distance of the same pooled features to the k-th nearest training patch
   (Woodland et al. 2024).
-* ``latent_mahalanobis``: the Gaussian on the SD autoencoder's latent vectors (Lennartz & Schultz 2023).
+
+``latent_mahalanobis``, a Gaussian on features of the Segmentation Distortion family's shared model, lives with its
+family (:mod:`nnunet_ood.methods.sd.method`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nnunet_ood.errors import OODInputError, OODStateError
-from nnunet_ood.methods.base import FIT_COMMAND, NON_NEGATIVE, FoldModels, PatchFeatureMethod, Requirements
+from nnunet_ood.methods.base import FIT_COMMAND, NON_NEGATIVE, FoldModels, PatchFeatureMethod
 from nnunet_ood.methods.options import Range, option
-from nnunet_ood.methods.sd import SDTrainingConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -93,15 +94,3 @@ class KNN(PooledBottleneckMethod):
     def can_score(self, detector: FeatureDetector) -> bool:
         return detector.is_fitted and detector.bank_size_ >= detector.k
 
-
-class LatentMahalanobis(PatchFeatureMethod):
-    name = "latent_mahalanobis"
-    score_range = NON_NEGATIVE
-    summary = "Mahalanobis distance of the SD autoencoder's latent vectors (Lennartz & Schultz)"
-    requires = Requirements(autoencoder=True)
-    config = SDTrainingConfig
-    feature_source = "autoencoder latent"
-    detector = "nnunet_ood.detectors.mahalanobis:LatentMahalanobisDetector"
-
-    def features(self, bottleneck: Tensor, models: FoldModels) -> Tensor:
-        return models.autoencoder.encode(bottleneck.float()).float()

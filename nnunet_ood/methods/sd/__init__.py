@@ -4,8 +4,9 @@ The family: the options of its training and inference (here), the method (:mod:`
 built from the bottleneck's shape (:mod:`.autoencoder`), the hooks that put its reconstruction into the U-Net's
 forward pass (:mod:`.insertion`) and its training through the frozen network (:mod:`.training`); the modules
 import the options from here, this package imports none of them. ``sd`` is the distortion the reconstruction
-causes in the softmax output; ``latent_mahalanobis`` (:mod:`nnunet_ood.methods.features`) scores the AE's latent
-vectors. Both share one autoencoder per fold, trained once with :class:`SDTrainingConfig`.
+causes in the softmax output; ``latent_mahalanobis`` scores the AE's latent vectors (both in :mod:`.method`). Both
+share one autoencoder per fold (``SD_AUTOENCODER``, a shared model: ``FoldModels.shared[AE_STATE_NAME]``), trained
+once with :class:`SDTrainingConfig`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from nnunet_ood.methods.options import Range, option
 
 #: dense bottleneck size: the paper uses 64 (brain, CC-359) and 128 (heart, M&Ms)
 DEFAULT_LATENT_DIM = 128
+#: the autoencoder's name: its key in ``FoldModels.shared``, its file ``sd_autoencoder.safetensors`` in a fold's state
+AE_STATE_NAME = "sd_autoencoder"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.io.atomic import atomic_save_tensors
-from nnunet_ood.methods.sd import DEFAULT_LATENT_DIM
+from nnunet_ood.methods.sd import AE_STATE_NAME, DEFAULT_LATENT_DIM
 
 __all__ = ["AE_STATE_NAME", "DEFAULT_LATENT_DIM", "BottleneckAutoencoder", "reduction_strides"]
 
@@ -39,7 +39,6 @@ N_BLOCKS = 2
 CONVS_PER_BLOCK = 4
 #: the AE's convolutions use at most this many channels (the bottleneck itself can have 320-512)
 DEFAULT_MAX_HIDDEN_CHANNELS = 128
-AE_STATE_NAME = "sd_autoencoder"
 FORMAT_VERSION = 1
 
 

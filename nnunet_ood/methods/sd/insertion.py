@@ -25,7 +25,7 @@ from torch import nn
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.features import bottleneck_module, unwrap_network
 from nnunet_ood.methods.base import PatchTap, TapContext
-from nnunet_ood.methods.sd import SDPredictConfig
+from nnunet_ood.methods.sd import AE_STATE_NAME, SDPredictConfig
 from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
 from nnunet_ood.segmentation import probabilities
 
@@ -131,7 +131,7 @@ def check_autoencoders(context: TapContext) -> None:
     """Every fold's autoencoder must fit this network's bottleneck (one-line error naming the refit)."""
     expected = context.bottleneck_shape
     for index, models in enumerate(context.folds):
-        ae = models.autoencoder
+        ae = models.shared.get(AE_STATE_NAME)
         got = None if ae is None else (ae.in_channels, *ae.spatial_shape)
         if got != expected:
             raise OODStateError(f"the SD autoencoder of fold {context.fold_names[index]} expects bottlenecks of shape "
@@ -151,7 +151,7 @@ class AutoencoderTap(PatchTap):
         self.distortion: torch.Tensor | None = None
 
     def before_patch(self, fold_index: int) -> None:
-        self._insertion.autoencoder = self.context.folds[fold_index].autoencoder
+        self._insertion.autoencoder = self.context.folds[fold_index].shared[AE_STATE_NAME]
         self._insertion.arm()
 
     def after_patch(self, x: torch.Tensor, patch_index: int) -> None:
