@@ -117,6 +117,62 @@ class _BestEpoch:
         return True
 
 
+@contextlib.contextmanager
+def _frozen(network: nn.Module) -> Iterator[None]:
+    """``network`` in eval mode with its parameters' gradients off; both restored afterwards."""
+    requires_grad = [p.requires_grad for p in network.parameters()]
+    for p in network.parameters():
+        p.requires_grad_(False)
+    was_training = network.training
+    network.eval()  # nnU-Net predicts in eval mode; the AE must learn those activations
+    try:
+        yield
+    finally:
+        for p, flag in zip(network.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        network.train(was_training)
+
+
+class _Optimiser:
+    """Adam on the AE's parameters, the learning rate halved on plateaus of the validation loss, gradients scaled
+    on CUDA (mixed precision)."""
+
+    def __init__(self, autoencoder: BottleneckAutoencoder, config: SDTrainingConfig, device: torch.device) -> None:
+        self.adam = torch.optim.Adam(autoencoder.parameters(), lr=config.learning_rate)
+        self.schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(self.adam, "min", factor=0.5,
+                                                                   patience=config.lr_patience)
+        self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.adam.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.adam)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.adam.step()
+
+
+def _train_epoch(network: nn.Module, insertion: AutoencoderInsertion, train_batches: Iterator[torch.Tensor],
+                 optimiser: _Optimiser, config: SDTrainingConfig, device: torch.device) -> float:
+    """``config.iterations_per_epoch`` steps on batches of ``train_batches``; the mean training loss."""
+    losses = []
+    for _ in range(config.iterations_per_epoch):
+        x = next(train_batches).to(device, non_blocking=True)
+        optimiser.adam.zero_grad(set_to_none=True)
+        with autocast(device):
+            insertion.arm()
+            network(x)
+            loss = distortion_loss(insertion.take(), config.loss)
+        optimiser.step(loss)
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
 def train_autoencoder(network: nn.Module, autoencoder: BottleneckAutoencoder, train_batches: Iterator[torch.Tensor],
                       val_batches: list[torch.Tensor], config: SDTrainingConfig, device: torch.device,
                       region_based: bool, progress: bool = True, description: str = "SD autoencoder") -> dict:
@@ -127,56 +183,31 @@ def train_autoencoder(network: nn.Module, autoencoder: BottleneckAutoencoder, tr
     epochs without a new best. ``network`` is left exactly as it was (parameters untouched; their
     ``requires_grad`` flags restored).
     """
-    requires_grad = [p.requires_grad for p in network.parameters()]
-    for p in network.parameters():
-        p.requires_grad_(False)
-    was_training = network.training
-    network.eval()  # nnU-Net predicts in eval mode; the AE must learn those activations
-    autoencoder.to(device)
-    insertion = AutoencoderInsertion(network, autoencoder, batched=True)  # the segmentation is not used here
-    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=0.5, patience=config.lr_patience)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     history: dict = {"config": asdict(config), "train_loss": [], "val_loss": [], "val_dice_with_without_ae": [],
                      "learning_rate": []}
     best = _BestEpoch(config.min_agreement)
-    try:
-        with tqdm(range(config.max_epochs), desc=description, disable=not progress) as bar:
-            for epoch in bar:
-                autoencoder.train()
-                epoch_losses = []
-                for _ in range(config.iterations_per_epoch):
-                    x = next(train_batches).to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device):
-                        insertion.arm()
-                        network(x)
-                        loss = distortion_loss(insertion.take(), config.loss)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    epoch_losses.append(float(loss.detach()))
-                autoencoder.eval()
-                val_loss, val_dice = _evaluate(network, insertion, val_batches, device, region_based, config.loss)
-                history["train_loss"].append(float(np.mean(epoch_losses)))
-                history["val_loss"].append(val_loss)
-                history["val_dice_with_without_ae"].append(val_dice)
-                history["learning_rate"].append(optimizer.param_groups[0]["lr"])
-                schedule.step(val_loss)
-                bar.set_postfix(train=f"{history['train_loss'][-1]:.4g}", val=f"{val_loss:.4g}",
-                                dice_ae=f"{val_dice:.3f}")
-                if not best.update(epoch, val_loss, val_dice, autoencoder.state_dict()) and \
-                        epoch - best.epoch >= config.patience:
-                    break
-    finally:
-        insertion.remove()
-        for p, flag in zip(network.parameters(), requires_grad):
-            p.requires_grad_(flag)
-        network.train(was_training)
+    with _frozen(network):
+        autoencoder.to(device)
+        insertion = AutoencoderInsertion(network, autoencoder, batched=True)  # the segmentation is not used here
+        optimiser = _Optimiser(autoencoder, config, device)
+        try:
+            with tqdm(range(config.max_epochs), desc=description, disable=not progress) as bar:
+                for epoch in bar:
+                    autoencoder.train()
+                    train_loss = _train_epoch(network, insertion, train_batches, optimiser, config, device)
+                    autoencoder.eval()
+                    val_loss, val_dice = _evaluate(network, insertion, val_batches, device, region_based, config.loss)
+                    history["train_loss"].append(train_loss)
+                    history["val_loss"].append(val_loss)
+                    history["val_dice_with_without_ae"].append(val_dice)
+                    history["learning_rate"].append(optimiser.learning_rate)
+                    optimiser.schedule.step(val_loss)
+                    bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}", dice_ae=f"{val_dice:.3f}")
+                    if not best.update(epoch, val_loss, val_dice, autoencoder.state_dict()) and \
+                            epoch - best.epoch >= config.patience:
+                        break
+        finally:
+            insertion.remove()
     autoencoder.load_state_dict(best.weights)
     autoencoder.eval()
     history.update(best_epoch=best.epoch, best_val_loss=best.loss, best_val_dice=best.dice,
