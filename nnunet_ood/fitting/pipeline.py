@@ -164,63 +164,89 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
 
     Training case scores exist for the feature methods only (cross-fitted, a sample of cases).
     """
-    options, models = context.options, FoldModels()
-    aggregations = dict(options.aggregations)
+    models, aggregations = FoldModels(), dict(context.options.aggregations)
     models.shared, provenance = shared_model_pass(context, required_shared_models(methods))
     late = [m for m in methods if m.needs_validation_logits]
     models.method_params = parameter_pass(context, [m for m in methods if m not in late])
     features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
-    train_scores: dict[str, dict[str, float]] = {}
-    if features:
-        cross_fitted = options.normalization_cases > 0 and context.fold != "all"
-        parts = assign_parts(context.train_keys, options.calibration_parts if cross_fitted else 1, options.seed)
-        n_parts = max(parts.values()) + 1
-        rng = np.random.default_rng(options.seed)
-        kept = set(rng.permutation(sorted(context.train_keys))[:options.normalization_cases].tolist())
-        encoder = EncoderPass(context)
-        try:
-            stats = feature_statistics_pass(context, encoder, features, models, parts, n_parts, kept)
-        finally:
-            encoder.remove()
-        models.detectors = {m.name: stats.part_detectors[m.name][0] if n_parts == 1 else
-                            merge_parts(stats.part_detectors[m.name], m.new_detector(options, context.device))
-                            for m in features}
-        _note_few_patches(context, models, stats.n_patches)
-        if kept:
-            train_scores = training_case_scores(context, features, models, stats, parts, n_parts, aggregations)
-        provenance.update(calibration_parts=n_parts, n_train_patches=stats.n_patches,
-                          n_train_patches_total=stats.n_total_patches, normalization_cases=len(kept))
-        del stats  # the kept features
+    train_scores = _feature_passes(context, features, models, aggregations, provenance) if features else {}
     table_methods = [m for m in methods if m.needs_failure_table]
     inputs = [m for m in methods if m not in table_methods and m.kind is not MethodKind.DERIVED]
     builder = FailureTableBuilder(context, [m.name for m in inputs]) if table_methods else None
     started = time.perf_counter()
+    val_scores = _validation_passes(context, [m for m in methods if m not in late and m not in table_methods], late,
+                                    models, aggregations, builder)
+    seconds = {"validation": round(time.perf_counter() - started, 2)}
+    if builder is not None:  # the failure table: clean rows from above, corrupted versions predicted now
+        provenance["failure_table"], seconds["failure_table"] = _failure_table_pass(
+            context, table_methods, inputs, builder, models, aggregations, val_scores)
+    provenance["pass_seconds"] = seconds  # the failure table's cost next to the validation pass it repeats
+    for m in methods:
+        provenance.update(m.fit_report(context, models))
+    return models, train_scores, val_scores, provenance
+
+
+def _feature_passes(context: FitContext, features: list[Method], models: FoldModels, aggregations: dict[str, str],
+                    provenance: dict) -> dict[str, dict[str, float]]:
+    """The feature detectors (into ``models.detectors``) from the training patches, and the cross-fitted case scores
+    of up to ``normalization_cases`` training cases (returned); the patch and case counts go into ``provenance``."""
+    options = context.options
+    cross_fitted = options.normalization_cases > 0 and context.fold != "all"
+    parts = assign_parts(context.train_keys, options.calibration_parts if cross_fitted else 1, options.seed)
+    n_parts = max(parts.values()) + 1
+    rng = np.random.default_rng(options.seed)
+    kept = set(rng.permutation(sorted(context.train_keys))[:options.normalization_cases].tolist())
+    encoder = EncoderPass(context)
     try:
-        val_scores = validation_pass(context, [m for m in methods if m not in late and m not in table_methods],
-                                     models, aggregations, keep_logits=bool(late),
+        stats = feature_statistics_pass(context, encoder, features, models, parts, n_parts, kept)
+    finally:
+        encoder.remove()
+    models.detectors = {m.name: stats.part_detectors[m.name][0] if n_parts == 1 else
+                        merge_parts(stats.part_detectors[m.name], m.new_detector(options, context.device))
+                        for m in features}
+    _note_few_patches(context, models, stats.n_patches)
+    train_scores = {}
+    if kept:
+        train_scores = training_case_scores(context, features, models, stats, parts, n_parts, aggregations)
+    provenance.update(calibration_parts=n_parts, n_train_patches=stats.n_patches,
+                      n_train_patches_total=stats.n_total_patches, normalization_cases=len(kept))
+    return train_scores
+
+
+def _validation_passes(context: FitContext, methods: list[Method], late: list[Method], models: FoldModels,
+                       aggregations: dict[str, str],
+                       builder: FailureTableBuilder | None) -> dict[str, dict[str, float]]:
+    """Validation case scores: ``methods`` from one prediction of each case (its logits also give the failure
+    table's clean rows), then the ``late`` methods fitted on and scored from the kept logits. Closes the context's
+    cases."""
+    try:
+        val_scores = validation_pass(context, methods, models, aggregations, keep_logits=bool(late),
                                      on_logits=builder.clean_row if builder else None)
         if late:
             for key, scores in validation_logit_pass(context, late, models, aggregations).items():
                 val_scores[key].update(scores)
     finally:
         context.close()
-    seconds = {"validation": round(time.perf_counter() - started, 2)}
-    if builder is not None:  # the failure table: clean rows from above, corrupted versions predicted now
-        started = time.perf_counter()
-        wanted = [m.failure_table_versions(options) for m in table_methods]
-        builder.corrupted_rows(inputs, models, aggregations, max(w[0] for w in wanted), max(w[1] for w in wanted))
-        table = builder.table(val_scores)
-        seconds["failure_table"] = round(time.perf_counter() - started, 2)
-        provenance["failure_table"] = {"rows": len(table), "cases": len(context.val_keys)}
-        for m in table_methods:
-            clean = m.fit_on_failure_table(context, models, table, [i.name for i in inputs],
-                                           stored_label_manager(context.label_manager), builder.reference)
-            for key, value in clean.items():
-                val_scores[key][m.name] = value
-    provenance["pass_seconds"] = seconds  # the failure table's cost next to the validation pass it repeats
-    for m in methods:
-        provenance.update(m.fit_report(context, models))
-    return models, train_scores, val_scores, provenance
+    return val_scores
+
+
+def _failure_table_pass(context: FitContext, table_methods: list[Method], inputs: list[Method],
+                        builder: FailureTableBuilder, models: FoldModels, aggregations: dict[str, str],
+                        val_scores: dict[str, dict[str, float]]) -> tuple[dict[str, int], float]:
+    """The failure table's corrupted rows, predicted with the ``inputs`` scored; the methods that learn from it fitted
+    on it, their validation case scores added to ``val_scores``. Returns the table's size for the provenance and
+    the seconds its rows took."""
+    started = time.perf_counter()
+    wanted = [m.failure_table_versions(context.options) for m in table_methods]
+    builder.corrupted_rows(inputs, models, aggregations, max(w[0] for w in wanted), max(w[1] for w in wanted))
+    table = builder.table(val_scores)
+    seconds = round(time.perf_counter() - started, 2)
+    for m in table_methods:
+        clean = m.fit_on_failure_table(context, models, table, [i.name for i in inputs],
+                                       stored_label_manager(context.label_manager), builder.reference)
+        for key, value in clean.items():
+            val_scores[key][m.name] = value
+    return {"rows": len(table), "cases": len(context.val_keys)}, seconds
 
 
 def _note_few_patches(context: FitContext, models: FoldModels, n_patches: int) -> None:
