@@ -4,6 +4,11 @@ Predicts a folder of the site's ID images (no labels needed) with exactly the in
 (the flags of ``nnUNetv2_predict_ood``), then stores per method the normalisation bounds and the
 finite-sample threshold of their case scores as a named calibration in the model folder. Predict with
 ``nnUNetv2_predict_ood ... --calibration NAME`` and the same settings.
+
+Methods that predict Dice (``Method.predicts_dice``, found through the registry) decide accept/review: with ``-l``
+this command computes each case's Dice against the labels and the method object chooses its threshold
+(``Method.labelled_calibration``, with the flags it added by ``Method.add_labelled_calibration_arguments``); the
+command knows none of them by name.
 """
 
 from __future__ import annotations
