@@ -111,6 +111,14 @@ def make_rule(labelled=False, rule="ltt", n_gate=40, level=0.05, accepts=True):
     return DecisionRule(threshold, "calibration site" if labelled else "fit", labelled, gate)
 
 
+def test_the_rule_gives_the_run_s_drift_line_only_with_an_active_gate():
+    """The prediction prints the drift line through the deciding method's rule (``DecisionRule.drift_line``)."""
+    p_values = [0.01, 0.5, None, 0.03, math.nan, 0.9]
+    assert make_rule().drift_line(p_values) == drift_summary(p_values, 0.05)
+    assert make_rule(n_gate=5).drift_line(p_values) is None  # too few calibration cases for the level: inactive
+    assert make_rule(level=0.0).drift_line(p_values) is None  # no gate
+
+
 def test_every_review_has_its_reason():
     rule = make_rule()
     t = rule.risk.threshold

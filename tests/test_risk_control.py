@@ -331,6 +331,40 @@ def test_decision_rules_say_where_the_quality_threshold_comes_from(n_folds, expe
     assert q["calibration_cases"] == 12 * n_folds
 
 
+def test_labelled_calibration_is_the_quality_method_s_own_choose_threshold(capsys):
+    """nnUNetv2_calibrate_ood -l reaches quality's threshold through the method object: each setting is the flag's
+    value, else the fit's, else the option's default, and the threshold is :func:`choose_threshold`'s."""
+    from nnunet_ood.cli.calibrate import build_parser
+    from nnunet_ood.methods import REGISTRY
+
+    quality = REGISTRY.get("quality")
+    rng = np.random.default_rng(11)
+    cases = [f"case_{i:02d}" for i in range(40)]
+    risks = {c: float(r) for c, r in zip(reversed(cases), rng.uniform(0, 1, len(cases)))}  # not in case order
+    dice = {c: float(np.clip(1 - risks[c] + rng.normal(0, 0.1), 0, 1)) for c in cases}
+    in_order = ([risks[c] for c in cases], [dice[c] for c in cases])
+    fitted = {"fail_below": 0.7, "max_silent_failures": 0.1,
+              "risk_threshold": choose_threshold("crc", *in_order, 0.7, 0.1).to_json()}
+    keys = build_parser().parse_args(["-i", "x", "-d", "1", "-c", "2d"]).labelled_settings["quality"]
+    assert keys == ["fail_below", "max_silent_failures", "confidence", "risk_control"]
+    for given, params, expected in (
+            ({}, [fitted, fitted], ("crc", 0.7, 0.1, None)),  # the fit's rule (first fold's)
+            ({"risk_control": "ltt", "confidence": 0.8, "fail_below": 0.5}, [fitted], ("ltt", 0.5, 0.1, 0.8)),
+            ({}, [{}], ("ltt", 0.6, 0.05, 0.9))):  # nothing recorded: QualityConfig's defaults
+        rule, fail_below, alpha, confidence = expected
+        settings = {k: given.get(k) for k in keys}
+        calibration, record = quality.labelled_calibration(params, risks, dice, settings)
+        chosen = choose_threshold(rule, *in_order, fail_below, alpha, confidence or 0.9)
+        assert calibration.threshold == chosen.threshold and calibration.false_alarm_rate == alpha
+        assert (calibration.n_train_cases, calibration.n_val_cases) == (40, 40)
+        assert record == {"fail_below": fail_below, "max_silent_failures": alpha, "risk_control": rule,
+                          "confidence": confidence, "risk_threshold": chosen.to_json(),
+                          "dice": {c: dice[c] for c in cases}}
+        assert list(record["dice"]) == cases
+        assert capsys.readouterr().out.startswith(f"quality: accept below a predicted risk of "
+                                                  f"{chosen.threshold:.4g} ({rule}); on these 40 labelled cases")
+
+
 # ------------------------------------------------------------------------------------ Learn then Test
 def binomial_cdf(k, n, p):
     """P(Bin(n, p) <= k) summed from the probability mass function."""

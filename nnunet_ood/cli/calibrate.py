@@ -4,6 +4,11 @@ Predicts a folder of the site's ID images (no labels needed) with exactly the in
 (the flags of ``nnUNetv2_predict_ood``), then stores per method the normalisation bounds and the
 finite-sample threshold of their case scores as a named calibration in the model folder. Predict with
 ``nnUNetv2_predict_ood ... --calibration NAME`` and the same settings.
+
+Methods that predict Dice (``Method.predicts_dice``, found through the registry) decide accept/review: with ``-l``
+this command computes each case's Dice against the labels and the method object chooses its threshold
+(``Method.labelled_calibration``, with the flags it added by ``Method.add_labelled_calibration_arguments``); the
+command knows none of them by name.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from nnunet_ood.cli.predict import add_prediction_arguments, check_arguments, ch
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.methods import REGISTRY
 from nnunet_ood.methods.options import Range
-from nnunet_ood.methods.quality import FAIL_BELOW, RATE
 
 guard_if_spawned_worker()  # nnU-Net's spawned workers import this module: they die with the command
 
@@ -49,19 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "them, methods that predict Dice (quality) get their accept/review threshold re-selected by "
                         "conformal risk control on these cases, so that the guarantee covers this site's data; "
                         "without them they keep the fit's threshold")
-    # the same ranges as nnUNetv2_fit_ood's flags of the same names (QualityConfig)
-    p.add_argument("--fail_below", type=FAIL_BELOW.parser("--fail_below"), default=None, metavar="DICE",
-                   help=f"with -l: a segmentation with Dice below this is a failure (default: the fit's; {FAIL_BELOW})")
-    p.add_argument("--max_silent_failures", type=RATE.parser("--max_silent_failures"), default=None, metavar="RATE",
-                   help="with -l: tolerated share of the accepted cases that fail, with --confidence (--risk_control "
-                        f"crc: tolerated expected share of all cases accepted and failed) (default: the fit's; {RATE})")
-    p.add_argument("--confidence", type=RATE.parser("--confidence"), default=None, metavar="1-DELTA",
-                   help="with -l: the probability over the labelled cases with which the rate among accepted cases "
-                        f"holds (default: the fit's, 0.9; {RATE})")
-    p.add_argument("--risk_control", default=None, choices=("ltt", "crc"),
-                   help="with -l: ltt (Learn then Test: failures among accepted cases, with --confidence) or crc "
-                        "(conformal risk control: expected share of all cases accepted and failed) (default: the "
-                        "fit's)")
+    # methods that predict Dice add the flags of their rule (quality: --fail_below, --max_silent_failures, ...)
+    p.set_defaults(labelled_settings={m.name: m.add_labelled_calibration_arguments(p) for m in REGISTRY
+                                      if m.predicts_dice})
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration of the same name")
     return p
 
@@ -78,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_parts > 1:
         raise OODInputError("the calibration cases are predicted in one run; drop -num_parts (or predict them in "
                             "parts with nnUNetv2_predict_ood and calibrate from a copy of the images on one machine)")
-    rule_flags = [f"--{k}" for k in ("fail_below", "max_silent_failures", "confidence", "risk_control")
-                  if getattr(args, k) is not None]
+    rule_flags = [f"--{k}" for keys in args.labelled_settings.values() for k in keys if getattr(args, k) is not None]
     if args.labels is None and rule_flags:
         raise OODInputError(f"{', '.join(rule_flags)} re-select the accept/review threshold on labelled cases; give "
                             "the labels with -l LABELS_FOLDER")
@@ -185,25 +178,12 @@ def check_label_files(args: argparse.Namespace, model_folder: str) -> None:
 
 def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, risks: dict[str, float],
                        output: str) -> tuple[Any, dict[str, Any]]:
-    """``(calibration, what the labelled rule records)``: the accept/review threshold of ``method`` chosen by the
-    rule (:func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's function) on the labelled
-    calibration cases (Dice of the segmentations just written against ``-l``)."""
-    from nnunet_ood.calibration import MethodCalibration
+    """``(calibration, what the labelled rule records)``: the accept/review threshold of ``method`` chosen on the
+    labelled calibration cases by the method object (:meth:`~nnunet_ood.methods.base.Method.labelled_calibration`;
+    quality: :func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's function) from their case scores
+    and the Dice of the segmentations just written against ``-l``."""
     from nnunet_ood.evaluation.dice import case_dice, make_reader
-    from nnunet_ood.quality.risk_control import CONFIDENCE, RiskThreshold, choose_threshold
 
-    fitted = predictor.ood_states[0].method_params.get(method, {})
-    recorded = RiskThreshold.from_json(fitted["risk_threshold"], f"the fitted {method} threshold") \
-        if "risk_threshold" in fitted else None
-
-    def setting(name: str, fitted_value: Any, default: Any) -> Any:
-        given = getattr(args, name)
-        return given if given is not None else (fitted_value if fitted_value is not None else default)
-
-    fail_below = float(setting("fail_below", fitted.get("fail_below"), 0.6))
-    alpha = float(setting("max_silent_failures", fitted.get("max_silent_failures"), 0.05))
-    rule = setting("risk_control", recorded.rule if recorded else None, "ltt")
-    confidence = float(setting("confidence", recorded.confidence if recorded else None, CONFIDENCE))
     ending = predictor.dataset_json["file_ending"]
     manager = predictor.label_manager
     classes = list(manager.foreground_regions) if manager.has_regions else list(manager.foreground_labels)
@@ -211,15 +191,9 @@ def labelled_threshold(args: argparse.Namespace, predictor: Any, method: str, ri
     reader = make_reader(ending, _label_file(args, cases[0], ending))
     dice = {c: case_dice(_label_file(args, c, ending), os.path.join(output, c + ending), reader, classes,
                          manager.ignore_label) for c in cases}
-    threshold = choose_threshold(rule, [risks[c] for c in cases], [dice[c] for c in cases], fail_below, alpha,
-                                 confidence)
-    print(f"{method}: accept below a predicted risk of {threshold.threshold:.4g} ({rule}); on these {len(cases)} "
-          f"labelled cases {threshold.coverage:.0%} accepted, {threshold.accepted_failure_rate:.1%} of those with "
-          f"Dice < {fail_below:g}")
-    calibration = MethodCalibration(0.0, 1.0, threshold.threshold, len(cases), len(cases), "mean", alpha)
-    return calibration, {"fail_below": fail_below, "max_silent_failures": alpha, "risk_control": rule,
-                         "confidence": confidence if rule == "ltt" else None, "risk_threshold": threshold.to_json(),
-                         "dice": dice}
+    fold_params = [state.method_params.get(method, {}) for state in predictor.ood_states]
+    settings = {k: getattr(args, k) for k in args.labelled_settings[method]}
+    return REGISTRY.get(method).labelled_calibration(fold_params, risks, dice, settings)
 
 
 if __name__ == "__main__":

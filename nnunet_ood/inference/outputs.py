@@ -40,7 +40,6 @@ from nnunet_ood.io.scores import (
     write_score_tables,
 )
 from nnunet_ood.methods import REGISTRY
-from nnunet_ood.quality.gate import drift_summary
 
 if TYPE_CHECKING:
     from nnunet_ood.inference.predictor import nnUNetOODPredictor
@@ -207,9 +206,9 @@ class PredictionOutputs:
             rule = self.predictor.ood_decisions.get(m)
             if rule is not None:
                 print(f"{m}: {rule.statement()}")
-                if rule.gate.active:
-                    unusual = [r["methods"][m].get("unusual_p") for r in records if m in r["methods"]]
-                    print(f"{m}: {drift_summary(unusual, rule.gate.level)}")
+                drift = rule.drift_line([r["methods"][m].get("unusual_p") for r in records if m in r["methods"]])
+                if drift is not None:
+                    print(f"{m}: {drift}")
 
     def unfinished(self, lists, outputs, prev, save_probabilities: bool):
         """``--continue_prediction``: a case is done only when its segmentation, OOD record and maps all exist."""

@@ -191,6 +191,22 @@ class Method:
         gate for unusual cases), from the folds' fitted parameters and a named calibration ``site`` if given."""
         return None
 
+    def add_labelled_calibration_arguments(self, parser: Any) -> list[str]:
+        """For a method that ``predicts_dice``: add to ``parser`` (argparse's) the flags of
+        ``nnUNetv2_calibrate_ood -l`` that set its accept/review rule (default ``None``: the fit's value); return
+        their destinations, the keys of the ``settings`` that :meth:`labelled_calibration` is given. None by
+        default."""
+        return []
+
+    def labelled_calibration(self, fold_params: Sequence[Mapping[str, Any]], risks: Mapping[str, float],
+                             dice: Mapping[str, float], settings: Mapping[str, Any],
+                             log: Callable[[str], None] = print) -> tuple[MethodCalibration, dict[str, Any]]:
+        """For a method that ``predicts_dice``: ``(calibration, what the site calibration records)``, its
+        accept/review threshold chosen on a site's labelled cases (``nnUNetv2_calibrate_ood -l``) from their case
+        scores ``risks`` and the Dice of their segmentations ``dice`` (by case), the folds' fitted parameters and
+        the flags it added (``settings``, ``None`` where not given); ``log`` prints what was chosen."""
+        raise NotImplementedError(f"{self.name} predicts no Dice: it has no threshold chosen on labelled cases")
+
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         """``(versions per validation case, corruptions chained per version)`` it needs in the failure table
         (``needs_failure_table``)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -201,6 +201,61 @@ class Quality(DerivedMethod):
         else:
             scores, source = _clean_validation_scores(fold_params, names, self.name), "validation"
         return DecisionRule(threshold, origin, labelled, ConformalGate(scores, level, source))
+
+    def add_labelled_calibration_arguments(self, parser: Any) -> list[str]:
+        """``nnUNetv2_calibrate_ood``'s flags of the rule, with the ranges of ``nnUNetv2_fit_ood``'s flags of the
+        same names (:class:`QualityConfig`); not given, the fit's value holds."""
+        parser.add_argument("--fail_below", type=FAIL_BELOW.parser("--fail_below"), default=None, metavar="DICE",
+                            help=f"with -l: a segmentation with Dice below this is a failure (default: the fit's; "
+                                 f"{FAIL_BELOW})")
+        parser.add_argument("--max_silent_failures", type=RATE.parser("--max_silent_failures"), default=None,
+                            metavar="RATE",
+                            help="with -l: tolerated share of the accepted cases that fail, with --confidence "
+                                 "(--risk_control crc: tolerated expected share of all cases accepted and failed) "
+                                 f"(default: the fit's; {RATE})")
+        parser.add_argument("--confidence", type=RATE.parser("--confidence"), default=None, metavar="1-DELTA",
+                            help="with -l: the probability over the labelled cases with which the rate among accepted "
+                                 f"cases holds (default: the fit's, 0.9; {RATE})")
+        parser.add_argument("--risk_control", default=None, choices=("ltt", "crc"),
+                            help="with -l: ltt (Learn then Test: failures among accepted cases, with --confidence) "
+                                 "or crc (conformal risk control: expected share of all cases accepted and failed) "
+                                 "(default: the fit's)")
+        return ["fail_below", "max_silent_failures", "confidence", "risk_control"]
+
+    def labelled_calibration(self, fold_params: Sequence[Mapping[str, Any]], risks: Mapping[str, float],
+                             dice: Mapping[str, float], settings: Mapping[str, Any],
+                             log: Callable[[str], None] = print) -> tuple[MethodCalibration, dict[str, Any]]:
+        """The threshold chosen by the rule (:func:`nnunet_ood.quality.risk_control.choose_threshold`, the fit's
+        function) on the site's labelled cases; each setting is the flag's value if given, else the fit's (first
+        fold; the folds share one rule), else :class:`QualityConfig`'s default. The record: the rule's settings,
+        the threshold (``risk_threshold``, which :meth:`decision_rule` reads) and the cases' Dice."""
+        from nnunet_ood.calibration import MethodCalibration
+        from nnunet_ood.quality.risk_control import CONFIDENCE, RiskThreshold, choose_threshold
+
+        fitted = fold_params[0] if fold_params else {}
+        recorded = RiskThreshold.from_json(fitted["risk_threshold"], f"the fitted {self.name} threshold") \
+            if "risk_threshold" in fitted else None
+
+        def setting(name: str, fitted_value: Any, default: Any) -> Any:
+            given = settings.get(name)
+            return given if given is not None else (fitted_value if fitted_value is not None else default)
+
+        defaults = QualityConfig()
+        fail_below = float(setting("fail_below", fitted.get("fail_below"), defaults.fail_below))
+        alpha = float(setting("max_silent_failures", fitted.get("max_silent_failures"),
+                              defaults.max_silent_failures))
+        rule = setting("risk_control", recorded.rule if recorded else None, defaults.risk_control)
+        confidence = float(setting("confidence", recorded.confidence if recorded else None, CONFIDENCE))
+        cases = sorted(risks)
+        threshold = choose_threshold(rule, [risks[c] for c in cases], [dice[c] for c in cases], fail_below, alpha,
+                                     confidence)
+        log(f"{self.name}: accept below a predicted risk of {threshold.threshold:.4g} ({rule}); on these "
+            f"{len(cases)} labelled cases {threshold.coverage:.0%} accepted, {threshold.accepted_failure_rate:.1%} "
+            f"of those with Dice < {fail_below:g}")
+        calibration = MethodCalibration(0.0, 1.0, threshold.threshold, len(cases), len(cases), "mean", alpha)
+        return calibration, {"fail_below": fail_below, "max_silent_failures": alpha, "risk_control": rule,
+                             "confidence": confidence if rule == "ltt" else None,
+                             "risk_threshold": threshold.to_json(), "dice": {c: dice[c] for c in cases}}
 
     def failure_table_versions(self, options: Any) -> tuple[int, int]:
         config = options.config(QualityConfig)

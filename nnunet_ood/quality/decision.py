@@ -12,11 +12,11 @@ among accepted cases), the fold's validation cases and their synthetic corruptio
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nnunet_ood.quality.gate import ConformalGate, min_cases_for_gate
+from nnunet_ood.quality.gate import ConformalGate, drift_summary, min_cases_for_gate
 from nnunet_ood.quality.risk_control import RiskThreshold
 
 #: the reason of a case whose risk or gate scores are NaN
@@ -66,6 +66,11 @@ class DecisionRule:
         return f"predicted Dice {1 - risk:.2f} < {1 - self.risk.threshold:.2f}"
 
     # ------------------------------------------------------------------ what it says
+    def drift_line(self, p_values: Sequence[float | None]) -> str | None:
+        """With the gate active, the run's drift line from its cases' gate p-values
+        (:func:`~nnunet_ood.quality.gate.drift_summary`); ``None`` without an active gate."""
+        return drift_summary(p_values, self.gate.level) if self.gate.active else None
+
     def statement(self) -> str:
         """One sentence (two at most) that says which guarantee is in force, for which cases, and no more."""
         return f"{self._threshold_sentence()} {self._gate_sentence()}"
