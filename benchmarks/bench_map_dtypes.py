@@ -29,8 +29,8 @@ def main() -> None:
     """Print one row per data type: file size, share of float32, write time, largest error and its bound."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from nnunet_ood.io.map_dtypes import normalize_map
     from nnunet_ood.io.maps import write_map_image
+    from nnunet_ood.normalization import normalize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 128), help="x y z voxels")
@@ -46,7 +46,7 @@ def main() -> None:
         smooth = (5 * np.exp(-4 * (x**2 + y**2 + z**2)) + np.sin(3 * x) * np.cos(2 * y)).astype(np.float32)
         half_step = float(smooth.max() - smooth.min()) / 131068 + float(np.spacing(np.abs(smooth).max()))  # + float32
         references = {"float32": (smooth, 0.0), "int16": (smooth, half_step),
-                      "uint8": (normalize_map(smooth, low, high), 1 / 510)}
+                      "uint8": (normalize(smooth, low, high), 1 / 510)}
         print(machine_description())
         print(f"map {' x '.join(map(str, args.shape))} voxels, .nii.gz")
         print(f"{'dtype':8} {'MB':>8} {'of f32':>7} {'write s':>8} {'max error':>10} {'bound':>10}")

@@ -3,8 +3,8 @@
 A method's case scores are put on a common scale (``normalized``, [0, 1]) and flagged ``ood`` above a
 threshold. Both numbers come from in-distribution cases (METHODS.md §1): ``low`` = the smallest and
 ``high`` = twice the largest training-case score, and the threshold from the validation-case scores (at
-fit time) or from a site's own cases (``nnUNetv2_calibrate_ood``). :func:`normalize_score` is the one
-normalisation of the package; the evaluation uses it too.
+fit time) or from a site's own cases (``nnUNetv2_calibrate_ood``). The normalisation itself lives in
+:mod:`nnunet_ood.normalization` (re-exported here as ``normalize_score`` and ``normalization_bounds``).
 
 Thresholds are finite-sample quantiles (:func:`conformal_threshold`): for a false-alarm rate a on n
 calibration cases, the ceil((n + 1)(1 - a))-th smallest score, so that a new case exchangeable with the
@@ -19,6 +19,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from nnunet_ood.errors import OODStateError
+from nnunet_ood.normalization import bounds_from_scores, normalize, usable_bounds
+
+#: the names this module gave the normalisation before it moved to nnunet_ood.normalization
+normalize_score = normalize
+normalization_bounds = bounds_from_scores
 
 #: how a method's voxel map becomes its case score (chosen at fit time, stored with the calibration)
 CASE_AGGREGATIONS: tuple[str, ...] = ("mean", "foreground_mean", "max_patch")
@@ -31,21 +36,6 @@ REFIT = "re-fit it with nnUNetv2_fit_ood"
 SCORE_LIMIT = 1e40
 #: every value a score can take
 ANY_SCORE: tuple[float, float] = (-math.inf, math.inf)
-
-
-def normalize_score(score: float, low: float, high: float) -> float:
-    """``score`` clipped to ``[low, high]`` and rescaled to [0, 1]; NaN stays NaN.
-
-    Degenerate bounds (``high == low``: every training score was equal) give a step: 0 at or below
-    ``low``, 1 above it, so a case scoring above every training case still stands out.
-    """
-    if not (math.isfinite(low) and math.isfinite(high)) or high < low:
-        raise ValueError(f"normalisation needs finite bounds with high >= low, got low={low}, high={high}")
-    if math.isnan(score):
-        return math.nan
-    if high == low:
-        return 1.0 if score > low else 0.0
-    return (min(max(score, low), high) - low) / (high - low)
 
 
 def conformal_rank(n: int, false_alarm_rate: float) -> int:
@@ -74,13 +64,6 @@ def conformal_threshold(scores: Sequence[float], false_alarm_rate: float = FALSE
     return finite[min(rank, len(finite)) - 1], rank <= len(finite)
 
 
-def normalization_bounds(train_scores: Sequence[float]) -> tuple[float, float]:
-    """``[min, 2 max]`` of training case scores (METHODS.md); scores that can be negative (energy,
-    kl_uniform) get the same headroom above the minimum: ``[min, max + (max - min)]``."""
-    low, top = float(min(train_scores)), float(max(train_scores))
-    return low, (2 * top if low >= 0 else top + (top - low))
-
-
 @dataclass
 class MethodCalibration:
     """Per-method numbers recorded at fit time: display normalisation, ID threshold, case aggregation."""
@@ -100,7 +83,7 @@ class MethodCalibration:
 
     def normalize(self, score: float) -> float:
         """The score on the [0, 1] display scale (NaN for uncalibrated methods and NaN scores)."""
-        return normalize_score(score, self.low, self.high) if self.calibrated else math.nan
+        return normalize(score, self.low, self.high) if self.calibrated else math.nan
 
     def flag(self, score: float) -> bool:
         """Out of distribution: above the threshold, or NaN (a case that could not be scored)."""
@@ -114,7 +97,7 @@ class MethodCalibration:
         bounds with ``low <= high``."""
         if not self.calibrated:
             return None
-        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+        if not usable_bounds(self.low, self.high):
             return f"normalisation bounds low={self.low:g}, high={self.high:g} are not finite with low <= high"
         return None
 
@@ -175,7 +158,7 @@ class MethodCalibration:
         if not train or not val:
             raise OODStateError("no finite OOD scores on the fold's training or validation cases; "
                                 "check the preprocessed data for NaN/Inf and re-run nnUNetv2_fit_ood")
-        low, high = normalization_bounds(train)
+        low, high = bounds_from_scores(train)
         threshold, _ = conformal_threshold(val, false_alarm_rate)
         return cls(low=low, high=high, threshold=threshold, n_train_cases=len(train_scores),
                    n_val_cases=len(val_scores), aggregation=aggregation, false_alarm_rate=false_alarm_rate)

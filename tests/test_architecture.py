@@ -219,3 +219,34 @@ def test_the_worked_example_is_one_method_and_one_registry_line(example, tmp_pat
     imported = subprocess.run([sys.executable, "-c", "import sys, example_method; print('torch' in sys.modules)"],
                               cwd=tmp_path, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------- sizes (issue 24)
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def oversized() -> list[str]:
+    """Every module of the package over :data:`MAX_MODULE_LINES` lines and every function or method over
+    :data:`MAX_FUNCTION_LINES` (from its ``def`` to its last line, decorators not counted)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(ROOT).as_posix()
+        n_lines = len(text.splitlines())
+        if n_lines > MAX_MODULE_LINES:
+            found.append(f"{where}: {n_lines} lines (at most {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text, filename=where)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{where}:{node.lineno} {node.name}: {length} lines (at most {MAX_FUNCTION_LINES})")
+    return found
+
+
+def test_no_module_over_400_lines_and_no_function_over_60() -> None:
+    """Split a module by concern, a function into named steps, before it grows past the limits."""
+    found = oversized()
+    assert not found, "too long:\n" + "\n".join(found)

@@ -2,7 +2,7 @@
 documented bound, in exactly the float32 map's geometry, and in smaller files; bad choices are refused first.
 
 References are computed here independently: the float map we hand to the writer, its finite min/max for the
-int16 bound, and :func:`nnunet_ood.calibration.normalize_score` voxel by voxel for uint8.
+int16 bound, and :func:`nnunet_ood.normalization.normalize` of each voxel's float for uint8.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import SimpleITK as sitk
 from nnunetv2.imageio.nibabel_reader_writer import NibabelIO, NibabelIOWithReorient
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunet_ood.calibration import MethodCalibration, normalize_score
+from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.cli import predict as predict_entry
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.io.map_dtypes import check_map_dtype, normalization_bounds
 from nnunet_ood.io.maps import write_float_image, write_map_image
 from nnunet_ood.io.score_reader import read_score_rows
+from nnunet_ood.normalization import normalize
 
 RNG = np.random.default_rng(3)
 READERS = [SimpleITKIO, NibabelIO, NibabelIOWithReorient]
@@ -62,7 +63,7 @@ def _half_step(values: np.ndarray) -> float:
 
 
 def _normalized(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    return np.array([normalize_score(float(v), low, high) for v in values.ravel()]).reshape(values.shape)
+    return np.array([normalize(float(v), low, high) for v in values.ravel()]).reshape(values.shape)
 
 
 def _no_temporaries(folder: Path) -> None:

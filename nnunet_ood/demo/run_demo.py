@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from nnunet_ood.demo.progress import ProgressRelay, run_logged
 from nnunet_ood.errors import one_line_errors
@@ -124,77 +125,81 @@ def format_summary_table(markdown: str) -> str:
     return "\n".join(text)
 
 
-@one_line_errors
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``nnunet_ood_demo``."""
-    args = build_parser().parse_args(argv)
-    from nnunet_ood.demo.synthetic import generate_demo_dataset
-    from nnunet_ood.ext_trainer import trainer_dir
-    from nnunet_ood.trainers import nnUNetTrainerOOD_demo, nnUNetTrainerOOD_demo_full
-
-    started = time.time()
-    trainer = nnUNetTrainerOOD_demo_full if args.full else nnUNetTrainerOOD_demo
-    out = Path(args.output).resolve()
+def _fresh_folders(out: Path) -> tuple[Path, Path]:
+    """``<output>/nnunet`` (removed: a demo always starts from scratch) and an empty ``<output>/logs``."""
     work = out / "nnunet"
     if work.exists():
         shutil.rmtree(work)  # a demo always starts from scratch
     logs = out / "logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
+    return work, logs
+
+
+def _environment(work: Path) -> dict[str, str]:
+    """The commands' environment: nnU-Net's folders under ``work``, the demo trainers, pinned numerics."""
+    from nnunet_ood.ext_trainer import trainer_dir
+
     env = dict(os.environ)
     env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                nnUNet_results=str(work / "results"), nnUNet_compile="0", nnUNet_extTrainer=trainer_dir(),
                **_numerics_env())
     env.setdefault("nnUNet_def_n_proc", "2")
-    steps = Steps(logs, env, progress=not args.no_progress)
+    return env
 
-    print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
-    data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
-                                 n_test_per_domain=args.n_test, size=64, n_site=args.n_site)
 
-    steps.run("planning", "planning and preprocessing (nnUNetv2_plan_and_preprocess)",
-              ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"])
-    # data augmentation in-process: fastest on 2 cores, and the seeded batches do not depend on worker timing
-    steps.run("training and fit", f"training fold 0 with {trainer.__name__}, then fitting the OOD methods",
-              ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer.__name__, "-device", args.device],
-              ProgressRelay(epochs=trainer.num_demo_epochs), nnUNet_n_proc_DA="0")
-
-    predictions = out / "predictions"
-    shutil.rmtree(predictions, ignore_errors=True)
-    # the fold's validation cases (ID, never trained on) set the evaluation's 95% ID threshold
+def _validation_images(work: Path, data: Any) -> Path:
+    """The fold's validation cases (ID, never trained on) copied into a folder of their own: they set the
+    evaluation's 95% ID threshold."""
     val_images = work / "id_val_images"
     val_images.mkdir()
     split = json.loads((work / "preprocessed" / data.name / "splits_final.json").read_text())[0]
     for case in split["val"]:
         shutil.copy(Path(data.images_tr) / f"{case}_0000.nii.gz", val_images / f"{case}_0000.nii.gz")
-    calibration: list[str] = []
-    if args.n_site > 0:
-        # the site's own ID scans (no labels needed) set every method's threshold and switch on quality's gate
-        # for unusual scans (it needs 19 or more calibration cases; the fold has 12 validation cases)
-        steps.run("calibration", f"calibrating on {args.n_site} in-distribution scans of the site "
-                  "(nnUNetv2_calibrate_ood)",
-                  ["nnUNetv2_calibrate_ood", "-i", str(data.images_site), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
-                   "-tr", trainer.__name__, "-device", args.device,
-                   "-npp", "0", "-nps", "0", "--name", "site", "--overwrite", "--disable_progress_bar"],
-                  ProgressRelay(cases=args.n_site))
-        calibration = ["--calibration", "site"]
-    groups = {domain: Path(data.images_ts[domain]) for domain in data.domains}
-    groups["id_val"] = val_images
+    return val_images
+
+
+def _calibrate(steps: Steps, args: argparse.Namespace, data: Any, trainer: str) -> list[str]:
+    """``nnUNetv2_calibrate_ood`` on the site's scans (with ``--n_site`` > 0); the prediction's arguments that
+    use it."""
+    if args.n_site <= 0:
+        return []
+    # the site's own ID scans (no labels needed) set every method's threshold and switch on quality's gate
+    # for unusual scans (it needs 19 or more calibration cases; the fold has 12 validation cases)
+    steps.run("calibration", f"calibrating on {args.n_site} in-distribution scans of the site "
+              "(nnUNetv2_calibrate_ood)",
+              ["nnUNetv2_calibrate_ood", "-i", str(data.images_site), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+               "-tr", trainer, "-device", args.device,
+               "-npp", "0", "-nps", "0", "--name", "site", "--overwrite", "--disable_progress_bar"],
+              ProgressRelay(cases=args.n_site))
+    return ["--calibration", "site"]
+
+
+def _predict(steps: Steps, args: argparse.Namespace, trainer: str, groups: dict[str, Path], predictions: Path,
+             calibration: list[str]) -> None:
+    """One ``nnUNetv2_predict_ood`` run over every folder of ``groups``, with maps and review pages."""
     n_cases = sum(len(list(folder.glob("*_0000.nii.gz"))) for folder in groups.values())
     # one process for every folder: the model, the OOD state and nnU-Net are loaded once; sequential mode
     # (-npp 0 -nps 0) because on 2 cores starting worker processes costs more than it saves
     steps.run("prediction", f"predicting {', '.join(groups)} with OOD scores and maps (one nnUNetv2_predict_ood run)",
               ["nnUNetv2_predict_ood", "-i", *map(str, groups.values()), "-o", *(str(predictions / g) for g in groups),
-               "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer.__name__, "-device", args.device,
+               "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", trainer, "-device", args.device,
                "-npp", "0", "-nps", "0", "--save_ood_maps", "--report", "--disable_progress_bar", *calibration],
               ProgressRelay(cases=n_cases))
+
+
+def _evaluate(steps: Steps, data: Any, predictions: Path, evaluation: Path) -> None:
+    """``nnUNetv2_evaluate_ood`` of the ID test cases, the validation cases and every shifted domain."""
     shifted = [arg for d in data.domains if d != "id"
                for arg in ("--domain", d, str(predictions / d), str(data.labels_ts[d]))]
-    evaluation = out / "evaluation"
     steps.run("evaluation", "evaluating all methods (nnUNetv2_evaluate_ood)",
               ["nnUNetv2_evaluate_ood", "--id_test", str(predictions / "id"), str(data.labels_ts["id"]),
                "--id_val", str(predictions / "id_val"), str(data.labels_tr), *shifted, "-o", str(evaluation)])
 
+
+def _print_closing(steps: Steps, started: float, out: Path, evaluation: Path, predictions: Path,
+                   groups: dict[str, Path]) -> None:
+    """The summary table, the time per step and where the tables and pages are."""
     print()
     print(format_summary_table((evaluation / "ood_summary.md").read_text()))
     print()
@@ -210,6 +215,42 @@ def main(argv: list[str] | None = None) -> None:
     if report.exists() or reviews:
         print("open them in any web browser (they work offline), e.g. xdg-open " + str(report if report.exists()
                                                                                      else reviews[0]))
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``nnunet_ood_demo``."""
+    args = build_parser().parse_args(argv)
+    from nnunet_ood.demo.synthetic import generate_demo_dataset
+    from nnunet_ood.trainers import nnUNetTrainerOOD_demo, nnUNetTrainerOOD_demo_full
+
+    started = time.time()
+    trainer = nnUNetTrainerOOD_demo_full if args.full else nnUNetTrainerOOD_demo
+    out = Path(args.output).resolve()
+    work, logs = _fresh_folders(out)
+    steps = Steps(logs, _environment(work), progress=not args.no_progress)
+
+    print(f"==> generating the synthetic dataset (seed {args.seed})", flush=True)
+    data = generate_demo_dataset(work / "raw", DATASET_ID, seed=args.seed, n_train=args.n_train,
+                                 n_test_per_domain=args.n_test, size=64, n_site=args.n_site)
+
+    steps.run("planning", "planning and preprocessing (nnUNetv2_plan_and_preprocess)",
+              ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "2"])
+    # data augmentation in-process: fastest on 2 cores, and the seeded batches do not depend on worker timing
+    steps.run("training and fit", f"training fold 0 with {trainer.__name__}, then fitting the OOD methods",
+              ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer.__name__, "-device", args.device],
+              ProgressRelay(epochs=trainer.num_demo_epochs), nnUNet_n_proc_DA="0")
+
+    predictions = out / "predictions"
+    shutil.rmtree(predictions, ignore_errors=True)
+    val_images = _validation_images(work, data)
+    calibration = _calibrate(steps, args, data, trainer.__name__)
+    groups = {domain: Path(data.images_ts[domain]) for domain in data.domains}
+    groups["id_val"] = val_images
+    _predict(steps, args, trainer.__name__, groups, predictions, calibration)
+    evaluation = out / "evaluation"
+    _evaluate(steps, data, predictions, evaluation)
+    _print_closing(steps, started, out, evaluation, predictions, groups)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,67 @@ def _clear(folder: Path) -> None:
         f.unlink()
 
 
+def _write_training_cases(ds: DemoDataset, seed: int, n_train: int, size: int) -> None:
+    """``train_XXX``: cases of the ``id`` scanner, in ``imagesTr`` / ``labelsTr``."""
+    _clear(ds.images_tr)
+    _clear(ds.labels_tr)
+    for i in range(n_train):
+        case = f"train_{i:03d}"
+        rng = _case_rng(seed, 0, i)
+        label = _anatomy(rng, size)
+        _write(_acquire(rng, label, _SCANNERS["id"]), ds.images_tr / f"{case}_0000{FILE_ENDING}")
+        _write(label, ds.labels_tr / f"{case}{FILE_ENDING}")
+        ds.train_cases.append(case)
+
+
+def _write_test_domain(ds: DemoDataset, d_idx: int, domain: str, seed: int, n_cases: int, size: int) -> None:
+    """``<domain>_XXX``: the test cases of one domain (its stream ``d_idx``), in ``imagesTs_<domain>`` /
+    ``labelsTs_<domain>``."""
+    ds.images_ts[domain] = ds.dataset_dir / f"imagesTs_{domain}"
+    ds.labels_ts[domain] = ds.dataset_dir / f"labelsTs_{domain}"
+    _clear(ds.images_ts[domain])
+    _clear(ds.labels_ts[domain])
+    for i in range(n_cases):
+        case = f"{domain}_{i:03d}"
+        rng = _case_rng(seed, d_idx, i)
+        if domain == "far_ood":
+            img = _far_ood(rng, size, kind=i % 3)
+            label = np.zeros((size, size), dtype=np.uint8)
+        else:
+            label = _anatomy(rng, size)
+            img = _acquire(rng, label, _SCANNERS[domain])
+        _write(img, ds.images_ts[domain] / f"{case}_0000{FILE_ENDING}")
+        _write(label, ds.labels_ts[domain] / f"{case}{FILE_ENDING}")
+        ds.case_domain[case] = domain
+
+
+def _write_site_cases(ds: DemoDataset, seed: int, n_site: int, size: int) -> None:
+    """``site_XXX``: new subjects of the ``id`` scanner, in ``imagesSite`` / ``labelsSite``."""
+    _clear(ds.images_site)
+    _clear(ds.labels_site)
+    for i in range(n_site):  # its own stream, after the test domains': the other cases do not change
+        rng = _case_rng(seed, len(DEMO_DOMAINS) + 1, i)
+        label = _anatomy(rng, size)
+        _write(_acquire(rng, label, _SCANNERS["id"]), ds.images_site / f"site_{i:03d}_0000{FILE_ENDING}")
+        _write(label, ds.labels_site / f"site_{i:03d}{FILE_ENDING}")
+
+
+def _write_descriptions(ds: DemoDataset, n_train: int) -> None:
+    """``dataset.json`` and ``test_domains.json`` (the case -> domain map)."""
+    dataset_json = {
+        "channel_names": {"0": "MRI"},  # "MRI" -> nnU-Net z-scores each image on its own
+        "labels": dict(DEMO_LABELS),
+        "numTraining": n_train,
+        "file_ending": FILE_ENDING,
+        "name": ds.name,
+        "description": "nnunet-ood synthetic demo: ellipse organs/lesions; test domains "
+                       + ", ".join(DEMO_DOMAINS),
+    }
+    (ds.dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    # The case -> domain map, so that a later step can group results without this object.
+    (ds.dataset_dir / "test_domains.json").write_text(json.dumps(ds.case_domain, indent=2))
+
+
 def generate_demo_dataset(nnunet_raw: str | os.PathLike, dataset_id: int = 501, seed: int = 0,
                           n_train: int = 60, n_test_per_domain: int = 16,
                           size: int = 64, n_site: int = 0) -> DemoDataset:
@@ -223,56 +284,11 @@ def generate_demo_dataset(nnunet_raw: str | os.PathLike, dataset_id: int = 501, 
     if n_train < 1 or n_test_per_domain < 0 or n_site < 0 or size < 16:
         raise ValueError("need n_train >= 1, n_test_per_domain >= 0, n_site >= 0 and size >= 16")
     name = f"Dataset{dataset_id:03d}_OODDemo"
-    ddir = Path(nnunet_raw) / name
-    ds = DemoDataset(name=name, dataset_dir=ddir, domains=list(DEMO_DOMAINS), images_ts={},
+    ds = DemoDataset(name=name, dataset_dir=Path(nnunet_raw) / name, domains=list(DEMO_DOMAINS), images_ts={},
                      labels_ts={})
-
-    _clear(ds.images_tr)
-    _clear(ds.labels_tr)
-    for i in range(n_train):
-        case = f"train_{i:03d}"
-        rng = _case_rng(seed, 0, i)
-        label = _anatomy(rng, size)
-        _write(_acquire(rng, label, _SCANNERS["id"]), ds.images_tr / f"{case}_0000{FILE_ENDING}")
-        _write(label, ds.labels_tr / f"{case}{FILE_ENDING}")
-        ds.train_cases.append(case)
-
+    _write_training_cases(ds, seed, n_train, size)
     for d_idx, domain in enumerate(DEMO_DOMAINS, start=1):
-        ds.images_ts[domain] = ddir / f"imagesTs_{domain}"
-        ds.labels_ts[domain] = ddir / f"labelsTs_{domain}"
-        _clear(ds.images_ts[domain])
-        _clear(ds.labels_ts[domain])
-        for i in range(n_test_per_domain):
-            case = f"{domain}_{i:03d}"
-            rng = _case_rng(seed, d_idx, i)
-            if domain == "far_ood":
-                img = _far_ood(rng, size, kind=i % 3)
-                label = np.zeros((size, size), dtype=np.uint8)
-            else:
-                label = _anatomy(rng, size)
-                img = _acquire(rng, label, _SCANNERS[domain])
-            _write(img, ds.images_ts[domain] / f"{case}_0000{FILE_ENDING}")
-            _write(label, ds.labels_ts[domain] / f"{case}{FILE_ENDING}")
-            ds.case_domain[case] = domain
-
-    _clear(ds.images_site)
-    _clear(ds.labels_site)
-    for i in range(n_site):  # its own stream, after the test domains': the other cases do not change
-        rng = _case_rng(seed, len(DEMO_DOMAINS) + 1, i)
-        label = _anatomy(rng, size)
-        _write(_acquire(rng, label, _SCANNERS["id"]), ds.images_site / f"site_{i:03d}_0000{FILE_ENDING}")
-        _write(label, ds.labels_site / f"site_{i:03d}{FILE_ENDING}")
-
-    dataset_json = {
-        "channel_names": {"0": "MRI"},  # "MRI" -> nnU-Net z-scores each image on its own
-        "labels": dict(DEMO_LABELS),
-        "numTraining": n_train,
-        "file_ending": FILE_ENDING,
-        "name": name,
-        "description": "nnunet-ood synthetic demo: ellipse organs/lesions; test domains "
-                       + ", ".join(DEMO_DOMAINS),
-    }
-    (ddir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    # The case -> domain map, so that a later step can group results without this object.
-    (ddir / "test_domains.json").write_text(json.dumps(ds.case_domain, indent=2))
+        _write_test_domain(ds, d_idx, domain, seed, n_test_per_domain, size)
+    _write_site_cases(ds, seed, n_site, size)
+    _write_descriptions(ds, n_train)
     return ds

@@ -5,7 +5,8 @@ same pooled bottleneck features that the Mahalanobis detector uses; no distribut
 Sun et al. ("Out-of-distribution detection with deep nearest neighbors") use the distance to the
 k-th nearest training feature vector as the score, on L2-normalised features. Here the training
 features are kept in a bounded bank (a uniform random sample once there are more rows than fit),
-and distances are computed exactly, in float64, by blocks so that temporary memory stays bounded.
+and distances are computed exactly, in float64, by blocks so that temporary memory stays bounded
+(:mod:`nnunet_ood.detectors.nearest`); the bank's random draws are :mod:`nnunet_ood.detectors.reservoir`'s.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import numbers
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from nnunet_ood.detectors.base import ArrayLike, DeviceLike, FeatureDetector
+from nnunet_ood.detectors.nearest import l2_normalize, nearest_indices, neighbour_distances
+from nnunet_ood.detectors.reservoir import hypergeometric, reservoir_replacements
 from nnunet_ood.detectors.statistics import as_feature_tensor
 from nnunet_ood.errors import OODInputError, OODStateError
 
@@ -26,7 +28,6 @@ __all__ = ["DEFAULT_BLOCK_ELEMENTS", "KNNDetector"]
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
 
 _AGGREGATES = ("kth", "mean")
-_HYPERGEOMETRIC_LIMIT = 10**9  # numpy's hypergeometric needs both population parts below this
 _MAX_SEED = 2**63
 
 
@@ -34,12 +35,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
         raise OODInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` divided by their Euclidean norm (all-zero rows stay zero)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / norm.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class KNNDetector(FeatureDetector):
@@ -164,7 +159,7 @@ class KNNDetector(FeatureDetector):
             )
         x = x.to(device=self.device)
         if self.normalize:
-            x = _l2_normalize(x.to(torch.float64))
+            x = l2_normalize(x.to(torch.float64))
         x = x.to(torch.float32)
         finite = torch.isfinite(x).all(dim=1)
         n_bad = int((~finite).sum())
@@ -187,17 +182,9 @@ class KNNDetector(FeatureDetector):
         if rest > 0:
             assert self._buffer is not None
             first = self.n_samples_seen_ + fill  # 0-based stream index of x[fill]
-            index = torch.arange(first, first + rest, dtype=torch.int64)
-            uniform = torch.rand(rest, generator=self._generator, dtype=torch.float64)
-            slots = torch.minimum(torch.floor(uniform * (index + 1).to(torch.float64)).to(torch.int64), index)
-            chosen = slots < bound
-            if bool(chosen.any()):
-                position = torch.nonzero(chosen).squeeze(1)
-                # The sequential algorithm lets the last of several rows aimed at one slot win.
-                winner = torch.full((bound,), -1, dtype=torch.int64)
-                winner.scatter_reduce_(0, slots[chosen], position, reduce="amax")
-                target = torch.nonzero(winner >= 0).squeeze(1)
-                source = winner[target] + fill
+            replaced = reservoir_replacements(first, rest, bound, self._generator)
+            if replaced is not None:
+                target, source = replaced[0], replaced[1] + fill
                 device = self._buffer.device
                 self._buffer[target.to(device)] = x[source.to(device)]
         self.n_samples_seen_ += n
@@ -220,6 +207,21 @@ class KNNDetector(FeatureDetector):
         ``other`` kept fewer rows than this detector would need (smaller ``max_bank_size``
         and overflowed); :class:`OODStateError` if the feature dimensions differ.
         """
+        self._check_merge_settings(other)
+        if other._rows == 0:
+            self.n_skipped_ += other.n_skipped_
+            return self
+        self._check_merge_bank(other)
+        if self._dim is None:
+            assert other._buffer is not None
+            self._start(other._dim, other._buffer.device)  # type: ignore[arg-type]
+        self._merge_bank(other)
+        self.n_samples_seen_ += other.n_samples_seen_
+        self.n_skipped_ += other.n_skipped_
+        return self
+
+    def _check_merge_settings(self, other: KNNDetector) -> None:
+        """:meth:`merge` needs another knn detector with the same ``k``, ``aggregate`` and ``normalize``."""
         if not isinstance(other, KNNDetector):
             raise TypeError(f"can only merge another KNNDetector, got {type(other).__name__}")
         for setting in ("k", "aggregate", "normalize"):
@@ -229,9 +231,9 @@ class KNNDetector(FeatureDetector):
                     f"cannot merge a knn detector with {setting}={theirs!r} into one with "
                     f"{setting}={mine!r}; create all parts with the same settings"
                 )
-        if other._rows == 0:
-            self.n_skipped_ += other.n_skipped_
-            return self
+
+    def _check_merge_bank(self, other: KNNDetector) -> None:
+        """:meth:`merge` needs a fitted ``other`` of the same feature dimension that kept every row it must give."""
         if self._dim is not None and other._dim != self._dim:
             raise OODStateError(
                 f"cannot merge a knn detector fitted on {other._dim} features into one fitted on "
@@ -243,9 +245,9 @@ class KNNDetector(FeatureDetector):
                 f"(max_bank_size={other.max_bank_size}) into one with max_bank_size={self.max_bank_size}; "
                 f"create all parts with the same max_bank_size"
             )
-        if self._dim is None:
-            assert other._buffer is not None
-            self._start(other._dim, other._buffer.device)  # type: ignore[arg-type]
+
+    def _merge_bank(self, other: KNNDetector) -> None:
+        """The bank of all rows seen by ``self`` and ``other``: both banks, or a uniform sample of the union."""
         assert self._buffer is not None
         theirs = other.bank_.to(self._buffer.device)
         n_a, n_b = self.n_samples_seen_, other.n_samples_seen_
@@ -254,24 +256,12 @@ class KNNDetector(FeatureDetector):
             self._append(theirs)
         else:
             size = self.max_bank_size
-            from_self = self._hypergeometric(n_a, n_b, size)
+            from_self = hypergeometric(n_a, n_b, size, self._generator)
             device = self._buffer.device
             pick_a = torch.randperm(self._rows, generator=self._generator)[:from_self].to(device)
             pick_b = torch.randperm(other._rows, generator=self._generator)[:size - from_self].to(device)
             self._buffer = torch.cat([self._buffer[pick_a], theirs[pick_b]])
             self._rows = size
-        self.n_samples_seen_ = n_a + n_b
-        self.n_skipped_ += other.n_skipped_
-        return self
-
-    def _hypergeometric(self, n_a: int, n_b: int, draws: int) -> int:
-        """Number of rows of the first part among ``draws`` drawn without replacement (seeded)."""
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
-        if n_a < _HYPERGEOMETRIC_LIMIT and n_b < _HYPERGEOMETRIC_LIMIT:
-            return int(rng.hypergeometric(n_a, n_b, draws))
-        # Populations this large: the binomial is indistinguishable from the hypergeometric.
-        count = int(rng.binomial(draws, n_a / (n_a + n_b)))
-        return min(max(count, draws - n_b, 0), n_a, draws)
 
     @property
     def is_fitted(self) -> bool:
@@ -315,47 +305,10 @@ class KNNDetector(FeatureDetector):
 
     def _score_finite(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
-            x = _l2_normalize(x)
-        distances = self._neighbour_distances(x, self._nearest(x))
+            x = l2_normalize(x)
+        index = nearest_indices(self.bank_, x, self.k, self.block_elements)
+        distances = neighbour_distances(self.bank_, x, index, self.block_elements)
         return distances.amax(dim=1) if self.aggregate == "kth" else distances.mean(dim=1)
-
-    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Bank indices (n, k) of the k nearest bank rows of the float64 rows ``x``, in blocks."""
-        bank = self.bank_
-        n, dim = x.shape
-        step = max(1, self.block_elements // max(n, dim))
-        x_sq = x.square().sum(dim=1, keepdim=True)
-        best = x.new_empty((n, 0))
-        best_index = torch.empty((n, 0), dtype=torch.int64, device=x.device)
-        for start in range(0, bank.shape[0], step):
-            block = bank[start:start + step].to(torch.float64)
-            d2 = torch.addmm(x_sq, x, block.mT, alpha=-2.0).add_(block.square().sum(dim=1))
-            del block
-            width = best.shape[1]
-            candidates = torch.cat([best, d2], dim=1)
-            del d2
-            best, position = torch.topk(candidates, min(self.k, candidates.shape[1]), dim=1, largest=False,
-                                        sorted=False)
-            del candidates
-            from_block = position + (start - width)
-            if width == 0:
-                best_index = from_block
-            else:
-                kept = best_index.gather(1, position.clamp(max=width - 1))
-                best_index = torch.where(position < width, kept, from_block)
-        return best_index
-
-    def _neighbour_distances(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Euclidean distances (n, k), float64, of the rows ``x`` to the bank rows ``index``."""
-        bank = self.bank_
-        n, dim = x.shape
-        step = max(1, self.block_elements // (index.shape[1] * dim))
-        out = torch.empty(index.shape, dtype=torch.float64, device=x.device)
-        for start in range(0, n, step):
-            diff = bank[index[start:start + step]].to(torch.float64)  # (rows, k, D)
-            diff.sub_(x[start:start + step, None, :])
-            out[start:start + step] = torch.linalg.vector_norm(diff, dim=2)
-        return out
 
     # ------------------------------------------------------------------ state
     def get_config(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from nnunet_ood.calibration import normalize_score
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.evaluation.formatting import (
     CASES_CSV,
@@ -23,6 +22,7 @@ from nnunet_ood.evaluation.groups import ALL_SHIFTED, ID_VAL, Evaluation
 from nnunet_ood.evaluation.risk_coverage import risk_coverage_curves
 from nnunet_ood.evaluation.summary import SUMMARY_MD, flag_threshold, flagged, format_summary
 from nnunet_ood.io.atomic import atomic_write_bytes
+from nnunet_ood.normalization import normalize, usable_bounds
 
 SCORE_PLOT = "score_distributions.png"
 CORRELATION_PLOT = "correlation_with_failure.png"
@@ -31,18 +31,19 @@ RISK_COVERAGE_PLOT = "risk_coverage.png"
 
 def normalized_threshold(calibration: Mapping[str, Any] | None, threshold: float | None = None) -> float | None:
     """A raw threshold (default: the plugin's, from ``calibration``) on the normalised scale of ``calibration``
-    (:func:`nnunet_ood.calibration.normalize_score`).
+    (:func:`nnunet_ood.normalization.normalize`).
 
-    None when the calibration lacks the bounds, the threshold is missing, or the bounds are not finite and ordered.
+    None when the calibration lacks the bounds, the threshold is missing or not finite, or the bounds are not
+    :func:`nnunet_ood.normalization.usable_bounds`.
     """
     if not calibration:
         return None
     try:
         low, high = float(calibration["low"]), float(calibration["high"])
         t = float(calibration["threshold"] if threshold is None else threshold)
-        return normalize_score(t, low, high) if math.isfinite(t) else None
     except (KeyError, TypeError, ValueError):
         return None
+    return normalize(t, low, high) if math.isfinite(t) and usable_bounds(low, high) else None
 
 
 def safe_file_part(name: str) -> str:

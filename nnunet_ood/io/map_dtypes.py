@@ -12,7 +12,7 @@ int64, uint64, float32, float64, float128, complex and RGB types; nibabel refuse
   reserved code 32767: they read back as ``max + slope``, just above ``cal_max`` (= max), the top of the scale,
   as a NaN case score is flagged ``ood``.
 * ``uint8``: the normalised map, ``(value - low) / (high - low)`` clipped to [0, 1] with the method's calibration
-  bounds (the same as the ``normalized`` column, :func:`nnunet_ood.calibration.normalize_score`), stored as
+  bounds (the same as the ``normalized`` column, :func:`nnunet_ood.normalization.normalize`), stored as
   ``round(255 * n)`` with slope 1/255, inter 0: within 1/510 of the normalised value. NaN voxels are stored
   as 255 (1.0, the most suspicious value; uint8 has no code to spare).
 
@@ -21,7 +21,6 @@ Only numpy at module level: the command line takes its choices from here before 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from nnunet_ood.calibration import MethodCalibration
 from nnunet_ood.errors import OODInputError
+from nnunet_ood.normalization import normalize, usable_bounds
 
 #: ``--ood_maps_dtype`` choices; float32 is the default (maps written as before)
 MAP_DTYPES: tuple[str, ...] = ("float32", "int16", "uint8")
@@ -97,23 +97,14 @@ def quantize_int16(values: np.ndarray) -> tuple[np.ndarray, NiftiScaling]:
                                f"nnunet-ood int16 map; code {INT16_NON_FINITE} = NaN/Inf")
 
 
-def normalize_map(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """:func:`nnunet_ood.calibration.normalize_score` voxel by voxel (float64): clipped to [low, high] and
-    rescaled to [0, 1], NaN stays NaN; ``high == low`` gives the same step (1 above ``low``, else 0)."""
-    values = np.asarray(values, dtype=np.float64)
-    if high == low:
-        return np.where(np.isnan(values), np.nan, (values > low).astype(np.float64))
-    return (np.clip(values, low, high) - low) / (high - low)  # np.clip keeps NaN
-
-
 def quantize_uint8(values: np.ndarray, low: float, high: float) -> tuple[np.ndarray, NiftiScaling]:
     """uint8 codes ``round(255 * normalised)`` of a float map and their scaling (slope 1/255, inter 0); NaN -> 255."""
-    if not (math.isfinite(low) and math.isfinite(high)) or high < low:
+    if not usable_bounds(low, high):
         raise OODInputError(f"uint8 maps need finite normalisation bounds with high >= low, got low={low}, "
                             f"high={high}; use --ood_maps_dtype int16 or float32")
 
     def encode(chunk: np.ndarray) -> np.ndarray:
-        normalized = normalize_map(chunk, low, high)
+        normalized = normalize(chunk, low, high)
         return np.where(np.isnan(normalized), UINT8_TOP, np.rint(normalized * UINT8_TOP))
 
     codes = _encode(np.asarray(values, dtype=np.float32), np.uint8, encode)
@@ -127,8 +118,7 @@ def normalization_bounds(calibration: Mapping[str, MethodCalibration]) -> dict[s
     out: dict[str, tuple[float, float] | None] = {}
     for method, c in calibration.items():
         low, high = float(c.low), float(c.high)
-        usable = c.calibrated and math.isfinite(low) and math.isfinite(high) and high >= low
-        out[method] = (low, high) if usable else None
+        out[method] = (low, high) if c.calibrated and usable_bounds(low, high) else None
     return out
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nnunet_ood import __version__
-from nnunet_ood.calibration import SCORE_LIMIT, MethodCalibration, conformal_threshold, normalization_bounds
+from nnunet_ood.calibration import SCORE_LIMIT, MethodCalibration, conformal_threshold
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.io.atomic import atomic_write_text
 from nnunet_ood.io.json_files import read_json
+from nnunet_ood.normalization import bounds_from_scores
 
 CALIBRATIONS_DIRNAME = "ood_calibrations"
 FORMAT_VERSION = 1
@@ -65,7 +66,7 @@ class SiteCalibration:
             finite = [s for s in scores.values() if math.isfinite(s)]
             if not finite:
                 raise OODInputError(f"no calibration case has a finite {method} score; check the images")
-            low, high = normalization_bounds(finite)
+            low, high = bounds_from_scores(finite)
             threshold, _ = conformal_threshold(finite, false_alarm_rate)
             calibration[method] = MethodCalibration(low, high, threshold, len(scores), len(scores),
                                                     aggregations.get(method, "mean"), false_alarm_rate)

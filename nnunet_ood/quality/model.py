@@ -25,7 +25,7 @@ Stored JSON (:meth:`QualityModel.to_json`): ``format`` ("nnunet_ood.quality_mode
 ``feature_names``, ``seed``, ``n_splits``, ``predictor`` (``{"kind": "constant", "value"}``, ``{"kind": "ridge",
 "alpha", "clip", "center", "scale", "coef", "intercept"}``, ``{"kind": "isotonic", "feature", "increasing", "x",
 "y"}`` or ``{"kind": "isotonic_mean", "members": [isotonic predictors]}``) and ``cross_validation`` (the CV
-report). Reading it is strict and never executes anything.
+report). Reading it is strict and never executes anything (:mod:`nnunet_ood.quality.model_json`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,16 @@ import numpy as np
 
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.quality.grouped_cv import group_kfold
+from nnunet_ood.quality.model_json import (
+    FORMAT,
+    REFIT,
+    SCHEMA_VERSION,
+    check_integer,
+    check_keys,
+    check_report,
+    check_spec,
+    corrupted,
+)
 from nnunet_ood.ranks import average_ranks, spearman  # noqa: F401 (re-exported for the tests)
 
 #: ridge penalties tried, each its own candidate (on standardised features; the penalty adds to X'X)
@@ -53,10 +63,7 @@ MEAN_SIZES: tuple[int, ...] = (2, 3, 5)
 TIE_BREAK = 1e-3
 #: the normal distribution's IQR in standard deviations: IQR / 1.349 estimates the std robustly
 _IQR_TO_STD = 1.349
-FORMAT = "nnunet_ood.quality_model"
-SCHEMA_VERSION = 1
 SELECTION = "lowest grouped-CV mean absolute error (ties: first candidate in order)"
-REFIT = "re-fit with nnUNetv2_fit_ood"
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -197,101 +204,6 @@ def _spec_name(spec: dict[str, Any]) -> str:
                      k=len(spec["members"]) if spec["kind"] == "isotonic_mean" else None).name
 
 
-# ---------------------------------------------------------------------------------------------- validation
-def _corrupt(where: str, detail: str) -> OODStateError:
-    return OODStateError(f"corrupted quality model in {where}: {detail}; {REFIT}")
-
-
-def _keys(obj: Any, required: Sequence[str], what: str, where: str) -> dict[str, Any]:
-    if not isinstance(obj, dict) or set(obj) != set(required):
-        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise _corrupt(where, f"{what} must have exactly the keys {', '.join(required)} (got {got})")
-    return obj
-
-
-def _number(value: Any, what: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _corrupt(where, f"{what} = {value!r} is not a finite number")
-    return float(value)
-
-
-def _integer(value: Any, what: str, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _corrupt(where, f"{what} = {value!r} is not an integer >= {minimum}")
-    return value
-
-
-def _numbers(value: Any, what: str, where: str, length: int | None = None) -> list[float]:
-    if not isinstance(value, list) or (length is not None and len(value) != length) or not value:
-        size = f"{length} " if length is not None else "a non-empty list of "
-        raise _corrupt(where, f"{what} must be {size}numbers")
-    return [_number(v, f"{what}[{i}]", where) for i, v in enumerate(value)]
-
-
-def _check_spec(spec: Any, feature_names: Sequence[str], where: str) -> dict[str, Any]:
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    p = len(feature_names)
-    if kind == "constant":
-        _keys(spec, ("kind", "value"), "the constant predictor", where)
-        return {"kind": kind, "value": _number(spec["value"], "value", where)}
-    if kind == "ridge":
-        _keys(spec, ("kind", "alpha", "clip", "center", "scale", "coef", "intercept"), "the ridge predictor", where)
-        out = {"kind": kind, "alpha": _number(spec["alpha"], "alpha", where),
-               "clip": _number(spec["clip"], "clip", where), "center": _numbers(spec["center"], "center", where, p),
-               "scale": _numbers(spec["scale"], "scale", where, p), "coef": _numbers(spec["coef"], "coef", where, p),
-               "intercept": _number(spec["intercept"], "intercept", where)}
-        if out["alpha"] <= 0 or out["clip"] <= 0 or min(out["scale"]) <= 0:
-            raise _corrupt(where, "the ridge predictor needs alpha, clip and every scale > 0")
-        return out
-    if kind == "isotonic":
-        _keys(spec, ("kind", "feature", "increasing", "x", "y"), "the isotonic predictor", where)
-        if spec["feature"] not in feature_names or not isinstance(spec["increasing"], bool):
-            raise _corrupt(where, f"the isotonic predictor's feature {spec['feature']!r} is not one of the model's "
-                                  "features, or its direction is not true/false")
-        x = _numbers(spec["x"], "x", where)
-        y = _numbers(spec["y"], "y", where, len(x))
-        dy = np.diff(y) if spec["increasing"] else -np.diff(y)
-        if np.any(np.diff(x) <= 0) or np.any(dy < 0):
-            raise _corrupt(where, "the isotonic knots must have increasing x and y monotone in the stated direction")
-        return {"kind": kind, "feature": spec["feature"], "increasing": spec["increasing"], "x": x, "y": y}
-    if kind == "isotonic_mean":
-        _keys(spec, ("kind", "members"), "the isotonic_mean predictor", where)
-        members = spec["members"]
-        if not isinstance(members, list) or not members or \
-                any(not isinstance(m, dict) or m.get("kind") != "isotonic" for m in members):
-            raise _corrupt(where, "the isotonic_mean predictor needs a non-empty list of isotonic members")
-        return {"kind": kind, "members": [_check_spec(m, feature_names, where) for m in members]}
-    raise _corrupt(where, f"unknown predictor kind {kind!r} (one of constant, ridge, isotonic, isotonic_mean)")
-
-
-_REPORT_KEYS = ("chosen", "selection", "n_rows", "n_groups", "n_dropped", "n_splits", "candidates")
-_CANDIDATE_KEYS = ("name", "cv_mae", "cv_spearman")
-
-
-def _check_report(report: Any, where: str) -> dict[str, Any]:
-    _keys(report, _REPORT_KEYS, "cross_validation", where)
-    if not isinstance(report["chosen"], str) or not isinstance(report["selection"], str):
-        raise _corrupt(where, "cross_validation's chosen and selection must be strings")
-    out = {"chosen": report["chosen"], "selection": report["selection"]}
-    for key in ("n_rows", "n_groups", "n_dropped", "n_splits"):
-        out[key] = _integer(report[key], f"cross_validation.{key}", where, 0)
-    if not isinstance(report["candidates"], list) or not report["candidates"]:
-        raise _corrupt(where, "cross_validation.candidates must be a non-empty list")
-    rows = []
-    for entry in report["candidates"]:
-        _keys(entry, _CANDIDATE_KEYS, "a cross-validation candidate", where)
-        rho = None if entry["cv_spearman"] is None else _number(entry["cv_spearman"], "cv_spearman", where)
-        mae = _number(entry["cv_mae"], "cv_mae", where)
-        if not isinstance(entry["name"], str) or mae < 0 or (rho is not None and not -1 <= rho <= 1):
-            raise _corrupt(where, f"cross-validation candidate {entry['name']!r}: needs a string name, cv_mae >= 0 "
-                                  "and cv_spearman null or in [-1, 1]")
-        rows.append({"name": entry["name"], "cv_mae": mae, "cv_spearman": rho})
-    if out["chosen"] not in [r["name"] for r in rows]:
-        raise _corrupt(where, f"cross_validation.chosen {out['chosen']!r} is not one of its candidates")
-    out["candidates"] = rows
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the model
 class QualityModel:
     """Predicts a case's risk 1 - Dice from its features (columns named by ``feature_names``)."""
@@ -384,23 +296,23 @@ class QualityModel:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> QualityModel:
         """A model from :meth:`to_json`'s dict; any missing, extra or ill-typed key -> :class:`OODStateError`."""
-        _keys(obj, ("format", "schema_version", "feature_names", "seed", "n_splits", "predictor",
-                    "cross_validation"), "the quality model", where)
+        check_keys(obj, ("format", "schema_version", "feature_names", "seed", "n_splits", "predictor",
+                         "cross_validation"), "the quality model", where)
         if obj["format"] != FORMAT or obj["schema_version"] != SCHEMA_VERSION or isinstance(obj["schema_version"],
                                                                                             bool):
-            raise _corrupt(where, f"format {obj['format']!r} version {obj['schema_version']!r} is not {FORMAT} "
-                                  f"version {SCHEMA_VERSION}")
+            raise corrupted(where, f"format {obj['format']!r} version {obj['schema_version']!r} is not {FORMAT} "
+                            f"version {SCHEMA_VERSION}")
         names = obj["feature_names"]
         if not isinstance(names, list) or not names or any(not isinstance(n, str) for n in names) or \
                 len(set(names)) != len(names):
-            raise _corrupt(where, "feature_names must be a non-empty list of distinct strings")
-        model = cls(names, seed=_integer(obj["seed"], "seed", where, 0),
-                    n_splits=_integer(obj["n_splits"], "n_splits", where, 2))
-        model.predictor_ = _check_spec(obj["predictor"], names, where)
-        model.cv_report_ = _check_report(obj["cross_validation"], where)
+            raise corrupted(where, "feature_names must be a non-empty list of distinct strings")
+        model = cls(names, seed=check_integer(obj["seed"], "seed", where, 0),
+                    n_splits=check_integer(obj["n_splits"], "n_splits", where, 2))
+        model.predictor_ = check_spec(obj["predictor"], names, where)
+        model.cv_report_ = check_report(obj["cross_validation"], where)
         if model.cv_report_["chosen"] != _spec_name(model.predictor_):
-            raise _corrupt(where, f"the predictor ({_spec_name(model.predictor_)}) is not the one cross_validation "
-                                  f"chose ({model.cv_report_['chosen']})")
+            raise corrupted(where, f"the predictor ({_spec_name(model.predictor_)}) is not the one cross_validation "
+                            f"chose ({model.cv_report_['chosen']})")
         return model
 
     def save(self, path: str) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from nnunet_ood.errors import OODInputError
 from nnunet_ood.io.score_reader import read_score_rows
 from nnunet_ood.io.scores import CSV_NAME
+from nnunet_ood.normalization import usable_bounds
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def mean_normalized(scores: Mapping[str, MethodScore]) -> float:
 
 
 def calibration_bounds(document: Mapping[str, object]) -> dict[str, tuple[float, float]]:
-    """``{method: (low, high)}`` of the normalisation in an ``ood_scores.json`` document (finite, ordered bounds)."""
+    """``{method: (low, high)}`` of the normalisation in an ``ood_scores.json`` document: the methods whose bounds
+    are :func:`nnunet_ood.normalization.usable_bounds`."""
     calibration = document.get("calibration")
     out = {}
     for method, values in (calibration.items() if isinstance(calibration, dict) else ()):
@@ -98,7 +100,7 @@ def calibration_bounds(document: Mapping[str, object]) -> dict[str, tuple[float,
             low, high = float(values["low"]), float(values["high"])
         except (KeyError, TypeError, ValueError):
             continue
-        if math.isfinite(low) and math.isfinite(high) and high > low:
+        if usable_bounds(low, high):
             out[method] = (low, high)
     return out
 
@@ -161,6 +163,8 @@ def overlay_method(scores: Mapping[str, MethodScore], methods: Sequence[str], me
 
     def unclipped(m: str) -> float:
         low, high = (bounds or {}).get(m, (math.nan, math.nan))
+        if high == low:  # equal bounds: a step, no scale to lie beyond
+            return scores[m].normalized
         value = (scores[m].score - low) / (high - low)
         return value if math.isfinite(value) else scores[m].normalized
 
