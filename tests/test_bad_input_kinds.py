@@ -479,14 +479,14 @@ def test_a_failure_table_cut_at_a_line_end_is_refused_by_its_row_count():
 def test_the_row_count_is_recorded_and_read_back(tmp_path):
     """The quality entry of the manifest records the table's rows (table_rows); a fit from before it reads the count
     from its risk threshold (n_rows, one per table row); neither: legacy."""
-    from nnunet_ood.methods.quality import TABLE_ROWS, _recorded_rows
+    from nnunet_ood.quality.stored_folds import TABLE_ROWS, recorded_rows
 
-    assert _recorded_rows({TABLE_ROWS: 60}, "m") == 60
-    assert _recorded_rows({"risk_threshold": {"n_rows": 60}}, "m") == 60
-    assert _recorded_rows({"risk_threshold": {"n_rows": 0}}, "m") is None  # before the rule recorded its rows
-    assert _recorded_rows({"risk_threshold": "x"}, "m") is None
+    assert recorded_rows({TABLE_ROWS: 60}, "m") == 60
+    assert recorded_rows({"risk_threshold": {"n_rows": 60}}, "m") == 60
+    assert recorded_rows({"risk_threshold": {"n_rows": 0}}, "m") is None  # before the rule recorded its rows
+    assert recorded_rows({"risk_threshold": "x"}, "m") is None
     with pytest.raises(OODStateError, match="quality entry in m: table_rows = -3 is not a positive integer"):
-        _recorded_rows({TABLE_ROWS: -3}, "m")
+        recorded_rows({TABLE_ROWS: -3}, "m")
 
 
 # ------------------------------------------------------------------ issue 22 leftovers: plans.json and dataset.json

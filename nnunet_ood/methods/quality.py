@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.methods.base import UNIT_INTERVAL, DerivedMethod, FoldModels
 from nnunet_ood.methods.options import Range, option
+from nnunet_ood.quality.stored_folds import TABLE_ROWS, clean_validation_scores, pooled_threshold, recorded_rows
 
 if TYPE_CHECKING:
     from nnunet_ood.calibration import MethodCalibration
@@ -45,7 +46,6 @@ UNUSUAL_LEVEL = Range(0, 1, open_high=True)
 STORED_RULE = {"fail_below": FAIL_BELOW, "max_silent_failures": RATE, "confidence": RATE,
                "unusual_level": UNUSUAL_LEVEL}
 #: the manifest key of the number of rows the fit wrote into the failure table
-TABLE_ROWS = "table_rows"
 #: keys of the fitted parameters that live in files of their own rather than in the manifest
 _IN_FILES = ("model", "table_csv", "_model", "_table_file")
 
@@ -164,11 +164,12 @@ class Quality(DerivedMethod):
     def combine_fold_calibrations(self, calibrations: Sequence[MethodCalibration],
                                   fold_params: Sequence[Mapping[str, Any]]) -> MethodCalibration:
         """One fold: its own threshold. Several: the rule re-run on every fold's validation cases pooled
-        (:func:`_pooled_threshold`). Five folds of 12 validation cases are 60 calibration rows: enough for rates
-        that none of the folds alone supports; averaging five thresholds would not be."""
+        (:func:`nnunet_ood.quality.stored_folds.pooled_threshold`). Five folds of 12 validation cases are 60
+        calibration rows: enough for rates that none of the folds alone supports; averaging five thresholds would
+        not be."""
         if len(fold_params) == 1:
             return calibrations[0]
-        return _risk_calibration(_pooled_threshold(fold_params))
+        return _risk_calibration(pooled_threshold(fold_params))
 
     def decision_rule(self, fold_params: Sequence[Mapping[str, Any]], methods_in_use: Sequence[str],
                       site: SiteCalibration | None = None, site_name: str | None = None) -> DecisionRule:
@@ -190,7 +191,7 @@ class Quality(DerivedMethod):
             threshold = RiskThreshold.from_json(fold_params[0]["risk_threshold"], "the quality method's threshold")
             origin = "fit"
         else:
-            threshold, origin = _pooled_threshold(fold_params), f"fit, {len(fold_params)} folds pooled"
+            threshold, origin = pooled_threshold(fold_params), f"fit, {len(fold_params)} folds pooled"
         names = [m for m in methods_in_use if m in fold_params[0].get("inputs", ()) and
                  REGISTRY.get(m).kind is MethodKind.PATCH_FEATURES] + [self.name]
         level = float(fold_params[0].get("unusual_level", GATE_LEVEL))
@@ -199,7 +200,7 @@ class Quality(DerivedMethod):
             scores = {m: [site.case_scores[m][c] for c in cases] for m in names}
             source = f"calibration {site_name}"
         else:
-            scores, source = _clean_validation_scores(fold_params, names, self.name), "validation"
+            scores, source = clean_validation_scores(fold_params, names, self.name), "validation"
         return DecisionRule(threshold, origin, labelled, ConformalGate(scores, level, source))
 
     def add_labelled_calibration_arguments(self, parser: Any) -> list[str]:
@@ -302,12 +303,12 @@ class Quality(DerivedMethod):
             with open(os.path.join(folder, CSV_NAME)) as f:
                 table_csv = f.read()
         except OSError:
-            table_csv = ""  # missing: refused where the decision needs it (_table_csv)
+            table_csv = ""  # missing: refused where the decision needs it (stored_folds.table_csv_of)
         except UnicodeDecodeError:
             table_csv = "\0"  # not text: refused as not a failure table
         if table_csv:
             check_table_complete(table_csv, os.path.join(folder, CSV_NAME),
-                                 _recorded_rows(config, os.path.join(folder, "ood_state.json")))
+                                 recorded_rows(config, os.path.join(folder, "ood_state.json")))
         models.method_params[self.name] = {**config, "model": model.to_json(), "table_csv": table_csv,
                                            "_model": model, "_table_file": os.path.join(folder, CSV_NAME)}
 
@@ -331,84 +332,6 @@ class Quality(DerivedMethod):
             x = np.array([[values.get(f, math.nan) for f in params["features"]]], dtype=np.float64)
             risks.append(float(model.predict_risk(x)[0]))
         return float(np.mean(risks)) if risks else math.nan
-
-
-def _pooled_threshold(fold_params: Sequence[Mapping[str, Any]]) -> RiskThreshold:
-    """The rule the folds share, run on every fold's validation cases pooled (each case with the out-of-fold risk
-    of its own fold's model, from the fold's failure table; a case is a unit within its fold)."""
-    import numpy as np
-
-    from nnunet_ood.quality.risk_control import CONFIDENCE, choose_threshold
-    from nnunet_ood.quality.table import read_out_of_fold_risks
-
-    def rule_of(params: Mapping[str, Any]) -> tuple:
-        rule = params.get("risk_control", "crc")  # a fit from before the rule was recorded used crc
-        return (params.get("fail_below"), params.get("max_silent_failures"), rule,
-                params.get("confidence") if rule == "ltt" else None)
-
-    rules = {rule_of(params) for params in fold_params}
-    if len(rules) > 1:
-        shown = "; ".join(f"--fail_below {f} --max_silent_failures {a} --risk_control {r}"
-                          + (f" --confidence {c}" if c is not None else "") for f, a, r, c in sorted(rules, key=str))
-        raise OODStateError(f"the folds' quality models were fitted with different rules ({shown}); re-fit them "
-                            "with one rule (nnUNetv2_fit_ood --fail_below D --max_silent_failures R), or leave "
-                            "quality out (--ood METHOD ...)")
-    risk, dice, groups = [], [], []
-    for k, params in enumerate(fold_params):
-        cases, fold_risk, fold_dice = read_out_of_fold_risks(_table_csv(params, k, len(fold_params)))
-        risk.append(fold_risk)
-        dice.append(fold_dice)
-        groups += [f"{k}/{case}" for case in cases]  # a case is a unit within its fold
-    fail_below, alpha, rule, confidence = rules.pop()
-    return choose_threshold(rule, np.concatenate(risk), np.concatenate(dice), fail_below, alpha,
-                            confidence or CONFIDENCE, groups)
-
-
-def _recorded_rows(config: Mapping[str, Any], where: str) -> int | None:
-    """The rows the fit wrote into the failure table: ``table_rows``; for a fit from before it was recorded, the rows
-    its threshold was chosen on (``risk_threshold.n_rows``, one per table row); None for a fit from before either
-    (a legacy table: only its form is checked)."""
-    def count(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-    if TABLE_ROWS in config:
-        if not count(config[TABLE_ROWS]):
-            raise OODStateError(f"corrupted quality entry in {where}: {TABLE_ROWS} = {config[TABLE_ROWS]!r} is not a "
-                                "positive integer; re-fit with nnUNetv2_fit_ood")
-        return config[TABLE_ROWS]
-    threshold = config.get("risk_threshold")  # its fields are checked where it is read; n_rows 0 before recorded
-    n_rows = threshold.get("n_rows") if isinstance(threshold, dict) else None
-    return n_rows if count(n_rows) else None
-
-
-def _table_csv(params: Mapping[str, Any], k: int, n_folds: int) -> str:
-    """A fold's stored failure table; a one-line error when it is lost."""
-    if not params.get("table_csv"):
-        where = params.get("_table_file", f"fold {k + 1} of {n_folds} in use")
-        raise OODStateError(f"the quality method's failure table ({where}) is missing or empty: the decision reads "
-                            "the folds' validation cases from it; restore it, re-fit with nnUNetv2_fit_ood, or leave "
-                            "quality out (--ood METHOD ...)")
-    return params["table_csv"]
-
-
-def _clean_validation_scores(fold_params: Sequence[Mapping[str, Any]], names: Sequence[str],
-                             risk_name: str) -> dict[str, list[float]]:
-    """The gate's calibration from the fit: every fold's clean validation cases (failure table, version 0), their
-    scores of ``names`` (``risk_name``: the out-of-fold predicted risk)."""
-    import csv
-    import io
-
-    from nnunet_ood.quality.table import OOF_RISK
-
-    columns = {m: (OOF_RISK if m == risk_name else m) for m in names}
-    scores: dict[str, list[float]] = {m: [] for m in names}
-    for k, params in enumerate(fold_params):
-        for row in csv.DictReader(io.StringIO(_table_csv(params, k, len(fold_params)))):
-            if row.get("version") == "0":
-                for m, column in columns.items():
-                    value = row.get(column, "")
-                    scores[m].append(float(value) if value else math.nan)
-    return scores
 
 
 def _risk_calibration(threshold: RiskThreshold) -> MethodCalibration:
