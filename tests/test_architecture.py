@@ -16,6 +16,7 @@ import grimp
 import pytest
 
 import nnunet_ood
+from nnunet_ood.errors import OODStateError
 
 try:
     import tomllib
@@ -153,14 +154,11 @@ def example_code() -> dict[str, str]:
 
 @pytest.fixture()
 def example(tmp_path, monkeypatch):
-    """The doc's method module and detector, importable as modules of their own; the registry line."""
+    """The doc's method module, importable as a module of its own, and its registry line: nothing else."""
     code = example_code()
-    module, detector_module = "nnunet_ood/methods/channel_means.py", "nnunet_ood/detectors/mahalanobis.py"
-    assert set(code) == {module, detector_module, "registry line"}, set(code)
-    (tmp_path / "example_method.py").write_text(
-        code[module].replace("nnunet_ood.detectors.mahalanobis:", "example_detector:"))
-    (tmp_path / "example_detector.py").write_text(
-        "from nnunet_ood.detectors.mahalanobis import MahalanobisDetector\n\n\n" + code[detector_module])
+    module = "nnunet_ood/methods/channel_means.py"
+    assert set(code) == {module, "registry line"}, set(code)
+    (tmp_path / "example_method.py").write_text(code[module])
     monkeypatch.syspath_prepend(str(tmp_path))
     line = code["registry line"].strip('",')
     assert line == "nnunet_ood.methods.channel_means:ChannelMeanMahalanobis"
@@ -207,14 +205,20 @@ def test_the_worked_example_is_one_method_and_one_registry_line(example, tmp_pat
         scorer.end_fold(None)
         assert scorer.finish_case(None).scores["channel_mahalanobis"] == pytest.approx(expected[i], rel=1e-5)
 
-    other = registry["mahalanobis"].new_detector(FitOptions(), "cpu")  # the method whose detector it subclasses
-    other.fit(torch.from_numpy(rng.normal(size=(9, 2)))).save(tmp_path)
+    # mahalanobis' own state in the same folder (the same detector class) stays apart from the example's
+    mahalanobis = registry["mahalanobis"]
+    other = mahalanobis.new_detector(FitOptions(), "cpu").fit(torch.from_numpy(rng.normal(size=(9, 2))))
+    other_entry = mahalanobis.state_entry(FoldModels(detectors={"mahalanobis": other}), str(tmp_path))
     entry = method.state_entry(models, str(tmp_path))
-    assert entry["file"] == "channel_mahalanobis.safetensors" and (tmp_path / "mahalanobis.safetensors").is_file()
+    assert entry["file"] == "channel_mahalanobis.safetensors" and other_entry["file"] == "mahalanobis.safetensors"
     loaded = FoldModels()
     method.load_state(entry, str(tmp_path), loaded, "cpu")
+    mahalanobis.load_state(other_entry, str(tmp_path), loaded, "cpu")
     features = method.features(torch.from_numpy(test).float(), loaded)
     np.testing.assert_allclose(loaded.detectors["channel_mahalanobis"].score(features).numpy(), expected, rtol=1e-5)
+    assert loaded.detectors["mahalanobis"].n_features_in_ == 2
+    with pytest.raises(OODStateError, match="holds a 'mahalanobis' detector, not 'channel_mahalanobis'"):
+        type(other).load(tmp_path / "mahalanobis.safetensors", state_name="channel_mahalanobis")
 
     imported = subprocess.run([sys.executable, "-c", "import sys, example_method; print('torch' in sys.modules)"],
                               cwd=tmp_path, capture_output=True, text=True, check=True)

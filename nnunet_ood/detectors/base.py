@@ -159,26 +159,28 @@ class FeatureDetector(ABC):
         """Move the fitted state to ``device`` in place; returns ``self``."""
 
     @classmethod
-    def state_path(cls, directory: str | os.PathLike[str]) -> str:
-        """Path of this detector's state file inside ``directory``."""
-        return os.path.join(os.fspath(directory), f"{cls.name}.safetensors")
+    def state_path(cls, directory: str | os.PathLike[str], state_name: str | None = None) -> str:
+        """Path of the state file ``<state_name>.safetensors`` (default: the detector's name) inside ``directory``."""
+        return os.path.join(os.fspath(directory), f"{state_name or cls.name}.safetensors")
 
-    def save(self, directory: str | os.PathLike[str]) -> str:
-        """Write ``<directory>/<name>.safetensors`` atomically and return its path.
+    def save(self, directory: str | os.PathLike[str], state_name: str | None = None) -> str:
+        """Write ``<directory>/<state_name>.safetensors`` atomically and return its path.
 
-        The file holds :meth:`state_dict` tensors and, in its metadata, the JSON
-        :meth:`get_config` under ``"config"``, the ``"format_version"`` and the detector
-        ``"name"``. It is written under a temporary name in the same directory and renamed,
-        so a crash never leaves a half-written state file behind the real name.
+        ``state_name`` (default: the detector's ``name``) names the file and is recorded in it: a method that uses an
+        existing detector class on features of its own passes its own name, so its state has a file of its own
+        without a detector subclass. The file holds :meth:`state_dict` tensors and, in its metadata, the JSON
+        :meth:`get_config` under ``"config"``, the ``"format_version"`` and the ``"name"``. It is written under a
+        temporary name in the same directory and renamed, so a crash never leaves a half-written state file behind
+        the real name.
         """
         if not self.is_fitted:
             raise OODStateError(f"cannot save the {self.name} detector before it is fitted; fit it first")
-        path = self.state_path(directory)
+        path = self.state_path(directory, state_name)
         from nnunet_ood import __version__
 
         metadata = {
             "format_version": str(FORMAT_VERSION),
-            "name": self.name,
+            "name": state_name or self.name,
             "config": json.dumps(self.get_config(), sort_keys=True),
             "nnunet_ood_version": __version__,
         }
@@ -186,8 +188,9 @@ class FeatureDetector(ABC):
         return path
 
     @classmethod
-    def load(cls: type[_Det], directory: str | os.PathLike[str], device: DeviceLike = None) -> _Det:
-        """Load a detector written by :meth:`save`.
+    def load(cls: type[_Det], directory: str | os.PathLike[str], device: DeviceLike = None,
+             state_name: str | None = None) -> _Det:
+        """Load a detector written by :meth:`save` (with the same ``state_name``, default the detector's name).
 
         ``directory`` is the folder passed to :meth:`save` (or the state file itself).
         Raises :class:`OODStateError` with a one-line message naming the file if it is
@@ -196,9 +199,10 @@ class FeatureDetector(ABC):
         if not isinstance(getattr(cls, "name", None), str):
             raise TypeError("call load() on a concrete detector class, e.g. MahalanobisDetector.load(...)")
         directory = os.fspath(directory)
-        path = directory if os.path.isfile(directory) else cls.state_path(directory)
+        expected = state_name or cls.name
+        path = directory if os.path.isfile(directory) else cls.state_path(directory, state_name)
         if not os.path.isfile(path):
-            raise OODStateError(f"no fitted {cls.name} state at {path}; run nnUNetv2_fit_ood to create it")
+            raise OODStateError(f"no fitted {expected} state at {path}; run nnUNetv2_fit_ood to create it")
         try:
             with safe_open(path, framework="pt") as fh:
                 metadata = fh.metadata() or {}
@@ -215,9 +219,9 @@ class FeatureDetector(ABC):
                 f"{FORMAT_VERSION!r}; {_REFIT_HINT}"
             )
         saved_name = metadata.get("name")
-        if saved_name != cls.name:
+        if saved_name != expected:
             raise OODStateError(
-                f"{path} holds a {saved_name!r} detector, not {cls.name!r}; {_REFIT_HINT} "
+                f"{path} holds a {saved_name!r} detector, not {expected!r}; {_REFIT_HINT} "
                 f"or load it with the matching detector class"
             )
         try:

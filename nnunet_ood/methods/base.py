@@ -262,11 +262,11 @@ class PatchFeatureMethod(Method):
         import os
 
         detector = models.detectors[self.name]
-        return {"file": os.path.basename(detector.save(folder)), "class": type(detector).__name__,
+        return {"file": os.path.basename(detector.save(folder, self.name)), "class": type(detector).__name__,
                 "config": detector.get_config()}
 
     def load_state(self, entry: Mapping[str, Any], folder: str, models: FoldModels, device: Any) -> None:
-        models.detectors[self.name] = load_object(self.detector).load(folder, device=device)
+        models.detectors[self.name] = load_object(self.detector).load(folder, device=device, state_name=self.name)
 
 
 class PatchMapMethod(Method):
