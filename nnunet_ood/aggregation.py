@@ -12,6 +12,7 @@ import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from nnunet_ood.calibration import CASE_AGGREGATIONS
+from nnunet_ood.slabs import slab_slices
 from nnunet_ood.sliding_window import SlidingWindowLayout
 
 
@@ -29,12 +30,15 @@ class PatchMapAccumulator:
 
     ``add`` takes one patch's maps ``(M, *patch)`` (or per-patch scalars ``(M,)``, spread over the
     patch) at nnU-Net's slicer; ``result`` divides by the summed weights and crops the padding away.
+    Only the weighted sums are held over the whole image: the summed weights are made at ``result``, slab by slab
+    from the patches' regions (the same float32 additions in the same order per voxel, so the same values as one
+    padded weight volume, without its 300 MB at clinical size while nnU-Net's own arrays are alive).
     """
 
     def __init__(self, n_maps: int, padded_shape: Sequence[int], weights: torch.Tensor) -> None:
         self.weights = weights
         self.numerator = torch.zeros((n_maps, *padded_shape), dtype=torch.float32, device=weights.device)
-        self.denominator = torch.zeros(tuple(padded_shape), dtype=torch.float32, device=weights.device)
+        self.regions: list[tuple] = []
 
     def add(self, values: torch.Tensor, slicer: Sequence[slice]) -> None:
         """Add one patch: ``values`` is ``(M, *patch)`` or ``(M,)``; ``slicer`` nnU-Net's (channel slice first)."""
@@ -43,12 +47,29 @@ class PatchMapAccumulator:
         if values.ndim == 1:
             values = values.view((-1,) + (1,) * self.weights.ndim)
         self.numerator[(slice(None), *region)] += values * self.weights
-        self.denominator[region] += self.weights
+        self.regions.append(region)
+
+    def summed_weights(self, start: int, stop: int) -> torch.Tensor:
+        """The summed patch weights of rows ``start:stop`` of the first spatial axis (float32)."""
+        first_axis = self.numerator.shape[1]
+        summed = torch.zeros((stop - start, *self.numerator.shape[2:]), dtype=torch.float32,
+                             device=self.weights.device)
+        for region in self.regions:  # a loop over patches, not voxels
+            first = region[0]
+            # 2D configurations slice 3D data with an integer index on the first axis
+            low, high = (first, first + 1) if isinstance(first, int) else first.indices(first_axis)[:2]
+            weights = self.weights if isinstance(first, slice) else self.weights[None]
+            a, b = max(low, start), min(high, stop)
+            if a < b:
+                summed[(slice(a - start, b - start), *region[1:])] += weights[a - low:b - low]
+        return summed
 
     def result(self, revert_padding: Sequence[slice]) -> torch.Tensor:
-        """The weighted average ``(M, *shape)``, cropped back to the unpadded preprocessed image. Divides in place
-        (no second padded volume): call once, after the last ``add``."""
-        return self.numerator.div_(self.denominator)[(slice(None), *revert_padding)]
+        """The weighted average ``(M, *shape)``, cropped back to the unpadded preprocessed image. Divides in place,
+        slab by slab: call once, after the last ``add``."""
+        for part in slab_slices(self.numerator.shape[1:]):
+            self.numerator[:, part].div_(self.summed_weights(part.start, part.stop))
+        return self.numerator[(slice(None), *revert_padding)]
 
 
 def patch_scores_to_maps(scores: torch.Tensor, layout: SlidingWindowLayout, weights: torch.Tensor) -> torch.Tensor:
@@ -86,6 +107,19 @@ def case_scores_from_maps(maps: torch.Tensor) -> torch.Tensor:
     return total / n
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is True, in float64; in chunks of :data:`MEAN_CHUNK` voxels above that size
+    (no float64 copy of the selected voxels of a whole volume)."""
+    flat, selected = values.flatten(), mask.flatten()
+    if flat.numel() <= MEAN_CHUNK:
+        return flat[selected].double().mean()
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), MEAN_CHUNK):  # a handful of chunks, not a loop over voxels
+        part = slice(start, start + MEAN_CHUNK)
+        total += flat[part][selected[part]].double().sum()
+    return total / selected.sum()
+
+
 def patch_means(maps: torch.Tensor, layout: SlidingWindowLayout) -> torch.Tensor:
     """Mean of each map over each sliding-window patch, ``(P, M)``; patches are clipped to the unpadded image."""
     shape = maps.shape[1:]
@@ -114,7 +148,7 @@ def aggregate_case_scores(maps: torch.Tensor, aggregations: Sequence[str], layou
             if foreground is None:
                 raise ValueError("foreground_mean needs the predicted foreground")
             if bool(foreground.any()):
-                scores[i] = maps[i][foreground.to(maps.device)].double().mean()
+                scores[i] = masked_mean(maps[i], foreground.to(maps.device))
         elif how == "max_patch":
             scores[i] = patch_means(maps[i:i + 1], layout).max()
         elif how != "mean":

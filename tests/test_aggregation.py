@@ -1,5 +1,7 @@
 """Gaussian aggregation of patch scores against a brute-force weighted average, voxel by voxel."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,60 @@ def test_case_scores_of_large_maps_are_summed_in_chunks(monkeypatch) -> None:
     expected = maps.numpy().astype(np.float64).reshape(3, -1).mean(axis=1)
     np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-13)
     assert np.isnan(got[2])
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_summed_weights_made_in_slabs_equal_one_weight_volume(monkeypatch, two_d: bool) -> None:
+    """The accumulator sums the patch weights slab by slab at ``result`` (no padded weight volume during the sliding
+    window): bit-identical to summing them into one volume patch by patch, for 3D slicers and 2D ones (an integer
+    index on the first axis), with slabs that cut through patches."""
+    from nnunet_ood import aggregation, slabs
+
+    rng = np.random.default_rng(3)
+    if two_d:
+        patch, padded = (6, 5), (4, 9, 8)
+        slicers = [(slice(None), z, slice(y, y + 6), slice(x, x + 5)) for z in range(4) for y in (0, 3) for x in (0, 3)]
+    else:
+        patch, padded = (5, 6, 4), (12, 9, 7)
+        slicers = [(slice(None), slice(z, z + 5), slice(y, y + 6), slice(x, x + 4))
+                   for z in (0, 3, 7) for y in (0, 3) for x in (0, 3)]
+    weights = importance_weights(patch, True, torch.device("cpu"))
+    values = [torch.from_numpy(rng.normal(size=(2, *patch)).astype(np.float32)) for _ in slicers]
+    # the reference: one numerator and one weight volume, summed patch by patch, divided once
+    numerator, denominator = torch.zeros((2, *padded)), torch.zeros(padded)
+    for v, s in zip(values, slicers):
+        numerator[(slice(None), *s[1:])] += v * weights
+        denominator[s[1:]] += weights
+    expected = numerator / denominator
+    monkeypatch.setattr(slabs, "SLAB_VOXELS", 2 * math.prod(padded[1:]))  # slabs of 2 planes
+    accumulator = aggregation.PatchMapAccumulator(2, padded, weights)
+    for v, s in zip(values, slicers):
+        accumulator.add(v, s)
+    got = accumulator.result(tuple(slice(0, n) for n in padded))
+    assert torch.equal(got, expected)
+
+
+def test_foreground_mean_of_large_maps_is_summed_in_chunks(monkeypatch) -> None:
+    """``foreground_mean`` above MEAN_CHUNK voxels: chunked float64 sums equal numpy's float64 mean of the selected
+    voxels."""
+    from nnunet_ood import aggregation
+
+    monkeypatch.setattr(aggregation, "MEAN_CHUNK", 1000)
+    generator = torch.Generator().manual_seed(1)
+    values = torch.rand(17, 23, 11, generator=generator) * 100
+    mask = torch.rand(17, 23, 11, generator=generator) > 0.7
+    got = float(aggregation.masked_mean(values, mask))
+    assert got == pytest.approx(values.numpy().astype(np.float64)[mask.numpy()].mean(), rel=1e-13)
+
+
+def test_freed_heap_is_returned_on_glibc() -> None:
+    """After a case is scored the predictor hands the freed heap back (glibc's malloc_trim, which the profile of a
+    clinical-size case showed to return about 300 MB before the export); without glibc it does nothing and says
+    so."""
+    import platform
+    import sys
+
+    from nnunet_ood.inference.heap import return_freed_heap
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert return_freed_heap() is glibc

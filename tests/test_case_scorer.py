@@ -164,11 +164,12 @@ def test_features_of_another_dimension_are_refused(setup):
 def test_voxelwise_maps_in_slabs_equal_the_whole_map(monkeypatch) -> None:
     """Logit methods' maps and the predicted foreground, computed in slabs to bound their temporaries at clinical
     sizes, equal the map computed on the whole volume at once (3D, several slabs and a ragged last one)."""
+    from nnunet_ood import slabs as slab_module
     from nnunet_ood.inference import case_scorer
     from nnunet_ood.methods import REGISTRY, MethodKind
     from nnunet_ood.segmentation import predicted_foreground
 
-    monkeypatch.setattr(case_scorer, "SLAB_VOXELS", 7 * 9 * 2)  # slabs of 2 of the 11 planes
+    monkeypatch.setattr(slab_module, "SLAB_VOXELS", 7 * 9 * 2)  # slabs of 2 of the 11 planes
     logits = torch.randn(4, 11, 7, 9, generator=torch.Generator().manual_seed(0)) * 3
     params = [{"temperature": 1.7}]
     for method in (m for m in REGISTRY if m.kind is MethodKind.LOGITS):

@@ -83,6 +83,31 @@ def test_volumes_and_components_against_numpy_and_skimage():
     assert property_names(labels_manager()) == ["volume_1", "volume_2", COMPONENTS]
 
 
+@pytest.mark.parametrize("regions", [False, True])
+def test_properties_of_large_volumes_are_made_in_slabs(monkeypatch, regions: bool) -> None:
+    """Above a slab's size the masks are made slab by slab (the argmax of a clinical volume is 630 MB of int64):
+    volumes and components equal numpy's and scikit-image's on the whole volume, components crossing slabs
+    counted once."""
+    from nnunet_ood import slabs
+
+    monkeypatch.setattr(slabs, "SLAB_VOXELS", 3 * 9 * 8)  # slabs of 3 of the 10 planes, a ragged last one
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(size=(3, 10, 9, 8))).float()
+    manager = regions_manager() if regions else labels_manager()
+    props = segmentation_properties(logits[:2] if regions else logits, manager,
+                                    {"region1": 4.0, "region2": 2.0} if regions else {"1": 4.0, "2": 2.0})
+    x = logits.numpy()
+    if regions:
+        masks = {"volume_region1": (x[0] > 0, 4.0), "volume_region2": (x[1] > 0, 2.0)}
+    else:
+        labels = x.argmax(0)
+        masks = {"volume_1": (labels == 1, 4.0), "volume_2": (labels == 2, 2.0)}
+    for name, (mask, reference) in masks.items():
+        assert props[name] == pytest.approx(math.log((mask.sum() + 1) / (reference + 1)))
+    foreground = np.logical_or.reduce([mask for mask, _ in masks.values()])
+    assert props[COMPONENTS] == pytest.approx(math.log1p(skimage_label(foreground, connectivity=1).max()))
+
+
 def test_reference_volumes_are_medians():
     rng = np.random.default_rng(4)
     segs = [rng.integers(0, 3, (1, 9, 9)) for _ in range(5)]

@@ -17,7 +17,7 @@ encoder-only sliding window through :meth:`add_bottleneck` instead of taps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from nnunet_ood.errors import OODStateError
 from nnunet_ood.methods.base import FoldModels, Method, MethodKind, PatchFeatureMethod, TapContext, load_object
 from nnunet_ood.methods.ensemble import FoldEnsemble
 from nnunet_ood.segmentation import predicted_foreground
+from nnunet_ood.slabs import in_slabs
 from nnunet_ood.sliding_window import SlidingWindowLayout
 
 
@@ -112,7 +113,12 @@ class CaseScorer:
         """nnU-Net starts the sliding window of the next fold (again, if it retries on the CPU)."""
         self._layout = SlidingWindowLayout(tuple(padded_shape), tuple(slicers), tuple(revert_padding), self.patch_size)
         self._patch_index = 0
-        self._features: dict[str, list[torch.Tensor]] = {m.name: [] for m in self.feature_methods}
+        # feature vectors of every patch, by feature source, in one buffer per window: one allocation instead of
+        # one small tensor per patch, which (kept between the large per-patch temporaries) made the heap grow by
+        # about 5 MB per patch at clinical size
+        self._n_patches = len(slicers)
+        self._features: dict[str, torch.Tensor] = {}
+        self._feature_rows = 0
         self._accumulator = PatchMapAccumulator(len(self.map_methods), padded_shape, importance_weights(
             self.patch_size, self.use_gaussian, device)) if self.map_methods else None
 
@@ -142,15 +148,25 @@ class CaseScorer:
 
     def add_features(self, by_source: dict[str, torch.Tensor]) -> None:
         """Feature vectors ``(B, D)`` of a batch of patches, by feature source (computed by the caller)."""
-        for m in self.feature_methods:
-            self._features[m.name].append(by_source[m.feature_source])
+        rows = self._feature_rows
+        for source in dict.fromkeys(m.feature_source for m in self.feature_methods):
+            features = by_source[source]
+            buffer = self._features.get(source)
+            if buffer is None:
+                buffer = features.new_empty((max(self._n_patches, rows + len(features)), features.shape[1]))
+            elif rows + len(features) > len(buffer):  # more patches than the window's slicers: keep them all
+                buffer = torch.cat([buffer[:rows], features.new_empty((len(features), buffer.shape[1]))])
+            buffer[rows:rows + len(features)] = features
+            self._features[source] = buffer
+        self._feature_rows = rows + len(next(iter(by_source.values())))
 
     def finish_window(self) -> None:
         """The fold's sliding window is done: score its patches, keep its maps."""
         models = self.folds[self._fold_index]
         columns = []
         for m in self.feature_methods:
-            features, detector = torch.cat(self._features[m.name]), models.detectors[m.name]
+            features = self._features[m.feature_source][:self._feature_rows]
+            detector = models.detectors[m.name]
             if features.shape[1] != detector.n_features_in_:
                 raise OODStateError(f"{m.feature_source} features have {features.shape[1]} dimensions but the "
                                     f"{m.name} state expects {detector.n_features_in_}; re-fit with nnUNetv2_fit_ood")
@@ -200,19 +216,22 @@ class CaseScorer:
         return self.last
 
     def _case_maps(self, logits: torch.Tensor | None) -> Iterator[tuple[Method, torch.Tensor]]:
-        """The voxel map of every method with one, made one at a time (by kind; the caller orders the results)."""
-        if self.feature_methods:
-            patch_scores = torch.stack(self._fold_patch_scores).mean(dim=0)  # average the folds per patch
-            self._fold_patch_scores = []
-            weights = importance_weights(self.patch_size, self.use_gaussian, self.map_device)
-            for i, m in enumerate(self.feature_methods):
-                yield m, patch_scores_to_maps(patch_scores[:, i], self._layout, weights)[0]
+        """The voxel map of every method with one, made one at a time (by kind; the caller orders the results).
+
+        The patch-map methods come first: their maps exist since the sliding window, and each is released once
+        scored, before the feature methods' maps are made."""
         if self.map_methods:
             folds, self._fold_maps = self._fold_maps, []
             for i, m in enumerate(self.map_methods):
                 # one fold: its map as it is (the mean of one), without a stacked copy
                 yield m, folds[0][i] if len(folds) == 1 else torch.stack([fold[i] for fold in folds]).mean(dim=0)
             del folds
+        if self.feature_methods:
+            patch_scores = torch.stack(self._fold_patch_scores).mean(dim=0)  # average the folds per patch
+            self._fold_patch_scores = []
+            weights = importance_weights(self.patch_size, self.use_gaussian, self.map_device)
+            for i, m in enumerate(self.feature_methods):
+                yield m, patch_scores_to_maps(patch_scores[:, i], self._layout, weights)[0]
         for m in self.ensemble_methods:
             yield m, m.voxel_map(self._ensemble)
         for m in self.logit_methods:
@@ -222,20 +241,3 @@ class CaseScorer:
                                   logits, torch.float32)
             else:
                 yield m, m.voxel_map(logits, self.region_based, params)
-
-
-#: voxels per slab of a voxelwise map: its temporaries (a few C x slab float32 tensors) stay near 100 MB
-SLAB_VOXELS = 2**22
-
-
-def in_slabs(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``fn(logits)`` for a voxelwise ``fn`` (``(C, *spatial) -> (*spatial)``), computed in slabs along the first
-    spatial axis into one preallocated map: the same values, without ``fn``'s full-size temporaries."""
-    spatial = tuple(logits.shape[1:])
-    step = max(1, SLAB_VOXELS // max(1, math.prod(spatial[1:])))
-    if step >= spatial[0]:
-        return fn(logits)
-    out = torch.empty(spatial, dtype=dtype, device=logits.device)
-    for start in range(0, spatial[0], step):  # a few dozen slabs at clinical size, not a loop over voxels
-        out[start:start + step] = fn(logits[:, start:start + step])
-    return out

@@ -29,6 +29,7 @@ from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.fold_state import FoldOODState, load_fold_state, read_manifest
 from nnunet_ood.folds import parse_folds
 from nnunet_ood.inference.case_scorer import CaseScorer
+from nnunet_ood.inference.heap import return_freed_heap
 from nnunet_ood.inference.identity import ModelIdentity
 from nnunet_ood.inference.outputs import CaseOODResult, PredictionOutputs, RecordingConfigurationManager
 from nnunet_ood.inference.thresholds import decision_rules, fit_setting_notes, fold_calibration, named_calibration
@@ -230,6 +231,7 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
             self._scorer.in_case = False
         # the fit reads only the scores; a prediction keeps the maps it writes (in memory: all of them)
         outcome = self._scorer.finish_case(logits, self.outputs.maps_to_keep() if self.ood_enabled else ())
+        return_freed_heap()  # before nnU-Net's export, the peak of a stock prediction
         if self.ood_enabled:
             self.outputs.case_scored(outcome)
         return logits

@@ -17,6 +17,7 @@ import torch
 from scipy import ndimage
 
 from nnunet_ood.segmentation import dice
+from nnunet_ood.slabs import slab_slices
 
 #: name of the connected-components feature
 COMPONENTS = "components"
@@ -90,11 +91,17 @@ def segmentation_properties(logits: torch.Tensor, label_manager: Any,
                             reference: Mapping[str, float]) -> dict[str, float]:
     """Per class ``log((volume + 1) / (reference volume + 1))``, and ``log(1 + connected components)`` of the
     predicted foreground (face connectivity)."""
-    masks = predicted_masks(logits, label_manager).cpu()
-    volumes = masks.flatten(1).sum(1).double()
+    names = class_names(label_manager)
+    volumes = torch.zeros(len(names), dtype=torch.float64)
+    foreground = torch.empty(tuple(logits.shape[1:]), dtype=torch.bool)
+    # slab by slab: the argmax of a whole 512 x 512 x 300 volume alone is 630 MB of int64 (counts are exact)
+    for part in slab_slices(foreground.shape):
+        masks = predicted_masks(logits[:, part], label_manager).cpu()
+        volumes += masks.flatten(1).sum(1).double()
+        foreground[part] = masks.any(0)
     out = {volume_feature(name): float(np.log((v + 1.0) / (reference[name] + 1.0)))
-           for name, v in zip(class_names(label_manager), volumes.tolist())}
-    foreground = masks.any(0).numpy()
+           for name, v in zip(names, volumes.tolist())}
+    foreground = foreground.numpy()
     out[COMPONENTS] = float(np.log1p(ndimage.label(foreground)[1])) if foreground.any() else 0.0
     return out
 
