@@ -28,9 +28,10 @@ def in_slabs(fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, d
     """``fn(logits)`` for a voxelwise ``fn`` (``(C, *spatial) -> (*spatial)``), computed in slabs along the first
     spatial axis into one preallocated map: the same values, without ``fn``'s full-size temporaries."""
     spatial = tuple(logits.shape[1:])
-    if max(1, SLAB_VOXELS // max(1, math.prod(spatial[1:]))) >= spatial[0]:
+    parts = list(slab_slices(spatial))
+    if len(parts) <= 1:
         return fn(logits)
     out = torch.empty(spatial, dtype=dtype, device=logits.device)
-    for part in slab_slices(spatial):
+    for part in parts:
         out[part] = fn(logits[:, part])
     return out
