@@ -53,8 +53,6 @@ class CaseView:
     logits: torch.Tensor | None
     region_based: bool
     ensemble: FoldEnsemble | None
-    #: the case's preprocessed input ``(C, *spatial)``, as nnU-Net predicted it (``None`` in encoder-only scoring)
-    image: torch.Tensor | None = None
     #: the taps in use, by ``Method.tap`` (what they collected over the case's patches)
     taps: Mapping[str, Any] = field(default_factory=dict)
 
@@ -105,7 +103,6 @@ class CaseScorer:
     def begin_case(self, data: torch.Tensor) -> None:
         """A new case: its preprocessed data ``(C, *spatial)`` (only checked for NaN/Inf)."""
         self.in_case = True
-        self._image = data  # a reference, not a copy: nnU-Net holds the data for the whole case anyway
         self._input_finite = bool(torch.isfinite(data).all())
         self._fold_index = 0
         self._fold_patch_scores: list[torch.Tensor] = []
@@ -196,7 +193,7 @@ class CaseScorer:
         kept (at 512 x 512 x 300 voxels a float32 map is 300 MB).
         """
         self.in_case = False
-        view = CaseView(self._layout, logits, self.region_based, self._ensemble, self._image, self.taps)
+        view = CaseView(self._layout, logits, self.region_based, self._ensemble, self.taps)
         foreground = in_slabs(lambda part: predicted_foreground(part, self.region_based), logits, torch.bool) \
             if logits is not None and "foreground_mean" in self.aggregations.values() else None
         scores: dict[str, float] = {}
@@ -217,7 +214,7 @@ class CaseScorer:
             scores = {m: math.nan for m in scores}
         self.last = CaseOutcome([m.name for m in self.methods], {m.name: scores[m.name] for m in self.methods},
                                 {m.name: kept[m.name] for m in self.methods if m.name in kept}, self._input_finite)
-        self._ensemble, self._image = None, None
+        self._ensemble = None
         return self.last
 
     def _case_maps(self, logits: torch.Tensor | None) -> Iterator[tuple[Method, torch.Tensor]]:
