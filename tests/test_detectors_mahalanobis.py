@@ -228,3 +228,29 @@ def test_save_into_a_file_path_is_a_one_line_error(tmp_path, data) -> None:
     with pytest.raises(OODInputError, match="is a file, not a folder"):
         MahalanobisDetector().fit(x).save(target / "deeper")
     assert target.read_text() == "not a folder"
+
+
+def test_scoring_only_keeps_sklearn_scores_and_refuses_to_refit(tmp_path, data) -> None:
+    """The predictor keeps only the mean and the factor: the same distances as scikit-learn's Ledoit-Wolf, the
+    scatter released, and updating, merging or saving refused with a one-line error instead of using it."""
+    x, y = data
+    reference = LedoitWolf().fit(x)
+    detector = _fit_streamed(MahalanobisDetector(), x).scoring_only()
+    assert detector.statistics.scatter.numel() == 0 and detector.statistics.third.numel() == 0
+    np.testing.assert_allclose(detector.score(y).numpy(), reference.mahalanobis(y), rtol=1e-6)
+    np.testing.assert_allclose(detector.shrinkage_, reference.shrinkage_, rtol=1e-9)
+    config = detector.get_config()
+    assert config["n_samples_seen_"] == 1500 and config["jitter_"] == 0.0
+    for action, call in (("update", lambda: detector.partial_fit(x[:5])), ("save", lambda: detector.save(tmp_path)),
+                         ("merge", lambda: MahalanobisDetector().fit(x).merge(detector))):
+        with pytest.raises(OODStateError, match=f"cannot {action} the mahalanobis detector: its statistics were "
+                                                "released.*load its state again"):
+            call()
+    # a detector factorised before (and one loaded from a file, as the predictor does) ends up the same
+    factored = _fit_streamed(MahalanobisDetector(), x)
+    factored.score(y[:1])
+    np.testing.assert_array_equal(factored.scoring_only().score(y).numpy(), detector.score(y).numpy())
+    _fit_streamed(MahalanobisDetector(), x).save(tmp_path)
+    loaded = MahalanobisDetector.load(tmp_path).scoring_only()
+    np.testing.assert_allclose(loaded.score(y).numpy(), reference.mahalanobis(y), rtol=1e-6)
+    assert detector.fit(x).score(y[:1]).shape == (1,)  # fit starts afresh: allowed again

@@ -103,6 +103,14 @@ class FeatureDetector(ABC):
                 f"(run nnUNetv2_fit_ood) before scoring"
             )
 
+    def scoring_only(self: _Det) -> _Det:
+        """Release what only fitting, merging and saving need, keeping what :meth:`score` reads; returns ``self``.
+
+        Scores stay exactly the same; afterwards the detector can no longer be updated, merged or saved. The
+        predictor calls this on every detector it loads (a prediction never refits). Nothing to release by default.
+        """
+        return self
+
     # ------------------------------------------------------------------ scoring
     def _prepare_scoring(self) -> None:
         """Hook run once per :meth:`score` call before the chunks (e.g. to factorise lazily)."""

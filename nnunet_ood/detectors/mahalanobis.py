@@ -95,9 +95,29 @@ class MahalanobisDetector(FeatureDetector):
         self._cholesky: torch.Tensor | None = None
         self._shrinkage_used: float | None = None
         self._jitter: float | None = None
+        self._scoring_only = False
+
+    def _check_statistics_kept(self, action: str) -> None:
+        if getattr(self, "_scoring_only", False):
+            raise OODStateError(f"cannot {action} the {self.name} detector: its statistics were released for "
+                                "scoring (scoring_only()); load its state again to update, merge or save it")
+
+    def scoring_only(self) -> MahalanobisDetector:
+        """Factorise, then release the D x D scatter matrix and the higher moments: scoring reads only the mean and
+        the Cholesky factor, so the detector then holds one D x D float64 matrix instead of two (184 MB less at
+        D = 4800). The covariance is formed in the scatter's own memory, so this never holds three."""
+        self._check_fitted()
+        if self._cholesky is None:
+            self.shrinkage_  # read from the scatter and the moments before they go (kept for get_config)
+            self._factorize(self.statistics.scatter.div_(self.statistics.count))
+        statistics = self.statistics
+        statistics.scatter = statistics.third = torch.empty(0, dtype=torch.float64, device=statistics.device)
+        self._scoring_only = True
+        return self
 
     def partial_fit(self, X: ArrayLike) -> MahalanobisDetector:
         """Stream the rows of ``X`` (N, D) into the statistics; non-finite rows are skipped."""
+        self._check_statistics_kept("update")
         self.statistics.update(X)
         self._invalidate()
         return self
@@ -109,6 +129,8 @@ class MahalanobisDetector(FeatureDetector):
         """
         if not isinstance(other, MahalanobisDetector):
             raise TypeError(f"can only merge another MahalanobisDetector, got {type(other).__name__}")
+        self._check_statistics_kept("merge")
+        other._check_statistics_kept("merge")
         self.statistics.merge(other.statistics)
         self._invalidate()
         return self
@@ -183,8 +205,11 @@ class MahalanobisDetector(FeatureDetector):
         if self._cholesky is not None:
             return self
         self._check_fitted()
+        return self._factorize(self.statistics.covariance())  # a new tensor, modified in place there
+
+    def _factorize(self, cov: torch.Tensor) -> MahalanobisDetector:
+        """Regularise the covariance ``cov`` in place, factorise it and cache the factor."""
         s = self.shrinkage_
-        cov = self.statistics.covariance()  # a new tensor, modified in place below
         dim = cov.shape[0]
         mu = float(torch.trace(cov)) / dim
         if s > 0.0:
@@ -252,6 +277,7 @@ class MahalanobisDetector(FeatureDetector):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The streamed statistics (count, n_skipped, mean, scatter, third, fourth)."""
+        self._check_statistics_kept("save")
         return self.statistics.state_dict()
 
     @classmethod

@@ -125,6 +125,9 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         wanted = REGISTRY.check_requested(requested, n_folds, mirroring)
         states = [load_fold_state(join(self.model_folder, f"fold_{fold}"), self.fingerprint_for(i), wanted,
                                   device=self.device) for i, fold in enumerate(self.use_folds)]
+        for state in states:  # a prediction never refits: hold only what scoring reads (Mahalanobis: half)
+            for detector in state.detectors.values():
+                detector.scoring_only()
         for fold, state in zip(self.use_folds, states):
             if state.methods != states[0].methods:
                 raise OODStateError(f"fold {fold} has OOD methods {state.methods} but fold {self.use_folds[0]} has "
