@@ -108,8 +108,8 @@ class MahalanobisDetector(FeatureDetector):
         D = 4800). The covariance is formed in the scatter's own memory, so this never holds three."""
         self._check_fitted()
         if self._cholesky is None:
-            self.shrinkage_  # read from the scatter and the moments before they go (kept for get_config)
-            self._factorize(self.statistics.scatter.div_(self.statistics.count))
+            shrinkage = self.shrinkage_  # from the scatter and the moments, before they go (kept for get_config)
+            self._factorize(self.statistics.scatter.div_(self.statistics.count), shrinkage)
         statistics = self.statistics
         statistics.scatter = statistics.third = torch.empty(0, dtype=torch.float64, device=statistics.device)
         self._scoring_only = True
@@ -205,11 +205,10 @@ class MahalanobisDetector(FeatureDetector):
         if self._cholesky is not None:
             return self
         self._check_fitted()
-        return self._factorize(self.statistics.covariance())  # a new tensor, modified in place there
+        return self._factorize(self.statistics.covariance(), self.shrinkage_)  # a new tensor, modified there
 
-    def _factorize(self, cov: torch.Tensor) -> MahalanobisDetector:
-        """Regularise the covariance ``cov`` in place, factorise it and cache the factor."""
-        s = self.shrinkage_
+    def _factorize(self, cov: torch.Tensor, s: float) -> MahalanobisDetector:
+        """Regularise the covariance ``cov`` with shrinkage ``s`` in place, factorise it and cache the factor."""
         dim = cov.shape[0]
         mu = float(torch.trace(cov)) / dim
         if s > 0.0:
