@@ -194,6 +194,10 @@ def test_cases_in_a_row_and_a_retried_fold_score_as_each_alone():
         _run_patch(tap, net, a[1][0], 1, 0)
         _run_patch(tap, net, a[1][1], 1, 1)
         assert _score(tap) == pytest.approx(alone["a"], rel=1e-12)
+        # fold 0's first patch starts the case: an aborted case's later folds are dropped, not only fold 0's counts
+        _case(tap, net, a[:1] + [a[1][:1]])
+        expected_b0, _ = _case(tap, net, b[:1])
+        assert _score(tap) == pytest.approx(expected_b0, rel=1e-9)
     finally:
         tap.remove()
 

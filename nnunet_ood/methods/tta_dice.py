@@ -113,7 +113,7 @@ class MirroredMaskTap(PatchTap):
     def after_patch(self, x: Tensor, patch_index: int) -> None:
         """The patch's voxel map (:attr:`disagreement`); its pair counts added to the fold's."""
         if self._calls < 2:
-            raise RuntimeError("tta_dice needs the mirrored passes, but the network ran only once since arm()")
+            raise RuntimeError("tta_dice needs the mirrored passes, but the network ran only once for this patch")
         masks, self._masks, self._calls = self._masks, [], -1
         overlap, total, self.disagreement = pairwise_agreement(
             masks, self._patch_weights(tuple(x.shape[2:]), masks[0].device))
