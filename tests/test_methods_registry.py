@@ -28,8 +28,8 @@ from nnunet_ood.methods.sd import SDPredictConfig, SDTrainingConfig
 
 def test_lists_are_derived_from_the_method_objects():
     assert FITTABLE_METHODS == ("mahalanobis", "knn", "sd", "latent_mahalanobis", "max_softmax", "entropy", "energy",
-                                "kl_uniform", "temperature", "tta", "mc_dropout", "quality")
-    assert DEFAULT_FIT_METHODS == tuple(m for m in FITTABLE_METHODS if m != "mc_dropout")
+                                "kl_uniform", "temperature", "tta", "tta_dice", "mc_dropout", "quality")
+    assert DEFAULT_FIT_METHODS == tuple(m for m in FITTABLE_METHODS if m not in ("tta_dice", "mc_dropout"))
     assert [m.name for m in REGISTRY if m.kind is MethodKind.FOLD_ENSEMBLE] == \
         ["ensemble_entropy", "ensemble_mi", "pairwise_dice"]
     assert all(m.summary and m.kind in MethodKind for m in REGISTRY)
@@ -51,6 +51,8 @@ def test_prediction_checks_give_todays_messages():
         REGISTRY.check_requested(["ensemble_entropy", "entropy"], 1, True)
     with pytest.raises(OODStateError, match="tta measures the disagreement of nnU-Net's mirrored passes"):
         REGISTRY.check_requested(["tta"], 1, False)
+    with pytest.raises(OODStateError, match="tta, tta_dice measure the disagreement of nnU-Net's mirrored passes"):
+        REGISTRY.check_requested(["tta", "tta_dice"], 1, False)
     assert REGISTRY.check_requested(None, 1, False) is None
     assert REGISTRY.check_requested(["pairwise_dice", "knn"], 2, True) == ["knn"]
     methods, notes = REGISTRY.methods_in_use(None, ["mahalanobis", "tta"], 1, False)

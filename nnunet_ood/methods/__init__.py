@@ -52,6 +52,7 @@ _METHODS: tuple[str, ...] = (
     "nnunet_ood.methods.logits:KLUniform",
     "nnunet_ood.methods.logits:Temperature",
     "nnunet_ood.methods.tta:TTA",
+    "nnunet_ood.methods.tta_dice:TTADice",
     "nnunet_ood.methods.mc_dropout:MCDropout",
     "nnunet_ood.methods.ensemble:EnsembleEntropy",
     "nnunet_ood.methods.ensemble:EnsembleMI",
