@@ -27,6 +27,7 @@ Usage::
     python benchmarks/bench_3d.py --size clinical --mirroring off   # about 30 minutes more
     python benchmarks/bench_3d.py --work /tmp/bench3d --size clinical --mirroring off --skip_fit_timing \
         --settings pm default                                  # stock, pm, stock, default, stock
+    python benchmarks/bench_3d.py --work /tmp/bench3d --size small --fit_timing_only   # the fit's timing only
 
 Targets (issue 23): time <= 1.10x stock with Pooled Mahalanobis and the free output scores, <= 1.6x with
 the default methods (``sd`` included); peak memory <= 1.2x stock; fit <= 1.5x nnU-Net's validation.
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--feature_divisor", type=int, default=8, help="divide the planned features by this (8)")
     bench.add_argument("--iterations", type=int, default=10, help="training iterations (default: 10)")
     bench.add_argument("--skip_fit_timing", action="store_true", help="leave out fit against validation")
+    bench.add_argument("--fit_timing_only", action="store_true",
+                       help="time only the fit against validation (no prediction runs)")
     bench.add_argument("-device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
     bench.add_argument("--settings", nargs="+", choices=list(SETTING_KEYS), default=list(SETTING_KEYS),
                        help="OOD settings to time, in this order (default: all)")
@@ -350,7 +353,8 @@ def benchmark(args: argparse.Namespace) -> int:
           f"{kwargs['n_stages']} stages, features {kwargs['features_per_stage']} (planned features divided by "
           f"{args.feature_divisor}); test volume {SIZES[args.size][::-1]} voxels (x y z) at {SPACING} mm", flush=True)
     ok = True
-    for mirroring in {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]:
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
+    for mirroring in [] if args.fit_timing_only else modes:
         ok &= compare(model, inputs, work, env, mirroring, args.device, [SETTING_KEYS[k] for k in args.settings])
     if not args.skip_fit_timing:
         validation, fit = time_fit_against_validation(model)
