@@ -16,10 +16,18 @@ runs (the median of the stock runs around them). It also times the fit of the de
 shared models' training and the quality model's corruption pass, which have schedules of their own) against
 nnU-Net's validation of the fold, as ``bench_fit.py`` does in 2D.
 
+``--settings`` picks the OOD settings to time (default: all four): ``pm`` (Pooled Mahalanobis and the free
+output scores), ``pm_map`` (the same, writing the Mahalanobis map), ``default`` (the default methods) and
+``default_maps`` (the default methods, writing every map). Stock runs alternate with them: one before the
+first setting and one after every second setting (after every setting when at most two are picked).
+
 Usage::
 
     python benchmarks/bench_3d.py --size small                 # about 25 minutes on 2 CPU cores
     python benchmarks/bench_3d.py --size clinical --mirroring off   # about 30 minutes more
+    python benchmarks/bench_3d.py --work /tmp/bench3d --size clinical --mirroring off --skip_fit_timing \
+        --settings pm default                                  # stock, pm, stock, default, stock
+    python benchmarks/bench_3d.py --work /tmp/bench3d --size small --fit_timing_only   # the fit's timing only
 
 Targets (issue 23): time <= 1.10x stock with Pooled Mahalanobis and the free output scores, <= 1.6x with
 the default methods (``sd`` included); peak memory <= 1.2x stock; fit <= 1.5x nnU-Net's validation.
@@ -258,6 +266,11 @@ def run_child(model: Path, inputs: Path, output: Path, env: dict[str, str], meth
     return json.loads(results[-1][len("RESULT "):])
 
 
+#: ``--settings`` key -> the setting's label in the tables
+SETTING_KEYS = {"pm": "PM + free scores", "pm_map": "PM + free scores, PM map", "default": "default methods",
+                "default_maps": "default methods, all maps"}
+
+
 def settings(mirroring: bool) -> dict[str, tuple[list[str] | None, list[str] | None]]:
     """Setting label -> (OOD methods, maps) for one mirroring mode; ``None`` methods: the default ones."""
     from nnunet_ood.methods import DEFAULT_FIT_METHODS
@@ -272,15 +285,28 @@ def settings(mirroring: bool) -> dict[str, tuple[list[str] | None, list[str] | N
 
 
 def time_fit_against_validation(model: Path) -> tuple[float, float]:
-    """(nnU-Net's validation of fold 0, fit_fold of the default methods without AE training and quality) in s."""
+    """(nnU-Net's validation of fold 0, fit_fold of the default methods without AE training and quality) in s.
+
+    The fit writes fold 0's OOD state without ``quality``; the state fitted by :func:`build` is put back afterwards
+    (the prediction runs of later benchmarks use it)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from contextlib import redirect_stdout
 
     from bench_fit import time_fit, time_validation
 
-    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
-        validation = time_validation(model)[0]
-        fit = time_fit(model)
+    state = model / "fold_0" / "ood"
+    with tempfile.TemporaryDirectory() as keep:
+        saved = Path(keep) / "ood"
+        if state.is_dir():
+            shutil.copytree(state, saved)
+        try:
+            with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                validation = time_validation(model)[0]
+                fit = time_fit(model)
+        finally:
+            if saved.is_dir():
+                shutil.rmtree(state, ignore_errors=True)
+                shutil.copytree(saved, state)
     return validation, fit
 
 
@@ -295,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--feature_divisor", type=int, default=8, help="divide the planned features by this (8)")
     bench.add_argument("--iterations", type=int, default=10, help="training iterations (default: 10)")
     bench.add_argument("--skip_fit_timing", action="store_true", help="leave out fit against validation")
+    bench.add_argument("--fit_timing_only", action="store_true",
+                       help="time only the fit against validation (no prediction runs)")
     bench.add_argument("-device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
+    bench.add_argument("--settings", nargs="+", choices=list(SETTING_KEYS), default=list(SETTING_KEYS),
+                       help="OOD settings to time, in this order (default: all)")
     tr = sub.add_parser("train")
     tr.add_argument("--work", required=True)
     tr.add_argument("--iterations", type=int, required=True)
@@ -336,8 +366,9 @@ def benchmark(args: argparse.Namespace) -> int:
           f"{kwargs['n_stages']} stages, features {kwargs['features_per_stage']} (planned features divided by "
           f"{args.feature_divisor}); test volume {SIZES[args.size][::-1]} voxels (x y z) at {SPACING} mm", flush=True)
     ok = True
-    for mirroring in {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]:
-        ok &= compare(model, inputs, work, env, mirroring, args.device)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
+    for mirroring in [] if args.fit_timing_only else modes:
+        ok &= compare(model, inputs, work, env, mirroring, args.device, [SETTING_KEYS[k] for k in args.settings])
     if not args.skip_fit_timing:
         validation, fit = time_fit_against_validation(model)
         ok &= fit / validation <= 1.5
@@ -349,14 +380,17 @@ def benchmark(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirroring: bool, device: str) -> bool:
-    """Stock and OOD child runs alternating (stock, two settings, stock, two settings, stock); prints a table."""
+def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirroring: bool, device: str,
+            labels: list[str] | None = None) -> bool:
+    """Stock and OOD child runs alternating (stock, two settings, stock, two settings, stock; with at most two
+    settings, stock after each); prints a table. ``labels``: the settings to run (default: all)."""
     runs: dict[str, list[dict[str, float]]] = {"stock": []}
-    order = list(settings(mirroring).items())
+    every = settings(mirroring)
+    order = [(label, every[label]) for label in (labels or list(every))]
     runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring, device))
     for k, (label, (methods, maps)) in enumerate(order):
         runs[label] = [run_child(model, inputs, work / f"out_{k}", env, methods, maps, mirroring, device)]
-        if k % 2 == 1:
+        if k % 2 == 1 or len(order) <= 2 or k == len(order) - 1:
             runs["stock"].append(run_child(model, inputs, work / "out_stock", env, None, None, mirroring, device))
     stock = {key: statistics.median(r[key] for r in runs["stock"]) for key in ("seconds", "peak_mib", "bytes")}
     print(f"\nmirroring {'on' if mirroring else 'off'}; stock nnUNetPredictor: {stock['seconds']:.0f} s, peak "

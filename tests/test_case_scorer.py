@@ -169,7 +169,7 @@ def test_voxelwise_maps_in_slabs_equal_the_whole_map(monkeypatch) -> None:
     from nnunet_ood.methods import REGISTRY, MethodKind
     from nnunet_ood.segmentation import predicted_foreground
 
-    monkeypatch.setattr(slab_module, "SLAB_VOXELS", 7 * 9 * 2)  # slabs of 2 of the 11 planes
+    monkeypatch.setattr(slab_module, "VOXELWISE_SLAB_VOXELS", 7 * 9 * 2)  # slabs of 2 of the 11 planes
     logits = torch.randn(4, 11, 7, 9, generator=torch.Generator().manual_seed(0)) * 3
     params = [{"temperature": 1.7}]
     for method in (m for m in REGISTRY if m.kind is MethodKind.LOGITS):
@@ -181,3 +181,30 @@ def test_voxelwise_maps_in_slabs_equal_the_whole_map(monkeypatch) -> None:
             np.testing.assert_allclose(slabs.numpy(), whole.numpy(), rtol=1e-6, atol=1e-7, err_msg=method.name)
     fg = case_scorer.in_slabs(lambda part: predicted_foreground(part, False), logits, torch.bool)
     assert torch.equal(fg, logits.argmax(0) > 0)
+
+
+def test_voxelwise_maps_in_cache_sized_slabs_match_numpy() -> None:
+    """At the real slab size (one 512 x 512 plane per slab) every logit method's map, made in slabs as the case
+    scorer makes it, equals a float64 numpy computation of its formula and the map made on the whole volume."""
+    from test_methods_logits import numpy_reference
+
+    from nnunet_ood import slabs as slab_module
+    from nnunet_ood.inference import case_scorer
+    from nnunet_ood.methods import REGISTRY, MethodKind
+
+    logits = torch.randn(3, 3, 512, 512, generator=torch.Generator().manual_seed(1)) * 3
+    assert len(list(slab_module.slab_slices(logits.shape[1:], slab_module.VOXELWISE_SLAB_VOXELS))) == 3
+    params = [{"temperature": 1.7}]
+    for method in (m for m in REGISTRY if m.kind is MethodKind.LOGITS):
+        calls = []
+
+        def fn(part, m=method, calls=calls):
+            calls.append(part.shape[1])
+            return m.voxel_map(part, False, params)
+
+        slabs = case_scorer.in_slabs(fn, logits, torch.float32)
+        assert calls == [1, 1, 1], method.name  # one plane per slab
+        reference = numpy_reference(method.name, logits.numpy(), False, 1.7)
+        np.testing.assert_allclose(slabs.numpy(), reference, rtol=1e-5, atol=1e-6, err_msg=method.name)
+        np.testing.assert_allclose(slabs.numpy(), method.voxel_map(logits, False, params).numpy(), rtol=1e-6,
+                                   atol=1e-7, err_msg=method.name)
