@@ -47,8 +47,13 @@ def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]
     return [c for size in range(1, len(axes) + 1) for c in itertools.combinations(axes, size)]
 
 
-class MirroredPassTap(PatchTap):
-    """Forward hook on the network that turns the passes of one patch into the per-voxel ``spread``."""
+class MirroredPasses(PatchTap):
+    """Base of the taps that see each of nnU-Net's passes of a patch: a forward hook on the network, armed by
+    :meth:`before_patch` for the un-mirrored pass and one pass per mirror combination, that flips each output back to
+    the patch's orientation and hands it to :meth:`add_pass`."""
+
+    #: the method's name, in the error raised when the mirrored passes did not run
+    method_name = "this method"
 
     def __init__(self, context: TapContext) -> None:
         from nnunet_ood.features import unwrap_network
@@ -56,13 +61,15 @@ class MirroredPassTap(PatchTap):
         super().__init__(context)
         self._combinations = mirror_axes_combinations(context.mirror_axes)
         self._calls = -1  # -1: disarmed
-        self._spread = ProbabilitySpread()
-        self.spread: Tensor | None = None
         self._handle = unwrap_network(context.network).register_forward_hook(self._hook)
 
     def before_patch(self, fold_index: int) -> None:
         """Watch the next 1 + (number of mirror combinations) network calls."""
-        self._calls, self._spread = 0, ProbabilitySpread()
+        self._calls = 0
+
+    def add_pass(self, logits: Tensor) -> None:
+        """One pass's logits ``(B, C, *patch)``, in the patch's orientation."""
+        raise NotImplementedError
 
     def _hook(self, module: Any, inputs: tuple, output: Any) -> None:
         if self._calls < 0 or self._calls > len(self._combinations):
@@ -70,18 +77,42 @@ class MirroredPassTap(PatchTap):
         logits = output[0] if isinstance(output, (list, tuple)) else output
         if self._calls > 0:
             logits = logits.flip(self._combinations[self._calls - 1])  # back to the patch's orientation
-        self._spread.add(probabilities(logits, self.context.region_based))
+        self.add_pass(logits)
         self._calls += 1
 
-    def after_patch(self, x: Tensor, patch_index: int) -> None:
-        """Per-voxel disagreement ``(B, *patch)``: population std over the passes, mean over classes."""
+    def end_passes(self) -> None:
+        """Disarm after a patch's passes; an error if the mirrored passes did not run."""
         if self._calls < 2:
-            raise RuntimeError("tta needs the mirrored passes, but the network ran only once since arm()")
-        self.spread, self._calls, self._spread = self._spread.std_over_predictions(), -1, ProbabilitySpread()
+            raise RuntimeError(f"{self.method_name} needs the mirrored passes, but the network ran only once since "
+                               "arm()")
+        self._calls = -1
 
     def remove(self) -> None:
         self._handle.remove()
         self._calls = -1
+
+
+class MirroredPassTap(MirroredPasses):
+    """Turns the passes of one patch into the per-voxel ``spread``."""
+
+    method_name = "tta"
+
+    def __init__(self, context: TapContext) -> None:
+        super().__init__(context)
+        self._spread = ProbabilitySpread()
+        self.spread: Tensor | None = None
+
+    def before_patch(self, fold_index: int) -> None:
+        super().before_patch(fold_index)
+        self._spread = ProbabilitySpread()
+
+    def add_pass(self, logits: Tensor) -> None:
+        self._spread.add(probabilities(logits, self.context.region_based))
+
+    def after_patch(self, x: Tensor, patch_index: int) -> None:
+        """Per-voxel disagreement ``(B, *patch)``: population std over the passes, mean over classes."""
+        self.end_passes()
+        self.spread, self._spread = self._spread.std_over_predictions(), ProbabilitySpread()
 
 
 class TTA(PatchMapMethod):

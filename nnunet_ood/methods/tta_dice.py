@@ -22,8 +22,8 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from nnunet_ood.methods.base import UNIT_INTERVAL, PatchMapMethod, PatchTap, Requirements, TapContext
-from nnunet_ood.methods.tta import mirror_axes_combinations
+from nnunet_ood.methods.base import UNIT_INTERVAL, PatchMapMethod, Requirements, TapContext
+from nnunet_ood.methods.tta import MirroredPasses
 from nnunet_ood.segmentation import foreground_masks, probabilities
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def weighted_dice_score(overlap: Tensor, total: Tensor) -> float:
     return 1.0 - float(dice.mean())
 
 
-class MirroredMaskTap(PatchTap):
+class MirroredMaskTap(MirroredPasses):
     """Forward hook on the network: the foreground masks of each of nnU-Net's passes of a patch, compared pairwise.
 
     After each patch, :attr:`disagreement` is the patch's voxel map; the Gaussian-weighted pair counts are summed
@@ -74,31 +74,22 @@ class MirroredMaskTap(PatchTap):
     inherits counts from the one before; :meth:`take_score` reads the case score and resets.
     """
 
-    def __init__(self, context: TapContext) -> None:
-        from nnunet_ood.features import unwrap_network
+    method_name = "tta_dice"
 
+    def __init__(self, context: TapContext) -> None:
         super().__init__(context)
-        self._combinations = mirror_axes_combinations(context.mirror_axes)
-        self._calls = -1  # -1: disarmed
         self._masks: list[Tensor] = []
         self._fold = 0
         self._weights: Tensor | None = None
         self._counts: dict[int, tuple[Tensor, Tensor]] = {}  # by fold: (overlap, total), each (pairs, K)
         self.disagreement: Tensor | None = None
-        self._handle = unwrap_network(context.network).register_forward_hook(self._hook)
 
     def before_patch(self, fold_index: int) -> None:
-        """Watch the next 1 + (number of mirror combinations) network calls."""
-        self._calls, self._masks, self._fold = 0, [], fold_index
+        super().before_patch(fold_index)
+        self._masks, self._fold = [], fold_index
 
-    def _hook(self, module: Any, inputs: tuple, output: Any) -> None:
-        if self._calls < 0 or self._calls > len(self._combinations):
-            return
-        logits = output[0] if isinstance(output, (list, tuple)) else output
-        if self._calls > 0:
-            logits = logits.flip(self._combinations[self._calls - 1])  # back to the patch's orientation
+    def add_pass(self, logits: Tensor) -> None:
         self._masks.append(batch_foreground_masks(logits, self.context.region_based))
-        self._calls += 1
 
     def _patch_weights(self, shape: tuple[int, ...], device: Any) -> Tensor:
         """nnU-Net's Gaussian importance map of a patch (float64), made once per patch shape and device."""
@@ -112,9 +103,8 @@ class MirroredMaskTap(PatchTap):
 
     def after_patch(self, x: Tensor, patch_index: int) -> None:
         """The patch's voxel map (:attr:`disagreement`); its pair counts added to the fold's."""
-        if self._calls < 2:
-            raise RuntimeError("tta_dice needs the mirrored passes, but the network ran only once for this patch")
-        masks, self._masks, self._calls = self._masks, [], -1
+        self.end_passes()
+        masks, self._masks = self._masks, []
         overlap, total, self.disagreement = pairwise_agreement(
             masks, self._patch_weights(tuple(x.shape[2:]), masks[0].device))
         if patch_index == 0:  # a fold's window begins (again, if nnU-Net retries it on the CPU)
@@ -135,9 +125,6 @@ class MirroredMaskTap(PatchTap):
         total = sum((t.cpu() for _, t in counts[1:]), counts[0][1].cpu())
         return weighted_dice_score(overlap, total)
 
-    def remove(self) -> None:
-        self._handle.remove()
-        self._calls = -1
 
 
 class TTADice(PatchMapMethod):
