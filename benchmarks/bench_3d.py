@@ -339,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--mirroring", action="store_true")
     pr.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
     pr.add_argument("--memory_trace", action="store_true", help="print the peak memory of each phase")
-    args = parser.parse_args(argv if argv is not None and argv else (sys.argv[1:] or ["bench"]))
+    given = list(argv if argv else sys.argv[1:])
+    if not given or given[0] not in (*sub.choices, "-h", "--help"):  # flags alone: the benchmark, as documented
+        given = ["bench", *given]
+    args = parser.parse_args(given)
     if args.command == "train":
         environment(Path(args.work))
         train(Path(args.work) / "preprocessed", write_dataset(Path(args.work) / "raw"), args.iterations, args.device)

@@ -55,3 +55,19 @@ def test_bench_3d_arguments() -> None:
     assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
     proc = subprocess.run([sys.executable, str(bench), "bench", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "-device" in proc.stdout and "--mirroring" in proc.stdout
+
+
+def test_bench_3d_runs_the_benchmark_when_given_flags_only(monkeypatch) -> None:
+    """The commands docs/benchmarks.md shows (`bench_3d.py --size clinical ...`, no subcommand) were refused by
+    argparse; flags alone now mean the benchmark, and the subcommands still dispatch."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_3d
+
+    seen = []
+    monkeypatch.setattr(bench_3d, "benchmark", lambda args: seen.append(args) or 0)
+    assert bench_3d.main(["--work", "/tmp/x", "--size", "clinical", "--mirroring", "off"]) == 0
+    assert (seen[-1].command, seen[-1].size, seen[-1].work, seen[-1].mirroring) == ("bench", "clinical", "/tmp/x", "off")
+    assert bench_3d.main(["bench", "--size", "small"]) == 0 and seen[-1].size == "small"
+    called = []
+    monkeypatch.setattr(bench_3d, "predict_child", called.append)
+    assert bench_3d.main(["predict", "--model", "m", "--input", "i", "--output", "o"]) == 0 and called
