@@ -66,7 +66,8 @@ def test_bench_3d_runs_the_benchmark_when_given_flags_only(monkeypatch) -> None:
     seen = []
     monkeypatch.setattr(bench_3d, "benchmark", lambda args: seen.append(args) or 0)
     assert bench_3d.main(["--work", "/tmp/x", "--size", "clinical", "--mirroring", "off"]) == 0
-    assert (seen[-1].command, seen[-1].size, seen[-1].work, seen[-1].mirroring) == ("bench", "clinical", "/tmp/x", "off")
+    args = seen[-1]
+    assert (args.command, args.size, args.work, args.mirroring) == ("bench", "clinical", "/tmp/x", "off")
     assert bench_3d.main(["bench", "--size", "small"]) == 0 and seen[-1].size == "small"
     called = []
     monkeypatch.setattr(bench_3d, "predict_child", called.append)
