@@ -270,3 +270,18 @@ def test_cuda_prediction_matches_cpu(tiny_project, test_images, tmp_path):
         np.testing.assert_allclose(read_array(tmp_path / "cuda" / f"{case}_ood_mahalanobis.nii.gz"),
                                    read_array(tmp_path / "cpu" / f"{case}_ood_mahalanobis.nii.gz"), rtol=1e-3,
                                    atol=1e-4)
+
+
+def test_predictor_holds_the_mahalanobis_factor_only(preprocessed_case, tiny_project):
+    """A prediction never refits: the loaded Mahalanobis detector keeps its mean and Cholesky factor, releases the
+    fit's D x D scatter matrix, and scores exactly as the full state read again from the fold's folder."""
+    from nnunet_ood.fold_state import load_fold_state
+
+    predictor, _ = preprocessed_case(["mahalanobis"], "id")
+    held = predictor.ood_states[0].detectors["mahalanobis"]
+    assert held.statistics.scatter.numel() == 0
+    full = load_fold_state(str(tiny_project.model(OOD_TRAINER) / "fold_0"), None, ["mahalanobis"]).detectors
+    full = full["mahalanobis"]
+    assert full.statistics.scatter.shape == (full.n_features_in_,) * 2  # the file still has the statistics
+    x = torch.randn(7, full.n_features_in_, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(held.score(x), full.score(x), rtol=0, atol=0)
