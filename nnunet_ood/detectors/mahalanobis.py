@@ -98,7 +98,7 @@ class MahalanobisDetector(FeatureDetector):
         self._scoring_only = False
 
     def _check_statistics_kept(self, action: str) -> None:
-        if getattr(self, "_scoring_only", False):
+        if self._scoring_only:
             raise OODStateError(f"cannot {action} the {self.name} detector: its statistics were released for "
                                 "scoring (scoring_only()); load its state again to update, merge or save it")
 

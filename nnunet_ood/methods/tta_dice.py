@@ -111,9 +111,9 @@ class MirroredMaskTap(MirroredPasses):
             if self._fold == 0:
                 self._counts = {}
             self._counts.pop(self._fold, None)
-        if self._fold in self._counts:
+        if self._fold in self._counts:  # every patch of a case on the same device
             before = self._counts[self._fold]
-            overlap, total = before[0] + overlap.to(before[0].device), before[1] + total.to(before[1].device)
+            overlap, total = before[0] + overlap, before[1] + total
         self._counts[self._fold] = (overlap, total)
 
     def take_score(self) -> float:
@@ -126,14 +126,13 @@ class MirroredMaskTap(MirroredPasses):
         return weighted_dice_score(overlap, total)
 
 
-
 class TTADice(PatchMapMethod):
     name = "tta_dice"
     score_range = UNIT_INTERVAL  # 1 - a Dice
     summary = ("1 - mean Dice between the segmentations of nnU-Net's mirrored passes over all pairs of passes, "
                "Gaussian-weighted over the patches (case score); its map is the share of disagreeing pairs per voxel")
     requires = Requirements(mirroring=True)
-    fit_by_default = False  # whether it becomes a default is left to measurement
+    fit_by_default = False  # as a quality input it hurt the held-out shifts (docs/quality.md §5)
     tap = "nnunet_ood.methods.tta_dice:MirroredMaskTap"
 
     def patch_map(self, tap: MirroredMaskTap) -> Tensor:
