@@ -72,3 +72,27 @@ def test_bench_3d_runs_the_benchmark_when_given_flags_only(monkeypatch) -> None:
     called = []
     monkeypatch.setattr(bench_3d, "predict_child", called.append)
     assert bench_3d.main(["predict", "--model", "m", "--input", "i", "--output", "o"]) == 0 and called
+
+
+def test_bench_3d_fit_timing_parts(monkeypatch, capsys) -> None:
+    """The fit's flags parse as nnUNetv2_fit_ood parses them (short autoencoder and quality schedules), and the
+    table's ratio leaves out exactly the two parts with schedules of their own."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_3d
+
+    from nnunet_ood.cli.fit import build_parser
+    from nnunet_ood.fitting import FitOptions
+    from nnunet_ood.methods import DEFAULT_FIT_METHODS
+    from nnunet_ood.methods.quality import QualityConfig
+    from nnunet_ood.methods.sd import SDTrainingConfig
+
+    options = FitOptions.from_args(build_parser().parse_args(["-d", "1", "-c", "3d_fullres", *bench_3d.FIT_FLAGS]))
+    assert options.methods == DEFAULT_FIT_METHODS and not options.progress
+    sd, quality = options.config(SDTrainingConfig), options.config(QualityConfig)
+    assert (sd.iterations_per_epoch, sd.max_epochs, sd.batch_size, sd.val_batches) == (4, 2, 2, 1)
+    assert quality.corruptions_per_case == 2
+    timing = {"validation": 100.0, "fit": 400.0, "shared_training": 70.0, "failure_table": 200.0, "versions": 2}
+    assert bench_3d.print_fit_timing(timing)  # (400 - 70 - 200) / 100 = 1.30
+    out = capsys.readouterr().out
+    assert "| **1.30** | <= 1.5 |" in out and "| 200.0 | 2.00 (1.00 per version) |" in out
+    assert not bench_3d.print_fit_timing(dict(timing, fit=430.0))  # 1.60

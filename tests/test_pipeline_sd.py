@@ -30,9 +30,10 @@ def scored_case(preprocessed_case):
     return predictor, data, predictor.ood_results[-1]
 
 
-def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[str, np.ndarray]:
-    """SD and latent-Mahalanobis maps from complete forward passes, patch by patch, accumulated in numpy."""
-    net, state = predictor.network, predictor.ood_states[0]
+def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor, state=None) -> dict[str, np.ndarray]:
+    """SD and latent-Mahalanobis maps from complete forward passes, patch by patch, accumulated in numpy; also
+    ``logits`` and ``logits_ae``, the Gaussian-weighted logits of the case without and with the AE."""
+    net, state = predictor.network, state or predictor.ood_states[0]
     ae = state.shared["sd_autoencoder"]
     patch = tuple(predictor.configuration_manager.patch_size)
     padded, revert = pad_nd_image(data.numpy(), patch, "constant", {"value": 0}, True, None)
@@ -40,6 +41,8 @@ def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[
     weights = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
     weights = weights.double().numpy()
     numerator = {m: np.zeros(padded.shape[1:]) for m in ("sd", "latent_mahalanobis")}
+    heads = predictor.label_manager.num_segmentation_heads
+    numerator.update({m: np.zeros((heads, *padded.shape[1:])) for m in ("logits", "logits_ae")})
     denominator = np.zeros(padded.shape[1:])
     captured = {}
 
@@ -63,9 +66,21 @@ def brute_force_maps(predictor: nnUNetOODPredictor, data: torch.Tensor) -> dict[
         region = sl[1:]
         numerator["sd"][region] += sd * weights
         numerator["latent_mahalanobis"][region] += lm * weights
+        numerator["logits"][(slice(None), *region)] += logits[0].numpy() * weights
+        numerator["logits_ae"][(slice(None), *region)] += logits_ae[0].numpy() * weights
         denominator[region] += weights
     crop = tuple(revert[1:])
-    return {m: (num / denominator)[crop] for m, num in numerator.items()}
+    return {m: (num / denominator)[(..., *crop)] for m, num in numerator.items()}
+
+
+def foreground_dice(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
+    """Mean Dice over the foreground classes of two label maps (both empty: 1)."""
+    values = []
+    for c in range(1, n_classes):
+        x, y = a == c, b == c
+        total = x.sum() + y.sum()
+        values.append(1.0 if total == 0 else 2 * (x & y).sum() / total)
+    return float(np.mean(values))
 
 
 def test_trainer_stores_autoencoder_and_reports_agreement(tiny_project):
@@ -82,6 +97,27 @@ def test_trainer_stores_autoencoder_and_reports_agreement(tiny_project):
         assert history["best_val_loss"] == min(faithful) and history["best_val_dice"] >= 0.99
     else:
         assert history["best_val_dice"] == max(history["val_dice_with_without_ae"])
+
+
+def test_agreement_report_equals_whole_cases_segmented_with_and_without_the_ae(tiny_project):
+    """The fit records the Dice with and without the AE during its validation pass (no pass of its own): it must
+    equal the Dice of the validation cases assembled by hand from complete forward passes with and without r(x)."""
+    from nnunet_ood.fitting import FitOptions
+    from nnunet_ood.fitting.pipeline import _fit_context
+    from nnunet_ood.fold_state import load_fold_state
+
+    model = tiny_project.model(OOD_TRAINER)
+    recorded = json.loads((model / "fold_0" / "ood" / "ood_state.json").read_text())["provenance"]
+    recorded = recorded["sd_val_dice_with_without_ae"]
+    context = _fit_context(str(model), 0, FitOptions(progress=False))
+    state = load_fold_state(str(model / "fold_0"), None, ["sd", "latent_mahalanobis"], device="cpu")
+    n_classes = context.label_manager.num_segmentation_heads
+    assert sorted(recorded) == sorted(context.val_keys)
+    for key in context.val_keys:
+        assembled = brute_force_maps(context.predictor, context.load_case(key), state)
+        expected = foreground_dice(assembled["logits"].argmax(0), assembled["logits_ae"].argmax(0), n_classes)
+        assert recorded[key] == pytest.approx(expected, abs=1e-6)
+    assert min(recorded.values()) < 1  # the smoke AE changes some voxels: the check sees a difference
 
 
 def test_sd_and_latent_mahalanobis_equal_brute_force(scored_case):

@@ -86,8 +86,9 @@ class FailureTableBuilder:
 
         cases = [(str(i), loader(i)) for i in range(len(versions))]
         numbers: dict[str, int] = {}
-        for key, logits, scores in scored_predictions(context, methods, models, aggregations, cases,
-                                                      f"fold {context.fold}: scoring corrupted validation cases"):
+        for key, logits, outcome in scored_predictions(context, methods, models, aggregations, cases,
+                                                       f"fold {context.fold}: scoring corrupted validation cases"):
+            scores = outcome.scores
             steps = versions[int(key)]
             case = steps[0].case
             numbers[case] = numbers.get(case, 0) + 1

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nnunet_ood.detectors.cross_fitting import merge_parts
 from nnunet_ood.features import BottleneckCapture, unwrap_network
+from nnunet_ood.inference.case_scorer import CaseOutcome
 from nnunet_ood.methods import FoldModels, Method, MethodKind, PatchFeatureMethod, SharedModel
 from nnunet_ood.methods.context import FitContext, mirroring
 from nnunet_ood.sliding_window import SlidingWindowLayout, autocast, pad_and_layout, patch_count
@@ -185,8 +186,10 @@ def training_case_scores(context: FitContext, methods: Sequence[PatchFeatureMeth
 
 def scored_predictions(context: FitContext, methods: Sequence[Method], models: FoldModels,
                        aggregations: dict[str, str], cases: Sequence[tuple[str, Callable[[], torch.Tensor]]],
-                       desc: str, mirrored: bool = False) -> Iterator[tuple[str, torch.Tensor, dict[str, float]]]:
-    """``(key, final logits, case scores)`` of each case, predicted once as at inference with every method scored.
+                       desc: str, mirrored: bool = False,
+                       record_fit_reports: bool = False) -> Iterator[tuple[str, torch.Tensor, CaseOutcome]]:
+    """``(key, final logits, outcome)`` of each case, predicted once as at inference with every method scored (the
+    outcome's ``scores``; its ``records`` with ``record_fit_reports``, see ``Method.case_record``).
 
     ``cases`` gives a key and a loader of the preprocessed image per case. Mirroring is on when ``mirrored`` or
     when a method needs the final logits or mirrored passes (feature scores and sd come from the un-mirrored
@@ -196,12 +199,12 @@ def scored_predictions(context: FitContext, methods: Sequence[Method], models: F
     mirrored = mirrored or any(m.kind in (MethodKind.LOGITS, MethodKind.FOLD_ENSEMBLE) or m.requires.mirroring
                                for m in methods)
     with mirroring(predictor, mirrored):
-        scorer = predictor.make_scorer(methods, [models], aggregations)
+        scorer = predictor.make_scorer(methods, [models], aggregations, record_fit_reports=record_fit_reports)
         try:
             with predictor.scoring(scorer):
                 for key, load in tqdm(cases, disable=not context.progress, desc=desc):
                     logits = predictor.predict_logits_from_preprocessed_data(load())
-                    yield key, logits, dict(scorer.last.scores)
+                    yield key, logits, scorer.last
         finally:
             scorer.remove()
 
@@ -213,13 +216,15 @@ def validation_pass(context: FitContext, methods: Sequence[Method], models: Fold
 
     ``keep_logits``: keep the final logits for :func:`validation_logit_pass`; ``on_logits(key, logits)`` sees
     each case's final logits (the failure table's clean rows). Both predict with mirroring, as default inference.
+    What the methods record for their fit reports goes into ``context.case_records``.
     """
     scores = {}
     cases = [(key, lambda key=key: context.load_case(key)) for key in context.val_keys]
-    for key, logits, case_scores in scored_predictions(
+    for key, logits, outcome in scored_predictions(
             context, methods, models, aggregations, cases, f"fold {context.fold}: scoring the validation cases",
-            mirrored=keep_logits or on_logits is not None):
-        scores[key] = case_scores
+            mirrored=keep_logits or on_logits is not None, record_fit_reports=True):
+        scores[key] = dict(outcome.scores)
+        context.case_records[key] = outcome.records
         if keep_logits:
             context.keep_validation_logits(key, logits)
         if on_logits is not None:

@@ -43,6 +43,8 @@ class CaseOutcome:
     scores: dict[str, float]
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     input_finite: bool = True
+    #: what methods recorded for their fit reports (:meth:`~nnunet_ood.methods.base.Method.case_record`), by method
+    records: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,8 +123,12 @@ class CaseScorer:
         self._n_patches = len(slicers)
         self._features: dict[str, torch.Tensor] = {}
         self._feature_rows = 0
-        self._accumulator = PatchMapAccumulator(len(self.map_methods), padded_shape, importance_weights(
-            self.patch_size, self.use_gaussian, device)) if self.map_methods else None
+        weights = importance_weights(self.patch_size, self.use_gaussian, device) \
+            if self.map_methods or self.taps else None
+        self._accumulator = PatchMapAccumulator(len(self.map_methods), padded_shape, weights) \
+            if self.map_methods else None
+        for tap in self.taps.values():
+            tap.begin_window(self._layout, weights)
 
     def before_patch(self) -> None:
         """Before nnU-Net's passes of the next patch."""
@@ -212,8 +218,10 @@ class CaseScorer:
             scores[m.name] = float(m.derived_score(scores, [f.method_params.get(m.name, {}) for f in self.folds], view))
         if not self._input_finite:  # nnU-Net predicts non-finite inputs anyway; their scores must not look valid
             scores = {m: math.nan for m in scores}
+        records = {m.name: m.case_record(view) for m in self.methods}
         self.last = CaseOutcome([m.name for m in self.methods], {m.name: scores[m.name] for m in self.methods},
-                                {m.name: kept[m.name] for m in self.methods if m.name in kept}, self._input_finite)
+                                {m.name: kept[m.name] for m in self.methods if m.name in kept}, self._input_finite,
+                                {name: record for name, record in records.items() if record is not None})
         self._ensemble = None
         return self.last
 

@@ -10,6 +10,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunet_ood.errors import OODStateError
 from nnunet_ood.features import bottleneck_shape
 from nnunet_ood.fold_state import model_fingerprint
+from nnunet_ood.inference.heap import return_freed_heap
 from nnunet_ood.io.site_calibration import model_identity, score_settings
 
 
@@ -29,8 +30,12 @@ class ModelIdentity:
     def bottleneck_shape(self) -> tuple[int, ...]:
         """``(C, *spatial)`` of the bottleneck for one patch, from a dry run of the encoder on zeros."""
         self.network = self.network.to(self.device)
-        return bottleneck_shape(self.network, self.num_input_channels, self.configuration_manager.patch_size,
-                                self.device)
+        shape = bottleneck_shape(self.network, self.num_input_channels, self.configuration_manager.patch_size,
+                                 self.device)
+        # the dry run's activations (a patch's encoder pass: over 100 MB in 3D) are freed into the C heap, whose
+        # pages glibc would otherwise keep for the whole prediction
+        return_freed_heap()
+        return shape
 
     @property
     def num_input_channels(self) -> int:

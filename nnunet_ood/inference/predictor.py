@@ -163,17 +163,19 @@ class nnUNetOODPredictor(ModelIdentity, nnUNetPredictor):
         return bool(self.ood_states)
 
     def make_scorer(self, methods: Sequence[Method], folds: Sequence[FoldModels], aggregations: Mapping[str, str],
-                    with_taps: bool = True) -> CaseScorer:
+                    with_taps: bool = True, record_fit_reports: bool = False) -> CaseScorer:
         """A case scorer for ``methods`` with the fitted ``folds`` (one per fold in use), hooked into this network.
 
-        ``with_taps=False`` for scoring from bottlenecks the caller collects (the fit's encoder-only pass).
+        ``with_taps=False`` for scoring from bottlenecks the caller collects (the fit's encoder-only pass);
+        ``record_fit_reports``: the taps also collect what the methods' fit reports read (the fit's validation pass).
         """
         context = TapContext(
             network=self.network, folds=folds, fold_names=[str(f) for f in self.use_folds],
             region_based=self.label_manager.has_regions,
             mirror_axes=tuple(self.allowed_mirroring_axes or ()) if self.use_mirroring else (),
             device=self.device, method_params=folds[0].method_params if folds else {},
-            predict_options=self.predict_options, shape_of_bottleneck=self.bottleneck_shape) if with_taps else None
+            predict_options=self.predict_options, shape_of_bottleneck=self.bottleneck_shape,
+            record_fit_reports=record_fit_reports) if with_taps else None
         on_gpu = self.perform_everything_on_device and self.device.type == "cuda"
         return CaseScorer(methods, folds, aggregations, region_based=self.label_manager.has_regions,
                           patch_size=self.configuration_manager.patch_size, use_gaussian=self.use_gaussian,

@@ -232,6 +232,11 @@ class Method:
         """The case score, if not the aggregation of the voxel map chosen at fit time (``None``)."""
         return None
 
+    def case_record(self, case: Any) -> Mapping[str, Any] | None:
+        """What its :meth:`fit_report` reads of a validation case, collected by its tap in the fit's validation pass
+        (``TapContext.record_fit_reports``), so that the report needs no pass of its own; ``None``: nothing."""
+        return None
+
 
 class PatchFeatureMethod(Method):
     """A detector fitted per fold scores one feature vector per sliding-window patch.
@@ -326,6 +331,10 @@ class PatchTap:
     def __init__(self, context: TapContext) -> None:
         self.context = context
 
+    def begin_window(self, layout: Any, weights: Tensor) -> None:
+        """A sliding window begins: its ``layout`` (:class:`~nnunet_ood.sliding_window.SlidingWindowLayout`) and
+        nnU-Net's importance ``weights`` of a patch, for taps that assemble what they see over the window."""
+
     def before_patch(self, fold_index: int) -> None:
         """Arm the hooks for the next forward passes."""
 
@@ -349,6 +358,8 @@ class TapContext:
     method_params: Mapping[str, Mapping[str, Any]]  # fitted parameters of the methods in use (first fold)
     predict_options: Mapping[str, Any]  # inference-time options by config key (Method.predict_config)
     shape_of_bottleneck: Callable[[], tuple[int, ...]]  # (C, *spatial) of one patch's bottleneck
+    #: the fit's validation pass: taps also collect what their methods' fit reports read (Method.case_record)
+    record_fit_reports: bool = False
 
     @functools.cached_property
     def bottleneck_shape(self) -> tuple[int, ...]:

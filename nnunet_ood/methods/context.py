@@ -74,6 +74,9 @@ class FitContext:
     dataset: Any = field(init=False)
     _logits: Any = field(init=False, default=None)  # TemporaryDirectory with the validation cases' logits
     _logit_files: dict[str, str] = field(init=False, default_factory=dict)
+    #: what methods recorded of each validation case for their fit reports (Method.case_record): key -> method ->
+    #: record, filled by the validation pass
+    case_records: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dataset = self.dataset_class(self.data_folder, sorted(set(self.train_keys) | set(self.val_keys)))

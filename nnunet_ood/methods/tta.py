@@ -3,8 +3,8 @@
 nnU-Net already runs, for every patch, the un-mirrored pass and one pass per combination of its mirror
 axes (combinations of increasing size, in axis order), flips each result back and averages the logits.
 A forward hook on the network sees each of those outputs; it flips it back the same way and streams
-the class probabilities into a running mean and mean of squares, so no extra forward pass and no
-stack of outputs is needed. Per voxel: the standard deviation over the passes, averaged over classes.
+the class probabilities into a running mean and sum of squared deviations (Welford), so no extra forward pass
+and no stack of outputs is needed. Per voxel: the standard deviation over the passes, averaged over classes.
 """
 
 from __future__ import annotations
@@ -21,24 +21,31 @@ if TYPE_CHECKING:
 
 
 class ProbabilitySpread:
-    """Streams class probabilities of several predictions of the same patch; per voxel, their spread."""
+    """Streams class probabilities of several predictions of the same patch; per voxel, their spread.
+
+    Welford's update of the running mean and sum of squared deviations, in place and in the predictions' own
+    precision: E[p^2] - E[p]^2 cancels badly in float32 when the passes agree closely, Welford's form does not, so
+    it needs no float64 copies (two float32 patches of C channels are held through nnU-Net's mirrored passes instead
+    of two float64 ones, and the passes allocate no float64 temporaries)."""
 
     def __init__(self) -> None:
         self.n = 0
-        self._sum: Tensor | None = None
-        self._sum_sq: Tensor | None = None
+        self._mean: Tensor | None = None
+        self._m2: Tensor | None = None
 
     def add(self, p: Tensor) -> None:
         """One prediction's probabilities ``(B, C, *patch)``."""
-        p = p.double()  # E[p^2] - E[p]^2 cancels badly in float32 when the passes agree closely
-        self._sum = p if self._sum is None else self._sum + p
-        self._sum_sq = p * p if self._sum_sq is None else self._sum_sq + p * p
         self.n += 1
+        if self._mean is None:
+            self._mean, self._m2 = p.clone(), p.new_zeros(p.shape)
+            return
+        delta = p - self._mean
+        self._mean.add_(delta, alpha=1 / self.n)
+        self._m2.addcmul_(delta, p - self._mean)
 
     def std_over_predictions(self) -> Tensor:
         """``(B, *patch)``: population standard deviation over the predictions, averaged over classes."""
-        mean = self._sum / self.n
-        return (self._sum_sq / self.n - mean * mean).clamp_min(0).sqrt().mean(dim=1).float()
+        return (self._m2 / self.n).clamp_min(0).sqrt().mean(dim=1).float()
 
 
 def mirror_axes_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:

@@ -20,14 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ood.aggregation import PatchMapAccumulator
 from nnunet_ood.errors import OODInputError, OODStateError
 from nnunet_ood.features import bottleneck_module, unwrap_network
 from nnunet_ood.methods.base import PatchTap, TapContext
 from nnunet_ood.methods.sd import AE_STATE_NAME, SDPredictConfig
 from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
-from nnunet_ood.segmentation import probabilities
+from nnunet_ood.segmentation import dice, probabilities
+from nnunet_ood.sliding_window import SlidingWindowLayout
 
 
 @dataclass
@@ -44,6 +47,39 @@ class DistortionPass:
 def segmentation_distortion(logits: torch.Tensor, logits_ae: torch.Tensor, region_based: bool) -> torch.Tensor:
     """Per-voxel SD ``(B, *patch)``: mean over classes of the squared difference of probabilities (paper eq. 4)."""
     return (probabilities(logits, region_based) - probabilities(logits_ae, region_based)).square().mean(dim=1)
+
+
+def segmentation_agreement(logits: torch.Tensor, logits_ae: torch.Tensor, region_based: bool) -> torch.Tensor:
+    """Mean foreground Dice ``(B,)`` between the segmentations with and without the AE (both empty = 1)."""
+    if region_based:
+        a, b = logits > 0, logits_ae > 0  # per-region masks, channel = region
+    else:
+        n = logits.shape[1]
+        a = F.one_hot(logits.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
+        b = F.one_hot(logits_ae.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
+    return dice(a, b, a.ndim - 2).mean(1)
+
+
+class WindowAgreement:
+    """The Dice between a case's segmentations with and without the AE: the un-mirrored logits of every patch, with
+    and without it, Gaussian-weighted over the sliding window as nnU-Net assembles a case (the fit's report)."""
+
+    def __init__(self, layout: SlidingWindowLayout, weights: torch.Tensor, region_based: bool) -> None:
+        self.layout, self.weights, self.region_based = layout, weights, region_based
+        self._logits: PatchMapAccumulator | None = None
+
+    def add(self, logits: torch.Tensor, logits_ae: torch.Tensor, first_patch: int) -> None:
+        """A batch of patches' logits ``(B, C, *patch)`` with and without the AE; patch ``first_patch`` comes first."""
+        both = torch.cat((logits, logits_ae), dim=1).float()
+        if self._logits is None:
+            self._logits = PatchMapAccumulator(both.shape[1], self.layout.padded_shape, self.weights)
+        for i in range(both.shape[0]):
+            self._logits.add(both[i], self.layout.slicers[first_patch + i])
+
+    def dice(self) -> float:
+        merged = self._logits.result(self.layout.revert_padding)[None]
+        heads = merged.shape[1] // 2
+        return float(segmentation_agreement(merged[:, :heads], merged[:, heads:], self.region_based)[0])
 
 
 class AutoencoderInsertion:
@@ -140,24 +176,56 @@ def check_autoencoders(context: TapContext) -> None:
 
 
 class AutoencoderTap(PatchTap):
-    """Puts each fold's autoencoder into the un-mirrored pass of every patch; keeps the per-voxel distortion."""
+    """Puts each fold's autoencoder into the un-mirrored pass of every patch; keeps the per-voxel distortion.
+
+    The distortion is computed as soon as the un-mirrored pass ends (a forward hook registered after the insertion's),
+    so that the two logits it compares (two patches of C channels each) are not held through nnU-Net's mirrored
+    passes of the patch, whose activations are the peak memory of a prediction. In the fit's validation pass
+    (``record_fit_reports``) it also assembles them over the window, for :meth:`take_agreement`."""
 
     def __init__(self, context: TapContext) -> None:
         super().__init__(context)
         check_autoencoders(context)
         options = context.predict_options.get(SDPredictConfig.key) or SDPredictConfig()
         self._insertion = AutoencoderInsertion(context.network, None, batched=options.batched_decoder)
-        self.result: DistortionPass | None = None
+        self._handle = unwrap_network(context.network).register_forward_hook(self._after_pass)
+        self._waiting = False
+        self._agreement: WindowAgreement | None = None
+        self._kept: DistortionPass | None = None
         self.distortion: torch.Tensor | None = None
+
+    def begin_window(self, layout: SlidingWindowLayout, weights: torch.Tensor) -> None:
+        if self.context.record_fit_reports:
+            self._agreement = WindowAgreement(layout, weights, self.context.region_based)
 
     def before_patch(self, fold_index: int) -> None:
         self._insertion.autoencoder = self.context.folds[fold_index].shared[AE_STATE_NAME]
         self._insertion.arm()
+        self._waiting, self.distortion = True, None
+
+    def _after_pass(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not self._waiting:
+            return
+        self._waiting = False
+        result = self._insertion.take()
+        self.distortion = segmentation_distortion(result.logits, result.logits_ae, self.context.region_based)
+        self._kept = result if self._agreement is not None else None
 
     def after_patch(self, x: torch.Tensor, patch_index: int) -> None:
-        self.result = self._insertion.take()
-        self.distortion = segmentation_distortion(self.result.logits, self.result.logits_ae,
-                                                  self.context.region_based)
+        if self.distortion is None:
+            raise RuntimeError("the SD hooks captured nothing: the network did not run since before_patch()")
+        if self._kept is not None:
+            self._agreement.add(self._kept.logits, self._kept.logits_ae, patch_index)
+            self._kept = None
+
+    def take_agreement(self) -> float | None:
+        """The Dice between the window's segmentations with and without the AE (``None`` unless recording)."""
+        if self._agreement is None:
+            return None
+        agreement, self._agreement = self._agreement.dice(), None
+        return agreement
 
     def remove(self) -> None:
         self._insertion.remove()
+        self._handle.remove()
+        self._waiting, self._agreement, self._kept = False, None, None

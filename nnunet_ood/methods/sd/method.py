@@ -73,13 +73,16 @@ class SegmentationDistortion(PatchMapMethod):
     def load_state(self, entry: Any, folder: str, models: FoldModels, device: Any) -> None:
         """Nothing of its own: the autoencoder is loaded once for every method that requires it."""
 
-    def fit_report(self, context: FitContext, models: FoldModels) -> dict[str, Any]:
-        """Dice between the validation cases' segmentations with and without the AE (should be close to 1)."""
-        from nnunet_ood.methods.sd.training import autoencoder_agreement
+    def case_record(self, case: Any) -> Mapping[str, Any] | None:
+        """In the fit's validation pass: the Dice between the case's segmentations with and without the AE."""
+        tap = case.taps.get(self.tap)
+        agreement = tap.take_agreement() if tap is not None else None
+        return None if agreement is None else {"agreement": agreement}
 
-        autoencoder = models.shared[AE_STATE_NAME]
-        agreement = {key: autoencoder_agreement(context.predictor, context.load_case(key), autoencoder,
-                                                context.options.batch_size) for key in context.val_keys}
+    def fit_report(self, context: FitContext, models: FoldModels) -> dict[str, Any]:
+        """Dice between the validation cases' segmentations with and without the AE (should be close to 1), from the
+        validation pass (:meth:`case_record`): sliding window and Gaussian weighting as at inference, un-mirrored."""
+        agreement = {key: context.case_records[key][self.name]["agreement"] for key in context.val_keys}
         values = list(agreement.values())
         context.log(f"sd: Dice between the segmentations of the {len(values)} validation cases with and without the "
                     f"autoencoder: mean {sum(values) / len(values):.4f}, min {min(values):.4f} (the method assumes "

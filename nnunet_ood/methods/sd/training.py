@@ -25,22 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch import nn
 from tqdm import tqdm
 
-from nnunet_ood.aggregation import PatchMapAccumulator, importance_weights
 from nnunet_ood.methods.sd import SDTrainingConfig
 from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
-from nnunet_ood.methods.sd.insertion import AutoencoderInsertion, DistortionPass
-from nnunet_ood.segmentation import dice
-from nnunet_ood.sliding_window import autocast, pad_and_layout, window_batches
+from nnunet_ood.methods.sd.insertion import AutoencoderInsertion, DistortionPass, segmentation_agreement
+from nnunet_ood.sliding_window import autocast
 
 if TYPE_CHECKING:
     from nnunet_ood.methods.context import FitContext
 
-__all__ = ["agreement_warning", "autoencoder_agreement", "distortion_loss", "patch_batches", "segmentation_agreement",
+__all__ = ["agreement_warning", "distortion_loss", "patch_batches", "segmentation_agreement",
            "train_autoencoder", "train_fold_autoencoder", "trainer_augmented_batches", "trainer_training_transforms"]
 
 
@@ -71,17 +68,6 @@ def distortion_loss(result: DistortionPass, reduction: str = "sum") -> torch.Ten
     if reduction == "mean":
         return logits.mean() + reconstruction.mean()
     return logits.sum(1).mean() + reconstruction.sum(1).mean()
-
-
-def segmentation_agreement(logits: torch.Tensor, logits_ae: torch.Tensor, region_based: bool) -> torch.Tensor:
-    """Mean foreground Dice ``(B,)`` between the segmentations with and without the AE (both empty = 1)."""
-    if region_based:
-        a, b = logits > 0, logits_ae > 0  # per-region masks, channel = region
-    else:
-        n = logits.shape[1]
-        a = F.one_hot(logits.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
-        b = F.one_hot(logits_ae.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
-    return dice(a, b, a.ndim - 2).mean(1)
 
 
 def _evaluate(network: nn.Module, insertion: AutoencoderInsertion, batches: list[torch.Tensor],
@@ -318,35 +304,3 @@ def agreement_warning(fold, history: dict, config: SDTrainingConfig) -> str | No
     return (f"warning: fold {fold} sd: the autoencoder changes the validation segmentations (Dice with and without "
             f"it {history['best_val_dice']:.3f} < {config.min_agreement:g}); train it longer (--sd_max_epochs, "
             "--sd_iterations) or with a larger latent (--sd_latent)")
-
-
-@torch.inference_mode()
-def autoencoder_agreement(predictor, data: torch.Tensor, autoencoder: BottleneckAutoencoder,
-                          batch_size: int = 4) -> float:
-    """Dice between the segmentations of a preprocessed case with and without the AE (the fit's report).
-
-    Same sliding window and Gaussian weighting as at inference (no mirroring); the segmentations are
-    the argmax (or region thresholds) of the Gaussian-averaged logits. The SD scores themselves come
-    from the inference path.
-    """
-    device = predictor.device
-    network = predictor.network.to(device)
-    network.eval()
-    padded, layout = pad_and_layout(predictor, data)
-    weights = importance_weights(layout.patch_size, predictor.use_gaussian, device)
-    heads = predictor.label_manager.num_segmentation_heads
-    logits = PatchMapAccumulator(2 * heads, layout.padded_shape, weights)
-    insertion = AutoencoderInsertion(network, autoencoder.to(device).eval(), batched=True)
-    try:
-        with autocast(device):
-            for _, slicers, batch in window_batches(padded, layout, batch_size, device):
-                insertion.arm()
-                network(batch)
-                result = insertion.take()
-                both = torch.cat((result.logits, result.logits_ae), dim=1).float()
-                for i, sl in enumerate(slicers):
-                    logits.add(both[i], sl)
-    finally:
-        insertion.remove()
-    merged = logits.result(layout.revert_padding)[None]
-    return float(segmentation_agreement(merged[:, :heads], merged[:, heads:], predictor.label_manager.has_regions)[0])
