@@ -91,8 +91,10 @@ def test_bench_3d_fit_timing_parts(monkeypatch, capsys) -> None:
     sd, quality = options.config(SDTrainingConfig), options.config(QualityConfig)
     assert (sd.iterations_per_epoch, sd.max_epochs, sd.batch_size, sd.val_batches) == (4, 2, 2, 1)
     assert quality.corruptions_per_case == 2
-    timing = {"validation": 100.0, "fit": 400.0, "shared_training": 70.0, "failure_table": 200.0, "versions": 2}
+    timing = {"validation": 100.0, "validations": [90.0, 110.0], "fit": 400.0, "shared_training": 70.0,
+              "failure_table": 200.0, "versions": 2, "features": 12.0, "validation_pass": 105.0}
     assert bench_3d.print_fit_timing(timing)  # (400 - 70 - 200) / 100 = 1.30
     out = capsys.readouterr().out
     assert "| **1.30** | <= 1.5 |" in out and "| 200.0 | 2.00 (1.00 per version) |" in out
+    assert "median of 90.0 and 110.0 s" in out and "| 12.0 | 0.12 |" in out and "| 105.0 | 1.05 |" in out
     assert not bench_3d.print_fit_timing(dict(timing, fit=430.0))  # 1.60

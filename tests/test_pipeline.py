@@ -174,6 +174,10 @@ def test_post_hoc_fit_of_stock_trainer_and_fold_ensemble(tiny_project, test_imag
     assert set(manifest["provenance"]["val_case_scores"]) == {"mahalanobis", "sd", "latent_mahalanobis"}
     assert manifest["provenance"]["sd_training"]["config"]["latent_dim"] == 8
     assert manifest["provenance"]["sd_training"]["epochs_run"] == 2
+    # each pass's seconds (latent_mahalanobis: an encoder pass over the training patches; no failure table)
+    seconds = manifest["provenance"]["pass_seconds"]
+    assert set(seconds) == {"features", "validation"} and seconds["features"] > 0 and seconds["validation"] > 0
+    assert seconds["features"] + seconds["validation"] < manifest["provenance"]["fit_seconds"]
 
     # the case aggregation is chosen at fit time, stored with the calibration and used at inference
     run_command(["nnUNetv2_fit_ood", "-d", "501", "-c", "2d", "-f", "0", "-tr", STOCK_TRAINER, "-device", "cpu",

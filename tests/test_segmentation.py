@@ -10,6 +10,7 @@ from scipy.stats import entropy as scipy_entropy
 
 from nnunet_ood.segmentation import (
     binary_entropy,
+    class_labels,
     dice,
     entropy,
     foreground_masks,
@@ -87,3 +88,21 @@ def test_foreground_masks_and_predicted_foreground() -> None:
     regions = torch.sigmoid(logits)
     np.testing.assert_array_equal(foreground_masks(regions, region_based=True).numpy(), regions.numpy() > 0.5)
     np.testing.assert_array_equal(predicted_foreground(logits, region_based=True).numpy(), (logits.numpy() > 0).any(0))
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_class_labels_are_numpys_argmax_first_index_on_ties(dim: int) -> None:
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 3, (4, 5, 6)).astype(np.float32)  # few values: many ties along every axis
+    got = class_labels(torch.from_numpy(scores), dim)
+    np.testing.assert_array_equal(got.numpy(), np.argmax(scores, axis=dim))  # numpy: the first maximum on ties
+    kept = class_labels(torch.from_numpy(scores), dim, keepdim=True)
+    np.testing.assert_array_equal(kept.numpy(), np.expand_dims(np.argmax(scores, axis=dim), dim))
+
+
+def test_foreground_masks_along_the_batch_channel_axis() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(2, 3, 4, 5))  # (B, C, X, Y)
+    labels = np.argmax(logits, axis=1)
+    masks = foreground_masks(torch.from_numpy(logits), region_based=False, dim=1).numpy()
+    np.testing.assert_array_equal(masks, np.stack([labels == 1, labels == 2], axis=1))

@@ -169,18 +169,22 @@ def _run_passes(context: FitContext, methods: list[Method]) -> tuple[FoldModels,
     late = [m for m in methods if m.needs_validation_logits]
     models.method_params = parameter_pass(context, [m for m in methods if m not in late])
     features = [m for m in methods if m.kind is MethodKind.PATCH_FEATURES]
+    started = time.perf_counter()
     train_scores = _feature_passes(context, features, models, aggregations, provenance) if features else {}
+    seconds = {"features": round(time.perf_counter() - started, 2)}
     table_methods = [m for m in methods if m.needs_failure_table]
     inputs = [m for m in methods if m not in table_methods and m.kind is not MethodKind.DERIVED]
     builder = FailureTableBuilder(context, [m.name for m in inputs]) if table_methods else None
     started = time.perf_counter()
     val_scores = _validation_passes(context, [m for m in methods if m not in late and m not in table_methods], late,
                                     models, aggregations, builder)
-    seconds = {"validation": round(time.perf_counter() - started, 2)}
+    seconds["validation"] = round(time.perf_counter() - started, 2)
     if builder is not None:  # the failure table: clean rows from above, corrupted versions predicted now
         provenance["failure_table"], seconds["failure_table"] = _failure_table_pass(
             context, table_methods, inputs, builder, models, aggregations, val_scores)
-    provenance["pass_seconds"] = seconds  # the failure table's cost next to the validation pass it repeats
+    # each pass's cost: the feature pass (encoder on the training patches), the validation pass, and the failure
+    # table next to the validation pass it repeats
+    provenance["pass_seconds"] = seconds
     for m in methods:
         provenance.update(m.fit_report(context, models))
     return models, train_scores, val_scores, provenance

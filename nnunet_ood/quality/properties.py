@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from nnunet_ood.segmentation import dice
+from nnunet_ood.segmentation import class_labels, dice
 from nnunet_ood.slabs import slab_slices
 
 #: name of the connected-components feature
@@ -50,7 +50,7 @@ def predicted_masks(logits: torch.Tensor, label_manager: Any) -> torch.Tensor:
     logits = logits.float()
     if label_manager.has_regions:  # one sigmoid channel per region, foreground where above 0.5
         return logits > 0
-    labels = logits.argmax(0)
+    labels = class_labels(logits)
     wanted = torch.tensor([int(v) for v in label_manager.foreground_labels], device=labels.device)
     return labels.unsqueeze(0) == wanted.view(-1, *([1] * labels.ndim))
 

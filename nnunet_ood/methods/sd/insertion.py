@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ood.aggregation import PatchMapAccumulator
@@ -29,7 +28,7 @@ from nnunet_ood.features import bottleneck_module, unwrap_network
 from nnunet_ood.methods.base import PatchTap, TapContext
 from nnunet_ood.methods.sd import AE_STATE_NAME, SDPredictConfig
 from nnunet_ood.methods.sd.autoencoder import BottleneckAutoencoder
-from nnunet_ood.segmentation import dice, probabilities
+from nnunet_ood.segmentation import dice, foreground_masks, probabilities
 from nnunet_ood.sliding_window import SlidingWindowLayout
 
 
@@ -53,10 +52,8 @@ def segmentation_agreement(logits: torch.Tensor, logits_ae: torch.Tensor, region
     """Mean foreground Dice ``(B,)`` between the segmentations with and without the AE (both empty = 1)."""
     if region_based:
         a, b = logits > 0, logits_ae > 0  # per-region masks, channel = region
-    else:
-        n = logits.shape[1]
-        a = F.one_hot(logits.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
-        b = F.one_hot(logits_ae.argmax(1), n).movedim(-1, 1)[:, 1:].bool()
+    else:  # the argmax of the logits is that of the probabilities
+        a, b = foreground_masks(logits, False, dim=1), foreground_masks(logits_ae, False, dim=1)
     return dice(a, b, a.ndim - 2).mean(1)
 
 

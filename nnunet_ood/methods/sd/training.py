@@ -37,8 +37,8 @@ from nnunet_ood.sliding_window import autocast
 if TYPE_CHECKING:
     from nnunet_ood.methods.context import FitContext
 
-__all__ = ["agreement_warning", "distortion_loss", "patch_batches", "segmentation_agreement",
-           "train_autoencoder", "train_fold_autoencoder", "trainer_augmented_batches", "trainer_training_transforms"]
+__all__ = ["agreement_warning", "distortion_loss", "patch_batches", "train_autoencoder", "train_fold_autoencoder",
+           "trainer_augmented_batches", "trainer_training_transforms"]
 
 
 def patch_batches(dataset, label_manager, patch_size: Sequence[int], batch_size: int, mirror_axes: Sequence[int],
