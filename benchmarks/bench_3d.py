@@ -18,6 +18,11 @@ nnU-Net's validation of the fold (timed before and after the fit, the median tak
 and the failure table's corrupted versions (``--corruptions_per_case`` predictions of the validation cases, for
 ``quality``).
 
+For the settings that run ``sd`` it also prints ``sd``'s floor: one call of the network's decoder on one patch, timed
+in a child of its own, times the patches of a stock run, as a share of that run (``sd`` computes U∘r(x) by one more
+decoder call per patch, METHODS.md §2, so nothing that computes it can cost less), and each such setting's ratio as
+1 + that floor + everything else.
+
 ``--settings`` picks the OOD settings to time (default: all four): ``pm`` (Pooled Mahalanobis and the free
 output scores), ``pm_map`` (the same, writing the Mahalanobis map), ``default`` (the default methods) and
 ``default_maps`` (the default methods, writing every map). Stock runs alternate with them: one before the
@@ -209,6 +214,7 @@ def predict_child(args: argparse.Namespace) -> None:
     out.mkdir(parents=True)
     if args.memory_trace:
         trace_memory_phases(predictor)
+    patches = count_patches(predictor)
     start = time.perf_counter()
     predictor.predict_from_files_sequential(args.input, str(out), False, True, None)
     if cuda:
@@ -218,7 +224,51 @@ def predict_child(args: argparse.Namespace) -> None:
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
     print("RESULT " + json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "bytes": written,
-                                  "gpu_mib": gpu_mib}), flush=True)
+                                  "gpu_mib": gpu_mib, "patches": patches[0]}), flush=True)
+
+
+def count_patches(predictor) -> list[int]:
+    """A counter of the patches nnU-Net's sliding window predicts (one call per batch of patches, whatever the
+    mirroring), filled while the predictor runs."""
+    seen, own = [0], predictor._internal_maybe_mirror_and_predict
+
+    def counted(x):
+        seen[0] += x.shape[0]
+        return own(x)
+
+    predictor._internal_maybe_mirror_and_predict = counted
+    return seen
+
+
+def decoder_child(args: argparse.Namespace) -> None:
+    """Time one call of the network's decoder on one patch (what ``sd`` adds per patch: U∘r(x), METHODS.md §2) and
+    one whole forward pass, the median of five calls each after a warm-up; print them as JSON."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
+    predictor = nnUNetPredictor(use_mirroring=False, device=device, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(args.model, (0,), "checkpoint_final.pth")
+    network = predictor.network.eval()
+    channels = len(predictor.dataset_json["channel_names"])
+    x = torch.randn(1, channels, *predictor.configuration_manager.patch_size, device=device)
+
+    def median_seconds(call) -> float:
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    with torch.inference_mode():
+        skips = network.encoder(x)
+        decoder = median_seconds(lambda: network.decoder(skips))
+        forward = median_seconds(lambda: network(x))
+    print("RESULT " + json.dumps({"decoder_seconds": decoder, "forward_seconds": forward}), flush=True)
 
 
 def trace_memory_phases(predictor) -> None:
@@ -264,6 +314,11 @@ def run_child(model: Path, inputs: Path, output: Path, env: dict[str, str], meth
         cmd += ["--methods", *methods]
     if maps:
         cmd += ["--maps", *maps]
+    return child_result(cmd, env)
+
+
+def child_result(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run a child of this script; its last ``RESULT`` line as a dict (a clear exit if it failed)."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
@@ -390,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--mirroring", action="store_true")
     pr.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
     pr.add_argument("--memory_trace", action="store_true", help="print the peak memory of each phase")
+    dec = sub.add_parser("decoder", help="time one decoder call and one forward pass on one patch")
+    dec.add_argument("--model", required=True)
+    dec.add_argument("-device", choices=["cpu", "cuda"], default="cpu")
     given = list(argv if argv else sys.argv[1:])
     if not given or given[0] not in (*sub.choices, "-h", "--help"):  # flags alone: the benchmark, as documented
         given = ["bench", *given]
@@ -400,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "predict":
         predict_child(args)
+        return 0
+    if args.command == "decoder":
+        decoder_child(args)
         return 0
     return benchmark(args)
 
@@ -456,7 +517,25 @@ def compare(model: Path, inputs: Path, work: Path, env: dict[str, str], mirrorin
         ok &= t_ratio <= target and m_ratio <= 1.2
         print(f"| {label} | {r['seconds']:.0f} | {t_ratio:.2f} | <= {target:.2f} | {r['peak_mib']:.0f} | "
               f"{m_ratio:.2f} | <= 1.20 | {r['bytes'] / 2**20:.1f} | {r['bytes'] / stock['bytes']:.1f} |", flush=True)
+    with_sd = [(label, runs[label][0]) for label, (methods, _) in order if methods is None or "sd" in methods]
+    if with_sd:
+        print_sd_floor(model, env, device, runs["stock"][0]["patches"], stock["seconds"], with_sd)
     return ok
+
+
+def print_sd_floor(model: Path, env: dict[str, str], device: str, patches: int, stock_seconds: float,
+                   with_sd: list[tuple[str, dict[str, float]]]) -> None:
+    """``sd``'s floor: one more decoder call per patch (timed apart, in a child of its own), as a share of a stock
+    run; each setting with ``sd`` as that floor plus the rest. Whatever computes U∘r(x) by the network's own decoder
+    cannot cost less."""
+    t = child_result([sys.executable, __file__, "decoder", "--model", str(model), "-device", device], env)
+    floor = patches * t["decoder_seconds"] / stock_seconds
+    print(f"sd's floor: one more decoder call per patch, {patches} patches x {t['decoder_seconds']:.3f} s (a whole "
+          f"forward pass {t['forward_seconds']:.3f} s, the decoder {t['decoder_seconds'] / t['forward_seconds']:.0%} "
+          f"of it) = {floor:.2f} of a stock run", flush=True)
+    for label, r in with_sd:
+        print(f"  {label}: {r['seconds'] / stock_seconds:.2f} = 1 + {floor:.2f} (sd's decoder call) + "
+              f"{r['seconds'] / stock_seconds - 1 - floor:.2f} (everything else)", flush=True)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,29 @@ def test_bench_3d_fit_timing_parts(monkeypatch, capsys) -> None:
     assert "| **1.30** | <= 1.5 |" in out and "| 200.0 | 2.00 (1.00 per version) |" in out
     assert "median of 90.0 and 110.0 s" in out and "| 12.0 | 0.12 |" in out and "| 105.0 | 1.05 |" in out
     assert not bench_3d.print_fit_timing(dict(timing, fit=430.0))  # 1.60
+
+
+def test_bench_3d_sd_floor(monkeypatch, capsys) -> None:
+    """The stock child counts patches (not mirrored passes), the decoder subcommand dispatches, and sd's floor is the
+    decoder time per patch times the patches over a stock run; each setting with sd splits into 1 + floor + rest."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_3d
+
+    class Predictor:
+        def _internal_maybe_mirror_and_predict(self, x):
+            return x.shape[0]
+
+    predictor = Predictor()
+    seen = bench_3d.count_patches(predictor)
+    for batch in (2, 1, 3):
+        predictor._internal_maybe_mirror_and_predict(type("X", (), {"shape": (batch, 1, 8, 8)})())
+    assert seen == [6]
+    called = []
+    monkeypatch.setattr(bench_3d, "decoder_child", called.append)
+    assert bench_3d.main(["decoder", "--model", "m", "-device", "cpu"]) == 0 and called[0].model == "m"
+    monkeypatch.setattr(bench_3d, "child_result", lambda cmd, env: {"decoder_seconds": 0.48, "forward_seconds": 0.8})
+    bench_3d.print_sd_floor(Path("m"), {}, "cpu", 240, 200.0, [("default methods", {"seconds": 340.0})])
+    out = capsys.readouterr().out
+    floor = 240 * 0.48 / 200.0  # 0.576
+    assert f"= {floor:.2f} of a stock run" in out and "60% of it" in out
+    assert f"1.70 = 1 + {floor:.2f} (sd's decoder call) + {1.70 - 1 - floor:.2f} (everything else)" in out
