@@ -246,6 +246,8 @@ def decoder_child(args: argparse.Namespace) -> None:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunet_ood.sliding_window import autocast
+
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
     predictor = nnUNetPredictor(use_mirroring=False, device=device, allow_tqdm=False)
@@ -264,7 +266,7 @@ def decoder_child(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):  # as nnU-Net predicts: mixed precision on CUDA
         skips = network.encoder(x)
         decoder = median_seconds(lambda: network.decoder(skips))
         forward = median_seconds(lambda: network(x))
