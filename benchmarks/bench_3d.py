@@ -192,8 +192,17 @@ def build(work: Path, divisor: int, iterations: int, device: str = "cpu") -> tup
 
 
 # ---------------------------------------------------------------------------------------------- one run
+def require_model(args: argparse.Namespace) -> None:
+    """A child's ``--model`` must hold a trained fold 0 (one-line exit otherwise)."""
+    if not (Path(args.model) / "fold_0" / "checkpoint_final.pth").is_file():
+        raise SystemExit(f"bench_3d.py {args.command}: no trained fold 0 in {args.model} (fold_0/checkpoint_final.pth);"
+                         " pass the model folder the benchmark built, <work>/results/Dataset530_BenchCT/"
+                         "nnUNetTrainer__nnUNetPlans__3d_fullres")
+
+
 def predict_child(args: argparse.Namespace) -> None:
     """Predict the input folder with one predictor in this process; print seconds, peak RSS and bytes as JSON."""
+    require_model(args)
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -243,6 +252,7 @@ def count_patches(predictor) -> list[int]:
 def decoder_child(args: argparse.Namespace) -> None:
     """Time one call of the network's decoder on one patch (what ``sd`` adds per patch: U∘r(x), METHODS.md §2) and
     one whole forward pass, the median of five calls each after a warm-up; print them as JSON."""
+    require_model(args)
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

@@ -124,3 +124,13 @@ def test_bench_3d_sd_floor(monkeypatch, capsys) -> None:
     floor = 240 * 0.48 / 200.0  # 0.576
     assert f"= {floor:.2f} of a stock run" in out and "60% of it" in out
     assert f"1.70 = 1 + {floor:.2f} (sd's decoder call) + {1.70 - 1 - floor:.2f} (everything else)" in out
+
+
+@pytest.mark.parametrize("command", ["predict", "decoder"])
+def test_bench_3d_children_refuse_a_folder_without_a_model(command, tmp_path) -> None:
+    bench = SCRIPT.parent / "bench_3d.py"
+    extra = ["--input", str(tmp_path), "--output", str(tmp_path / "o")] if command == "predict" else []
+    proc = subprocess.run([sys.executable, str(bench), command, "--model", str(tmp_path / "none"), *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no trained fold 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
